@@ -1,0 +1,553 @@
+"""Composer checkpoints <-> MPT weights, and the Hugging Face MPT format.
+
+A composer checkpoint is either
+
+* a whole file (``ep0-ba100-rank0.pt``): ``torch.save`` of ``{'state': {'model': {...}, ...}, 'rng': ...}``, the
+  model's tensors under ``state['state']['model']`` with keys prefixed ``model.`` (``ComposerMPT.model``), or
+* a sharded folder (FSDP ``state_dict_type: sharded``): a ``torch.distributed.checkpoint`` (DCP) directory with
+  ``.metadata`` and ``__{rank}_0.distcp`` files, where the same tensors have the flattened keys
+  ``state.model.model.transformer...``;
+
+local, or at a URI composer's object stores understand (``s3://bucket/path``; ``S3_ENDPOINT_URL`` is honoured).
+
+The model config comes from (first found): the ``model_config`` argument (an ``MPTConfig``, a dict, or a path to
+a training YAML / ``MPTConfig`` YAML / HF ``config.json``), the checkpoint itself (recorded there by
+``ModelConfigRecorder``, a composer callback), or the ``config.yaml`` the trainer writes next to its checkpoints.
+
+Public functions:
+
+* ``load_composer_checkpoint(path, model_config=None) -> (state_dict, MPTConfig, tokenizer_name | None)``
+* ``check_state_dict(state_dict, config)``: a clear error naming the tensor and both shapes on a mismatch
+* ``load_model(path, ...) -> (MPTForCausalLM, tokenizer_name | None)``: a composer checkpoint or an HF directory
+* ``convert_composer_to_hf(path, out_dir, tokenizer=...)``: a directory ``transformers.MptForCausalLM`` and
+  ``AutoTokenizer`` load
+* ``load_hf_weights(model, hf_dir)``: HF MPT weights into an ``MPTForCausalLM`` or ``ComposerMPT`` (finetuning)
+* ``save_composer_weights(state_dict, config, path)``: a ``.pt`` the trainer's ``load_path`` accepts with
+  ``load_weights_only: true``
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+log = logging.getLogger(__name__)
+
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+RECORDER_NAME = "ModelConfigRecorder"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked. The message names the file or tensor and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recording the model config inside checkpoints
+
+_RECORDER_CLASS = None
+
+
+def _recorder_class():
+    global _RECORDER_CLASS
+    if _RECORDER_CLASS is not None:
+        return _RECORDER_CLASS
+    from composer.core import Callback
+
+    class _Recorder(Callback):
+        """Stores the model config (and tokenizer name) in every composer checkpoint, so that evaluation and
+        export need nothing but the checkpoint: ``state['state']['callbacks']['ModelConfigRecorder']``."""
+
+        def __init__(self, model_config, tokenizer: Optional[str] = None):
+            from llmfoundry.utils.config import to_dict
+            self.model_config_json = json.dumps(to_dict(model_config))
+            self.tokenizer = tokenizer
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"model_config_json": self.model_config_json, "tokenizer": self.tokenizer}
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:  # the running config wins on resume
+            pass
+
+    _Recorder.__name__ = _Recorder.__qualname__ = RECORDER_NAME  # composer keys callback state by __qualname__
+    _RECORDER_CLASS = _Recorder
+    return _Recorder
+
+
+def ModelConfigRecorder(model_config, tokenizer: Optional[str] = None):  # noqa: N802 (a class factory)
+    """A composer callback recording ``model_config`` (an ``MPTConfig``) and ``tokenizer`` in each checkpoint;
+    add ``ModelConfigRecorder(cfg.model, cfg.tokenizer)`` to the trainer's callbacks. (Built lazily so that
+    importing this module does not import composer.)"""
+    return _recorder_class()(model_config, tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fetching and reading checkpoints
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def _object_store(uri: str):
+    from composer.utils import maybe_create_object_store_from_uri, parse_uri
+    store = maybe_create_object_store_from_uri(uri)
+    _, _, key = parse_uri(uri)
+    return store, key
+
+
+def _download(store, key: str, dest: str) -> bool:
+    """Download ``key`` to ``dest``; False when the object does not exist."""
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    try:
+        store.download_object(object_name=key, filename=dest, overwrite=True)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def fetch_checkpoint(path: str, workdir: str) -> str:
+    """A local path for ``path``: itself when local, else a download (file, or a sharded folder) into ``workdir``."""
+    path = str(path)
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    if not is_remote(path):
+        if not os.path.exists(path):
+            raise CheckpointError(f"checkpoint {path} does not exist; pass a composer checkpoint file (.pt), a "
+                                  "sharded checkpoint folder (with .metadata) or an s3:// path")
+        return path
+    store, key = _object_store(path)
+    endpoint = os.environ.get("S3_ENDPOINT_URL", "AWS")
+    try:
+        if key.endswith(".symlink"):  # composer's remote "latest" pointers hold the real object name
+            link = os.path.join(workdir, "link.symlink")
+            if not _download(store, key, link):
+                raise CheckpointError(f"checkpoint {path} not found (endpoint {endpoint})")
+            key = Path(link).read_text().strip()
+        name = os.path.basename(key.rstrip("/")) or "checkpoint"
+        local = os.path.join(workdir, name)
+        if key and not key.endswith("/") and _download(store, key, local):
+            return local
+        folder = os.path.join(workdir, name + ".dcp")
+        if not _download(store, key.rstrip("/") + "/.metadata", os.path.join(folder, ".metadata")):
+            raise CheckpointError(f"no checkpoint at {path} (endpoint {endpoint}): neither an object nor a sharded "
+                                  "checkpoint folder holding .metadata; check the bucket and path")
+        import torch.distributed.checkpoint as dcp
+        md = dcp.FileSystemReader(folder).read_metadata()
+        for rel in sorted({info.relative_path for info in md.storage_data.values()}):
+            if not _download(store, key.rstrip("/") + "/" + rel, os.path.join(folder, rel)):
+                raise CheckpointError(f"sharded checkpoint {path} is incomplete: its .metadata lists {rel}, which "
+                                      "is not in the bucket; was the upload interrupted?")
+        return folder
+    except CheckpointError:
+        raise
+    except Exception as e:  # credentials, endpoint down, ...
+        raise CheckpointError(f"cannot download checkpoint {path} (endpoint {endpoint}): {type(e).__name__}: "
+                              f"{e}; check the path, the credentials and S3_ENDPOINT_URL") from e
+
+
+def _is_dcp_folder(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def _read_dcp(folder: str) -> dict:
+    """The model tensors and small objects (callbacks, metadata) of a DCP folder as a nested composer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    md = dcp.FileSystemReader(folder).read_metadata()
+    planner_data = md.planner_data or {}
+    tensors: dict[str, Any] = {}
+    objects: dict[str, Any] = {}
+    for fqn, item in md.state_dict_metadata.items():
+        path = tuple(planner_data.get(fqn, tuple(fqn.split(".", 2))))
+        if path[:2] == ("state", "model") and isinstance(item, TensorStorageMetadata):
+            tensors[fqn] = torch.empty(item.size, dtype=item.properties.dtype)
+        elif path[:2] == ("state", "callbacks") and isinstance(item, BytesStorageMetadata):
+            objects[fqn] = None
+    if not tensors:
+        raise CheckpointError(f"sharded checkpoint {folder} holds no model tensors (no 'state.model.*' keys); is it "
+                              "a composer checkpoint?")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process": intended
+        dcp.load(tensors, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
+        if objects:
+            try:
+                dcp.load(objects, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
+            except Exception as e:  # callback state is optional: the config can come from elsewhere
+                log.warning("could not read callback state from %s: %s", folder, e)
+                objects = {}
+    state: dict[str, Any] = {"model": {}, "callbacks": {}}
+    for fqn, t in tensors.items():
+        path = tuple(planner_data.get(fqn, tuple(fqn.split(".", 2))))
+        state["model"][".".join(str(p) for p in path[2:])] = t
+    for fqn, value in objects.items():
+        path = tuple(planner_data.get(fqn, tuple(fqn.split("."))))
+        node = state
+        for p in path[1:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = value
+    return {"state": state}
+
+
+def read_checkpoint(local_path: str) -> dict:
+    """A composer checkpoint (whole file or DCP folder) as ``{'state': {'model': {...}, 'callbacks': ...}}``."""
+    if os.path.isdir(local_path):
+        if _is_dcp_folder(local_path):
+            return _read_dcp(local_path)
+        if os.path.isfile(os.path.join(local_path, "config.json")):
+            raise CheckpointError(f"{local_path} is a Hugging Face model directory, not a composer checkpoint; "
+                                  "load it with MPTForCausalLM.from_pretrained / load_model (hf_path)")
+        raise CheckpointError(f"{local_path} is a folder without .metadata: not a sharded composer checkpoint; pass "
+                              "the checkpoint file (.pt) or the folder of one sharded checkpoint (e.g. .../ep0-ba100)")
+    try:
+        return torch.load(local_path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint file {local_path}: {type(e).__name__}: {e}; expected a "
+                              "composer checkpoint (.pt) written by the trainer") from e
+
+
+def _strip_key(key: str) -> str:
+    for part in _WRAPPER_PARTS:
+        key = key.replace(part, "")
+    return key[len("model."):] if key.startswith("model.") else key
+
+
+def extract_model_state_dict(ckpt: Mapping) -> dict[str, torch.Tensor]:
+    """``MPTForCausalLM`` state dict from a composer checkpoint (or from a plain state dict)."""
+    sd = ckpt
+    if isinstance(ckpt, Mapping) and "state" in ckpt and isinstance(ckpt["state"], Mapping):
+        sd = ckpt["state"].get("model")
+        if sd is None:
+            raise CheckpointError("checkpoint has no model weights (state['state']['model'] is missing)")
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        if hasattr(v, "full_tensor"):  # a DTensor saved by FSDP2 in a whole file
+            v = v.full_tensor()
+        out[_strip_key(k)] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model config
+
+def _config_from_mapping(d: Mapping, where: str):
+    from llmfoundry.models.mpt import MPTConfig
+    d = dict(d)
+    if "model" in d and isinstance(d["model"], Mapping):  # a training YAML
+        d = dict(d["model"])
+    try:
+        if d.get("model_type") == "mpt" or "architectures" in d:
+            return MPTConfig.from_hf_dict(d)
+        return MPTConfig.from_dict(d)
+    except ValueError as e:
+        raise CheckpointError(f"model config from {where} is invalid: {e}") from e
+
+
+def read_config_file(path: str) -> tuple[Any, Optional[str]]:
+    """``(MPTConfig, tokenizer or None)`` from a training YAML, an ``MPTConfig`` YAML or an HF ``config.json``."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"model config file {path} does not exist; pass the training YAML of the run")
+    if path.endswith(".json"):
+        with open(path) as f:
+            data = json.load(f)
+    else:  # resolve only what is needed here (a training YAML may use resolvers for its data paths)
+        from omegaconf import OmegaConf
+        node = OmegaConf.load(path)
+        if not OmegaConf.is_dict(node):
+            raise CheckpointError(f"model config file {path} must hold a mapping")
+        data = {k: OmegaConf.to_container(node[k], resolve=True) if OmegaConf.is_config(node[k]) else node[k]
+                for k in (("model", "tokenizer") if "model" in node else node.keys()) if k in node}
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f"model config file {path} must hold a mapping")
+    tok = data.get("tokenizer") if isinstance(data.get("tokenizer"), str) else None
+    return _config_from_mapping(data, path), tok
+
+
+def stored_model_config(ckpt: Mapping) -> tuple[Any, Optional[str]]:
+    """``(MPTConfig, tokenizer)`` recorded in the checkpoint by ``ModelConfigRecorder``, else ``(None, None)``."""
+    callbacks = (ckpt.get("state") or {}).get("callbacks") or {}
+    rec = callbacks.get(RECORDER_NAME) if isinstance(callbacks, Mapping) else None
+    if isinstance(rec, Mapping) and rec.get("model_config_json"):
+        return _config_from_mapping(json.loads(rec["model_config_json"]), "the checkpoint"), rec.get("tokenizer")
+    return None, None
+
+
+def _sidecar_config(path: str, workdir: str) -> tuple[Any, Optional[str], Optional[str]]:
+    """The trainer's ``config.yaml`` in the checkpoint's folder or the one above it: (config, tokenizer, where)."""
+    path = str(path).rstrip("/")
+    if is_remote(path):
+        store, key = _object_store(path)
+        parent = os.path.dirname(key)
+        for folder in (parent, os.path.dirname(parent)):
+            candidate = (folder + "/config.yaml") if folder else "config.yaml"
+            dest = os.path.join(workdir, "sidecar", candidate.replace("/", "_"))
+            try:
+                if _download(store, candidate, dest):
+                    cfg, tok = read_config_file(dest)
+                    return cfg, tok, path.rsplit("/", 1)[0] + "/config.yaml"
+            except CheckpointError:
+                raise
+            except Exception:  # a store error here only means "no sidecar"
+                return None, None, None
+        return None, None, None
+    parent = os.path.dirname(os.path.abspath(path))
+    for folder in (parent, os.path.dirname(parent)):
+        candidate = os.path.join(folder, "config.yaml")
+        if os.path.isfile(candidate):
+            cfg, tok = read_config_file(candidate)
+            return cfg, tok, candidate
+    return None, None, None
+
+
+def _as_config(model_config) -> tuple[Any, Optional[str]]:
+    from llmfoundry.models.mpt import MPTConfig
+    if isinstance(model_config, MPTConfig):
+        return model_config, None
+    if isinstance(model_config, Mapping):
+        return _config_from_mapping(model_config, "the model_config argument"), None
+    return read_config_file(str(model_config))
+
+
+def config_summary(cfg) -> str:
+    return (f"d_model={cfg.d_model}, n_heads={cfg.n_heads}, n_layers={cfg.n_layers}, "
+            f"expansion_ratio={cfg.expansion_ratio}, vocab_size={cfg.vocab_size}, "
+            f"kv_n_heads={cfg.kv_n_heads}, tie_word_embeddings={cfg.tie_word_embeddings}")
+
+
+def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    from llmfoundry.models.mpt.model import build_meta
+    return {k: tuple(v.shape) for k, v in build_meta(cfg).state_dict().items()}
+
+
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], cfg, source: str = "checkpoint") -> None:
+    """Raise ``CheckpointError`` naming the tensor and both shapes when ``state_dict`` does not fit ``cfg``."""
+    expected = expected_shapes(cfg)
+    fix = ("the weights were made with a different model config: pass the config of the run that wrote them "
+           "(--model_config path/to/train.yaml) or correct the model keys")
+    for k, shape in expected.items():
+        if k in state_dict and tuple(state_dict[k].shape) != shape:
+            raise CheckpointError(f"{source} tensor '{k}' has shape {tuple(state_dict[k].shape)}, but the model "
+                                  f"config ({config_summary(cfg)}) expects {shape}; {fix}")
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if unexpected:
+        k = unexpected[0]
+        hint = ""
+        if k == "lm_head.weight":
+            hint = " (an untied output head: the model config needs tie_word_embeddings: false)"
+        elif k.startswith("transformer.blocks."):
+            hint = f" (more blocks than n_layers={cfg.n_layers})"
+        raise CheckpointError(f"{source} has {len(unexpected)} tensor(s) the model config ({config_summary(cfg)}) "
+                              f"does not, e.g. '{k}'{hint}; {fix}")
+    if missing:
+        k = missing[0]
+        hint = " (the config has an untied output head: tie_word_embeddings: false)" if k == "lm_head.weight" else ""
+        raise CheckpointError(f"{source} lacks {len(missing)} tensor(s) the model config ({config_summary(cfg)}) "
+                              f"expects, e.g. '{k}'{hint}; {fix}")
+
+
+def load_composer_checkpoint(path: str, model_config=None) -> tuple[dict[str, torch.Tensor], Any, Optional[str]]:
+    """``(state_dict, MPTConfig, tokenizer name or None)`` from a composer checkpoint (whole file or sharded
+    folder, local or remote). The state dict has ``MPTForCausalLM`` keys and is checked against the config."""
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as workdir:
+        local = fetch_checkpoint(path, workdir)
+        ckpt = read_checkpoint(local)
+        state_dict = extract_model_state_dict(ckpt)
+        stored_cfg, stored_tok = stored_model_config(ckpt)
+        side_cfg = side_tok = None
+        if model_config is not None:
+            cfg, tokenizer = _as_config(model_config)
+            source = "the given model config"
+        elif stored_cfg is not None:
+            cfg, tokenizer, source = stored_cfg, stored_tok, "the checkpoint"
+        else:
+            side_cfg, side_tok, source = _sidecar_config(path, workdir)
+            cfg, tokenizer = side_cfg, side_tok
+        tokenizer = tokenizer or stored_tok or side_tok
+    if cfg is None:
+        raise CheckpointError(f"checkpoint {path} records no model config and there is no config.yaml next to it; "
+                              "pass the training YAML of the run (--model_config path/to/train.yaml)")
+    log.info("model config for %s from %s", path, source)
+    check_state_dict(state_dict, cfg, f"checkpoint {path}:")
+    return state_dict, cfg, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def to_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def is_hf_dir(path: str) -> bool:
+    return (not is_remote(path) and os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+            and not _is_dcp_folder(path))
+
+
+def model_from_state_dict(state_dict: Mapping[str, torch.Tensor], cfg, *, device="cpu", dtype=None):
+    """An ``MPTForCausalLM`` holding ``state_dict`` (built on the meta device: no init cost)."""
+    from dataclasses import replace
+
+    from llmfoundry.models.mpt import MPTForCausalLM
+    check_state_dict(state_dict, cfg)
+    model = MPTForCausalLM(replace(cfg, init_device="meta"))
+    model.load_state_dict(dict(state_dict), strict=True, assign=True)
+    model.config = replace(model.config, init_device="cpu")
+    model.to(device=device, dtype=to_dtype(dtype) or torch.float32)
+    return model.eval()
+
+
+def load_model(path: str, *, model_config=None, overrides: Optional[Mapping[str, Any]] = None, device="cpu",
+               dtype: Union[str, torch.dtype, None] = None):
+    """``(MPTForCausalLM in eval mode, tokenizer name or None)`` from a composer checkpoint or an HF directory.
+
+    ``overrides`` are config keys applied on top (e.g. ``{'max_seq_len': 8192, 'attn_config': {'attn_impl':
+    'torch'}}``); only keys that do not change tensor shapes make sense here."""
+    from llmfoundry.models.mpt import MPTForCausalLM
+    overrides = dict(overrides or {})
+    if is_hf_dir(path):
+        if model_config is not None:
+            raise CheckpointError(f"{path} is a Hugging Face directory with its own config.json; drop model_config")
+        model = MPTForCausalLM.from_pretrained(path, dtype=to_dtype(dtype) or torch.float32, device=device,
+                                               **overrides)
+        tok = path if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")) \
+            else None
+        return model.eval(), tok
+    state_dict, cfg, tok = load_composer_checkpoint(path, model_config)
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    return model_from_state_dict(state_dict, cfg, device=device, dtype=dtype), tok
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face format
+
+def _require_tokenizer(name: Optional[str]):
+    from llmfoundry.data.tokenizer import load_tokenizer
+    if not name:
+        raise CheckpointError("no tokenizer known for this checkpoint; pass --tokenizer (a tokenizer directory, "
+                              "'bundled', or a hub name)")
+    try:
+        return load_tokenizer(name)
+    except Exception as e:
+        raise CheckpointError(f"tokenizer '{name}' cannot be loaded: {e}") from e
+
+
+def convert_composer_to_hf(path: str, out_dir: str, *, tokenizer: Optional[str] = None, model_config=None,
+                           dtype: Union[str, torch.dtype, None] = None) -> str:
+    """Write ``config.json``, ``model.safetensors`` and the tokenizer files to ``out_dir``, loadable by
+    ``transformers.MptForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``. ``tokenizer``
+    defaults to the one the run trained with (recorded in the checkpoint or its config.yaml)."""
+    state_dict, cfg, recorded_tok = load_composer_checkpoint(path, model_config)
+    tok = _require_tokenizer(tokenizer or recorded_tok)  # before writing anything
+    if len(tok) > cfg.vocab_size:
+        raise CheckpointError(f"tokenizer '{tokenizer or recorded_tok}' has {len(tok)} tokens but the model's "
+                              f"vocab_size is {cfg.vocab_size}; pass the tokenizer the run was trained with")
+    model = model_from_state_dict(state_dict, cfg, dtype=dtype)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def read_hf_state_dict(hf_dir: str) -> dict[str, torch.Tensor]:
+    """The tensors of an HF model directory (safetensors or .bin, single or sharded with an index)."""
+    d = Path(hf_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"Hugging Face model directory {hf_dir} does not exist")
+    if (d / "model.safetensors").is_file():
+        files = [d / "model.safetensors"]
+    elif (d / "model.safetensors.index.json").is_file():
+        files = sorted({d / f for f in json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+                        .values()})
+    elif (d / "pytorch_model.bin").is_file():
+        files = [d / "pytorch_model.bin"]
+    elif (d / "pytorch_model.bin.index.json").is_file():
+        files = sorted({d / f for f in json.loads((d / "pytorch_model.bin.index.json").read_text())["weight_map"]
+                        .values()})
+    else:
+        raise CheckpointError(f"{hf_dir} holds no model weights (expected one of {', '.join(HF_WEIGHT_FILES)})")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            out.update(load_file(str(f)))
+        else:
+            out.update(torch.load(str(f), map_location="cpu", weights_only=True))
+    return out
+
+
+def hf_to_mpt_state_dict(hf_sd: Mapping[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    """Keys of transformers' MptForCausalLM are ours; drop a tied ``lm_head`` copy when our config ties."""
+    out = {}
+    for k, v in hf_sd.items():
+        if k == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        out[k] = v
+    return out
+
+
+def hf_config(hf_dir: str):
+    from llmfoundry.models.mpt import MPTConfig
+    p = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(p):
+        raise CheckpointError(f"{hf_dir} has no config.json; pass a directory written by save_pretrained")
+    with open(p) as f:
+        return MPTConfig.from_hf_dict(json.load(f))
+
+
+def load_hf_weights(model, hf_dir: str) -> None:
+    """Copy the weights of HF MPT directory ``hf_dir`` into ``model`` (an ``MPTForCausalLM``, or anything holding
+    one as ``.model`` such as ``ComposerMPT``). The shapes are checked against ``model``'s own config first."""
+    net = model.model if hasattr(model, "model") and hasattr(model.model, "transformer") else model
+    cfg = net.config
+    state_dict = hf_to_mpt_state_dict(read_hf_state_dict(hf_dir), cfg)
+    check_state_dict(state_dict, cfg, f"Hugging Face weights {hf_dir}:")
+    with torch.no_grad():
+        net.load_state_dict(state_dict, strict=True)
+
+
+def save_composer_weights(state_dict: Mapping[str, torch.Tensor], cfg, path: str,
+                          tokenizer: Optional[str] = None) -> str:
+    """A weights-only composer checkpoint of an ``MPTForCausalLM`` state dict: ``load_path`` of a training run
+    with ``load_weights_only: true`` accepts it (it also records the model config, like the trainer's own)."""
+    from llmfoundry.utils.config import to_dict
+    ckpt = {"state": {"model": {f"model.{k}": v.contiguous() for k, v in state_dict.items()},
+                      "callbacks": {RECORDER_NAME: {"model_config_json": json.dumps(to_dict(cfg)),
+                                                    "tokenizer": tokenizer}},
+                      "integrations": {}, "metadata": {}}}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+def convert_hf_to_composer(hf_dir: str, path: str) -> str:
+    """An HF MPT directory as a weights-only composer checkpoint (see ``save_composer_weights``)."""
+    cfg = hf_config(hf_dir)
+    state_dict = hf_to_mpt_state_dict(read_hf_state_dict(hf_dir), cfg)
+    check_state_dict(state_dict, cfg, f"Hugging Face weights {hf_dir}:")
+    tok = hf_dir if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else None
+    return save_composer_weights(state_dict, cfg, path, tokenizer=tok)
+
+
+__all__ = ["CheckpointError", "ModelConfigRecorder", "fetch_checkpoint", "read_checkpoint",
+           "extract_model_state_dict", "load_composer_checkpoint", "check_state_dict", "load_model",
+           "model_from_state_dict", "convert_composer_to_hf", "load_hf_weights", "read_hf_state_dict",
+           "save_composer_weights", "convert_hf_to_composer", "read_config_file", "to_dtype", "is_hf_dir"]

@@ -1,0 +1,457 @@
+"""Convert documents into MDS shards of packed token samples.
+
+Each document becomes ``[bos] tokens [eos]``; these streams are concatenated and cut into samples of exactly
+``concat_tokens`` tokens (MDS column ``tokens``, ``ndarray:int32``). A document that does not fit carries into
+the next sample, so nothing is lost between documents.
+
+Work is split by *units* (see ``readers``): each unit is packed on its own and its last partial sample (its
+tail) is collected; at the end the tails are concatenated in unit order and packed too. So the only tokens
+dropped are one final partial sample, and the set of samples is the same for any ``processes``.
+
+With ``processes > 1`` each process writes its own sub-folder ``part-NNNNN/`` (and the tails go to
+``part-tail/``), then one ``index.json`` at ``out_root`` lists them all. ``out_root`` may be an ``s3://`` URL
+(the endpoint comes from ``S3_ENDPOINT_URL``); shards upload as they are written.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import sys
+import time
+import traceback
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from llmfoundry.data import DataError
+from llmfoundry.data.readers import Source, Unit
+
+COLUMNS = {"tokens": "ndarray:int32"}
+TAIL_PART = "part-tail"
+
+
+@dataclass
+class ConvertConfig:
+    out_root: str                     # local folder or s3://bucket/prefix
+    tokenizer: str = "bundled"        # 'bundled', a local folder, or a hub name
+    concat_tokens: int = 2048         # tokens per sample
+    eos_text: str | None = None       # after each document; None: the tokenizer's EOS token, '': none
+    bos_text: str | None = None       # before each document; None or '': none
+    compression: str | None = "zstd"  # any mosaicml-streaming compression, or None / 'none'
+    processes: int = 1
+    overwrite: bool = False           # replace a non-empty out_root instead of refusing
+    shard_size_limit: int = 1 << 26   # bytes per shard before compression
+    batch_docs: int = 256             # documents per tokenizer call
+    progress: bool = True
+
+
+@dataclass
+class ConvertSummary:
+    out_root: str
+    documents: int
+    tokens: int          # tokens written (samples * concat_tokens)
+    dropped_tokens: int  # the final partial sample
+    samples: int
+    shards: int
+    seconds: float
+    processes: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        return (self.tokens + self.dropped_tokens) / max(self.seconds, 1e-9)
+
+    def __str__(self) -> str:
+        return (f"converted {self.documents:,} documents into {self.samples:,} samples "
+                f"({self.tokens:,} tokens; {self.dropped_tokens:,} dropped in the final partial sample)\n"
+                f"  shards {self.shards}  processes {self.processes}  {self.seconds:.1f} s  "
+                f"{self.tokens_per_second:,.0f} tokens/s\n  output {self.out_root}")
+
+
+# -------------------------------------------------------------------------------------------------- packing
+
+
+class Packer:
+    """Packs token lists into rows of exactly ``n`` tokens: ``[bos] doc [eos] [bos] doc [eos] ...``.
+
+    ``add(docs)`` returns the completed rows as an ``(k, n)`` int32 array; what is left (fewer than ``n``
+    tokens) stays in ``tail`` and starts the next row.
+    """
+
+    def __init__(self, n: int, bos_ids: Sequence[int] = (), eos_ids: Sequence[int] = ()):
+        if n < 1:
+            raise DataError(f"concat_tokens must be at least 1, got {n}")
+        self.n, self.bos, self.eos = n, list(bos_ids), list(eos_ids)
+        self.tail = np.zeros(0, np.int32)
+        self.tokens = 0  # stream tokens seen, separators included
+
+    def add(self, docs: Iterable[Sequence[int]]) -> np.ndarray:
+        flat = self.tail.tolist()
+        start = len(flat)
+        for ids in docs:
+            flat += self.bos
+            flat += ids
+            flat += self.eos
+        self.tokens += len(flat) - start
+        stream = np.asarray(flat, dtype=np.int32)
+        k = len(stream) // self.n
+        self.tail = stream[k * self.n:].copy()
+        return stream[:k * self.n].reshape(k, self.n)
+
+
+def pack(docs: Iterable[Sequence[int]], n: int, bos_ids: Sequence[int] = (),
+         eos_ids: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """All full rows of ``n`` tokens and the leftover partial row."""
+    packer = Packer(n, bos_ids, eos_ids)
+    return packer.add(docs), packer.tail
+
+
+def separator_ids(tokenizer, cfg: ConvertConfig) -> tuple[list[int], list[int]]:
+    """Token ids of (bos, eos) from ``cfg.bos_text`` / ``cfg.eos_text`` (default EOS: the tokenizer's)."""
+    eos_text = tokenizer.eos_token if cfg.eos_text is None else cfg.eos_text
+    if cfg.eos_text is None and eos_text is None:
+        raise DataError(f"tokenizer '{cfg.tokenizer}' has no EOS token; pass --eos_text (e.g. '</s>') "
+                        f"or --eos_text '' with --bos_text")
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] if t else [] for t in (cfg.bos_text, eos_text)]
+    if not ids[0] and not ids[1]:
+        raise DataError("documents would run together with no separator: pass --eos_text or --bos_text")
+    return ids[0], ids[1]
+
+
+# --------------------------------------------------------------------------------------------------- output
+
+
+def join_out(root: str, *parts: str) -> str:
+    """``os.path.join`` for local folders and URLs alike."""
+    if urllib.parse.urlparse(root).scheme:
+        return "/".join([root.rstrip("/"), *parts])
+    return os.path.join(root, *parts)
+
+
+def _s3(url: str):
+    import boto3
+
+    obj = urllib.parse.urlparse(url)
+    client = boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None)
+    prefix = obj.path.strip("/")
+    return client, obj.netloc, prefix + "/" if prefix else ""
+
+
+def existing_output(out_root: str, limit: int = 5) -> list[str]:
+    """Up to ``limit`` names already under ``out_root`` (empty when it is absent or empty)."""
+    scheme = urllib.parse.urlparse(out_root).scheme
+    if not scheme:
+        if os.path.isfile(out_root):
+            raise DataError(f"--out_root {out_root} is a file; pass a folder")
+        return sorted(os.listdir(out_root))[:limit] if os.path.isdir(out_root) else []
+    if scheme == "s3":
+        client, bucket, prefix = _s3(out_root)
+        try:
+            resp = client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=limit)
+        except client.exceptions.NoSuchBucket:
+            raise DataError(f"bucket '{bucket}' of --out_root {out_root} does not exist (endpoint "
+                            f"{os.environ.get('S3_ENDPOINT_URL') or 'AWS'}); create it first") from None
+        return [o["Key"][len(prefix):] for o in resp.get("Contents", [])]
+    from streaming.base.storage.upload import CloudUploader
+
+    uploader = CloudUploader.get(out_root, exist_ok=True)
+    shutil.rmtree(uploader.local, ignore_errors=True)
+    return sorted(uploader.list_objects() or [])[:limit]
+
+
+def clear_output(out_root: str) -> None:
+    """Delete everything under ``out_root`` (local folder or s3 prefix)."""
+    scheme = urllib.parse.urlparse(out_root).scheme
+    if not scheme:
+        shutil.rmtree(out_root, ignore_errors=True)
+    elif scheme == "s3":
+        client, bucket, prefix = _s3(out_root)
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+    else:
+        raise DataError(f"--overwrite can clear local and s3:// outputs only; empty {out_root} yourself")
+
+
+def _prepare_output(cfg: ConvertConfig) -> None:
+    names = existing_output(cfg.out_root)
+    if names and not cfg.overwrite:
+        shown = ", ".join(names) + (", ..." if len(names) >= 5 else "")
+        raise DataError(f"output {cfg.out_root} is not empty (holds {shown}); pass --overwrite to replace it "
+                        f"or choose an empty --out_root")
+    if names:
+        clear_output(cfg.out_root)
+
+
+def _compression(cfg: ConvertConfig) -> str | None:
+    from streaming.base.compression import get_compressions, is_compression
+
+    algo = cfg.compression
+    if algo in (None, "", "none"):
+        return None
+    if not is_compression(algo):
+        raise DataError(f"unknown --compression '{algo}'; use none or one of "
+                        f"{', '.join(sorted(get_compressions()))}")
+    return algo
+
+
+def _writer(out: str, cfg: ConvertConfig):
+    from streaming import MDSWriter
+
+    return MDSWriter(out=out, columns=COLUMNS, compression=_compression(cfg), size_limit=cfg.shard_size_limit,
+                     exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+
+
+@dataclass
+class _Part:
+    """What one process did: counts plus the tail of every unit it packed."""
+    documents: int = 0
+    tokens: int = 0
+    samples: int = 0
+    shards: int = 0
+    tails: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def _batches(texts: Iterable[str], max_docs: int, max_chars: int = 4 << 20):
+    batch, chars = [], 0
+    for text in texts:
+        if not text:
+            continue  # empty documents are skipped
+        batch.append(text)
+        chars += len(text)
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _pack_units(source: Source, units: list[tuple[int, Unit]], cfg: ConvertConfig, writer,
+                report: Callable[[int, int], None], tokenizer=None) -> _Part:
+    """Read, tokenize and pack each unit on its own into ``writer``; keep each unit's tail."""
+    from llmfoundry.data.tokenizer import load_tokenizer
+
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
+    bos, eos = separator_ids(tokenizer, cfg)
+    part = _Part()
+    for index, unit in units:
+        packer = Packer(cfg.concat_tokens, bos, eos)
+        for batch in _batches(source.read(unit), cfg.batch_docs):
+            ids = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+            before = packer.tokens
+            for row in packer.add(ids):
+                writer.write({"tokens": row})
+                part.samples += 1
+            part.documents += len(batch)
+            report(len(batch), packer.tokens - before)
+        part.tokens += packer.tokens
+        part.tails[index] = packer.tail
+    return part
+
+
+def _pack_tails(part_tails: Iterable[dict[int, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    tails = {}
+    for t in part_tails:
+        tails.update(t)
+    stream = np.concatenate([tails[i] for i in sorted(tails)] or [np.zeros(0, np.int32)])
+    k = len(stream) // n
+    return stream[:k * n].reshape(k, n), stream[k * n:]
+
+
+def _assign(units: list[Unit], processes: int) -> list[list[tuple[int, Unit]]]:
+    """Balance units over processes by size (largest first onto the least loaded); each keeps unit order."""
+    loads, groups = [0] * processes, [[] for _ in range(processes)]
+    for i in sorted(range(len(units)), key=lambda i: -units[i].size):
+        p = loads.index(min(loads))
+        loads[p] += units[i].size
+        groups[p].append((i, units[i]))
+    return [sorted(g, key=lambda x: x[0]) for g in groups]
+
+
+def _worker(rank: int, source: Source, units: list[tuple[int, Unit]], cfg: ConvertConfig, out: str, q) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: processes share the cores
+    try:
+        with _writer(out, cfg) as writer:
+            part = _pack_units(source, units, cfg, writer, lambda d, t: q.put(("progress", rank, d, t)))
+        part.shards = len(writer.shards)
+        q.put(("done", rank, part))
+    except DataError as e:
+        q.put(("data_error", rank, str(e)))
+    except BaseException:
+        q.put(("error", rank, traceback.format_exc()))
+
+
+def _mp_context():
+    """A forkserver (spawn where there is none) that imports the heavy modules once for all processes."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["llmfoundry.data.convert", "streaming", "transformers.models.auto.tokenization_auto"])
+    return ctx
+
+
+def _run_processes(source: Source, groups, cfg: ConvertConfig, bar) -> list[_Part]:
+    ctx = _mp_context()
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, source, g, cfg, join_out(cfg.out_root, f"part-{r:05d}"), q))
+             for r, g in enumerate(groups)]
+    for p in procs:
+        p.start()
+    parts: dict[int, _Part] = {}
+    try:
+        while len(parts) < len(procs):
+            try:
+                kind, rank, *payload = q.get(timeout=1.0)
+            except queue.Empty:
+                for r, p in enumerate(procs):
+                    if r not in parts and not p.is_alive():
+                        raise RuntimeError(f"conversion process {r} exited with code {p.exitcode} "
+                                           f"without finishing (out of memory?)")
+                continue
+            if kind == "progress":
+                bar(*payload)
+            elif kind == "done":
+                parts[rank] = payload[0]
+            elif kind == "data_error":
+                raise DataError(payload[0])
+            else:
+                raise RuntimeError(f"conversion process {rank} failed:\n{payload[0]}")
+    finally:
+        for p in procs:
+            if p.is_alive() and len(parts) < len(procs):
+                p.terminate()
+            p.join()
+    return [parts[r] for r in range(len(procs))]
+
+
+def _merge_index(out_root: str, part_names: list[str]) -> None:
+    from streaming.base.util import merge_index
+
+    remote = bool(urllib.parse.urlparse(out_root).scheme)
+    urls = [join_out(out_root, name, "index.json") for name in part_names]
+    logging.disable(logging.WARNING)  # merge_index logs a warning about its temporary folder
+    try:
+        merge_index(urls, out_root, keep_local=not remote)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _progress(enabled: bool):
+    """A (update(docs, tokens), close()) pair around a tqdm bar counting documents and tokens."""
+    from tqdm import tqdm
+
+    bar = tqdm(unit=" docs", desc="converting", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+    tokens = [0]
+
+    def update(docs: int, toks: int) -> None:
+        tokens[0] += toks
+        bar.set_postfix_str(f"{tokens[0]:,} tokens", refresh=False)
+        bar.update(docs)
+
+    return update, bar.close
+
+
+def convert(source: Source, cfg: ConvertConfig) -> ConvertSummary:
+    """Convert every document of ``source`` into MDS shards at ``cfg.out_root``; print and return a summary."""
+    from llmfoundry.data.tokenizer import load_tokenizer
+
+    t0 = time.perf_counter()
+    _compression(cfg)
+    if cfg.processes < 1:
+        raise DataError(f"--processes must be at least 1, got {cfg.processes}")
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    separator_ids(tokenizer, cfg)  # fail early, before any process starts
+    units = source.units()
+    _prepare_output(cfg)
+    processes = max(1, min(cfg.processes, len(units)))
+    update, close = _progress(cfg.progress)
+    try:
+        if processes == 1:
+            with _writer(cfg.out_root, cfg) as writer:
+                parts = [_pack_units(source, list(enumerate(units)), cfg, writer, update, tokenizer)]
+                rows, rest = _pack_tails([parts[0].tails], cfg.concat_tokens)
+                for row in rows:
+                    writer.write({"tokens": row})
+            shards = len(writer.shards)
+        else:
+            parts = _run_processes(source, _assign(units, processes), cfg, update)
+            rows, rest = _pack_tails([p.tails for p in parts], cfg.concat_tokens)
+            names = [f"part-{r:05d}" for r in range(processes)]
+            shards = 0
+            if len(rows):
+                with _writer(join_out(cfg.out_root, TAIL_PART), cfg) as writer:
+                    for row in rows:
+                        writer.write({"tokens": row})
+                shards = len(writer.shards)
+                names.append(TAIL_PART)
+            shards += sum(p.shards for p in parts)
+            if names:
+                _merge_index(cfg.out_root, names)
+    finally:
+        close()
+    documents = sum(p.documents for p in parts)
+    samples = sum(p.samples for p in parts) + len(rows)
+    if samples == 0:
+        clear_output(cfg.out_root)
+        if documents == 0:
+            raise DataError(f"the inputs hold no documents ({len(units)} input slices read, e.g. "
+                            f"{units[0] if units else 'none'}); check the input paths and --text_field")
+        raise DataError(f"the inputs hold {sum(p.tokens for p in parts):,} tokens, fewer than one sample of "
+                        f"--concat_tokens {cfg.concat_tokens}; nothing was written")
+    summary = ConvertSummary(out_root=cfg.out_root, documents=documents, tokens=samples * cfg.concat_tokens,
+                             dropped_tokens=len(rest), samples=samples, shards=shards,
+                             seconds=time.perf_counter() - t0, processes=processes)
+    if cfg.progress:
+        print(summary, file=sys.stderr)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------- command line
+
+
+def add_convert_args(parser) -> None:
+    """The flags every data_prep/convert_* script shares."""
+    parser.add_argument("--out_root", required=True, help="output folder or s3://bucket/prefix")
+    parser.add_argument("--tokenizer", default="bundled",
+                        help="'bundled', a local tokenizer folder, or a hub name (e.g. EleutherAI/gpt-neox-20b)")
+    parser.add_argument("--concat_tokens", type=int, default=2048, help="tokens per sample (default 2048)")
+    parser.add_argument("--eos_text", default=None,
+                        help="text after each document (default: the tokenizer's EOS token; '' for none)")
+    parser.add_argument("--bos_text", default=None, help="text before each document (default: none)")
+    parser.add_argument("--add_bos", action="store_true", help="put the tokenizer's BOS token before each document")
+    parser.add_argument("--compression", default="zstd", help="shard compression: zstd (default), none, gz, ...")
+    parser.add_argument("--processes", type=int, default=1, help="parallel conversion processes")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out_root")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar or summary")
+
+
+def config_from_args(args) -> ConvertConfig:
+    bos_text = args.bos_text
+    if args.add_bos:
+        if bos_text:
+            raise DataError("pass either --add_bos or --bos_text, not both")
+        from llmfoundry.data.tokenizer import load_tokenizer
+
+        bos_text = load_tokenizer(args.tokenizer).bos_token
+        if not bos_text:
+            raise DataError(f"tokenizer '{args.tokenizer}' has no BOS token; pass --bos_text instead of --add_bos")
+    return ConvertConfig(out_root=args.out_root, tokenizer=args.tokenizer, concat_tokens=args.concat_tokens,
+                         eos_text=args.eos_text, bos_text=bos_text, compression=args.compression,
+                         processes=args.processes, overwrite=args.overwrite, progress=not args.no_progress)
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a data_prep script's ``main``; a ``DataError`` prints as one line and exits with status 2."""
+    try:
+        main()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,177 @@
+"""Where the training tokens come from: stream configs -> `streaming.Stream` objects.
+
+A stream is one MDS dataset (a directory holding `index.json` and shards written by `streaming.MDSWriter`
+with one column `tokens` of type `ndarray:int32`). It is read from `local` if the shards are there, and
+otherwise downloaded from `remote` (a directory path, `s3://bucket/prefix`, or any other scheme
+mosaicml-streaming supports) into `local`.
+
+`s3://` remotes talk to the endpoint in `s3_endpoint_url` (config) or else the `S3_ENDPOINT_URL`
+environment variable or else AWS. Download failures raise `StreamError` naming the stream, the object
+and the endpoint, so that a store that is down or a wrong path reads as such instead of as a hang.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import re
+import tempfile
+import urllib.parse
+from dataclasses import dataclass
+
+from streaming import Stream
+from streaming.base.storage.download import S3Downloader
+
+
+class StreamError(RuntimeError):
+    """A data source is missing, unreachable or malformed. The message names it and the fix."""
+
+
+@dataclass
+class StreamConfig:
+    """One source of a mixture (YAML: an entry of `streams:`, keyed by the stream's name).
+
+    remote: where the shards live (`s3://bucket/dir`, a directory, ...); None when they are all in `local`.
+    local: cache directory the shards are downloaded to (or read from, without remote). When a remote is
+        set and local is not, each loader gets its own fresh temporary directory, removed when it is freed.
+    split: subdirectory of remote and local (e.g. 'train'); defaults to the loader's `split`.
+    proportion / repeat / choose: at most one; how much this stream is up/down-sampled per epoch
+        (streaming semantics: proportion = share of the epoch, relative to the other streams; repeat =
+        multiplier on its samples; choose = exact sample count). Proportions can't mix with the others.
+    """
+    remote: str | None = None
+    local: str | None = None
+    split: str | None = None
+    proportion: float | None = None
+    repeat: float | None = None
+    choose: int | None = None
+
+    def __post_init__(self):
+        if not (self.remote or self.local):
+            raise ValueError("set 'remote' (where the shards are stored) and/or 'local' (a directory holding them)")
+        weights = [k for k in ("proportion", "repeat", "choose") if getattr(self, k) is not None]
+        if len(weights) > 1:
+            raise ValueError(f"set at most one of proportion/repeat/choose, got {weights}")
+        for k in weights:
+            if getattr(self, k) < 0:
+                raise ValueError(f"'{k}' must be >= 0, got {getattr(self, k)}")
+
+
+def endpoint_description(remote: str | None, s3_endpoint_url: str | None) -> str:
+    """Human-readable name of the server a remote is read from (for error messages)."""
+    scheme = urllib.parse.urlparse(remote or "").scheme
+    if scheme == "s3":
+        return s3_endpoint_url or os.environ.get("S3_ENDPOINT_URL") or "AWS S3 (no S3_ENDPOINT_URL set)"
+    return scheme or "local filesystem"
+
+
+class _S3Downloader(S3Downloader):
+    """streaming's S3 downloader with an explicit endpoint and a bounded connect time.
+
+    streaming only applies `download_timeout` to reads; a host that does not answer would take botocore's
+    60 s connect timeout per attempt, so the connect timeout gets the same bound.
+    """
+
+    def __init__(self, endpoint_url: str | None):
+        super().__init__()
+        self.endpoint_url = endpoint_url
+
+    def _create_s3_client(self, unsigned: bool = False, timeout: float = 60.0):
+        from boto3.session import Session
+        from botocore import UNSIGNED
+        from botocore.config import Config
+        extra = {"signature_version": UNSIGNED} if unsigned else {}
+        config = Config(connect_timeout=timeout, read_timeout=timeout,
+                        retries={"mode": "standard", "max_attempts": 2}, **extra)
+        self._s3_client = Session().client(
+            "s3", config=config, endpoint_url=self.endpoint_url or os.environ.get("S3_ENDPOINT_URL"))
+
+
+class NamedStream(Stream):
+    """A `streaming.Stream` that knows its config name and reports failed downloads clearly."""
+
+    def __init__(self, name: str, s3_endpoint_url: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.name = name
+        self.s3_endpoint_url = s3_endpoint_url
+        if urllib.parse.urlparse(self.remote or "").scheme == "s3":
+            self._downloader = _S3Downloader(s3_endpoint_url)
+
+    def describe(self) -> str:
+        where = os.path.join(self.remote or self.local, self.split) if self.split else (self.remote or self.local)
+        return f"stream '{self.name}' ({where})"
+
+    def _download_file(self, from_basename: str, to_basename: str | None = None) -> str:
+        try:
+            return super()._download_file(from_basename, to_basename)
+        except Exception as e:
+            remote = os.path.join(self.remote or "", self.split, from_basename)
+            endpoint = endpoint_description(self.remote, self.s3_endpoint_url)
+            if from_basename == "index.json":
+                fix = ("point 'remote' at a directory written by streaming.MDSWriter (it holds index.json), "
+                       "and check that the endpoint is reachable")
+            else:
+                fix = ("check that the object store is up and reachable; raise download_retry / download_timeout "
+                       "for a slow store")
+            raise StreamError(
+                f"{self.describe()}: could not download {remote} from {endpoint} "
+                f"(download_retry={self.download_retry} attempts, download_timeout={self.download_timeout}s): "
+                f"{type(e).__name__}: {e}. Fix: {fix}.") from e
+
+
+_loader_counter = itertools.count()
+
+
+def _job_token() -> str:
+    """Same string on every rank of one job, different for concurrent jobs: names auto cache dirs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        key = ":".join(os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"))
+        return "job-" + hashlib.sha1(key.encode()).hexdigest()[:10]
+    return f"pid-{os.getpid()}"
+
+
+def auto_cache_root() -> str:
+    """A fresh cache directory name for one loader: `$TMPDIR/llmfoundry-mds-cache/<job>-<n>`.
+
+    Every rank of a job builds its loaders in the same order, so the n-th loader of each rank on a node gets
+    the same directory (streaming shares the cache between local ranks); different loaders in one process
+    and concurrent jobs get different ones.
+    """
+    return os.path.join(tempfile.gettempdir(), "llmfoundry-mds-cache", f"{_job_token()}-{next(_loader_counter)}")
+
+
+def _check_local_source(name: str, path: str, split: str, what: str) -> None:
+    directory = os.path.join(path, split) if split else path
+    if not os.path.isdir(directory):
+        raise StreamError(f"stream '{name}': {what} directory {directory} does not exist. "
+                          f"Fix: point '{what}' at a directory written by streaming.MDSWriter"
+                          + (" (or set 'remote' to download it)" if what == "local" else "") + ".")
+    if not os.path.isfile(os.path.join(directory, "index.json")):
+        raise StreamError(f"stream '{name}': no index.json in {what} directory {directory}. "
+                          f"Fix: point '{what}' at a directory written by streaming.MDSWriter "
+                          f"(it holds index.json and shard.*.mds files).")
+
+
+def build_streams(named: dict[str, StreamConfig], *, default_split: str | None, download_retry: int,
+                  download_timeout: float, s3_endpoint_url: str | None) -> tuple[list[NamedStream], list[str]]:
+    """`streaming.Stream` objects for the configured sources, checked for the mistakes that can be seen early.
+
+    Returns the streams and the auto-created cache directories (for removal when the loader is freed).
+    """
+    streams, root = [], None
+    for name, sc in named.items():
+        split = sc.split if sc.split is not None else (default_split or "")
+        local = sc.local
+        remote_scheme = urllib.parse.urlparse(sc.remote or "").scheme
+        if sc.remote and not remote_scheme:  # a directory on this machine
+            _check_local_source(name, sc.remote, split, "remote")
+        if not sc.remote:
+            _check_local_source(name, sc.local, split, "local")
+        if sc.remote and not local:
+            root = root or auto_cache_root()
+            local = os.path.join(root, re.sub(r"[^A-Za-z0-9_.-]", "_", name))
+        streams.append(NamedStream(
+            name, s3_endpoint_url, remote=sc.remote, local=local, split=split or None,
+            proportion=sc.proportion, repeat=sc.repeat, choose=sc.choose,
+            download_retry=download_retry, download_timeout=download_timeout))
+    return streams, ([root] if root else [])

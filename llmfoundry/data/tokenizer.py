@@ -1,0 +1,81 @@
+"""Tokenizers: load one by name ('bundled', a local directory, or a Hugging Face hub name), or train one.
+
+The bundled tokenizer follows gpt-neox-20b's conventions at a small size: byte-level BPE (no unknown bytes,
+no prefix space), one special token ``<|endoftext|>`` with id 0 that serves as EOS, BOS and UNK. It is saved
+with ``save_pretrained`` so ``transformers.AutoTokenizer.from_pretrained(dir)`` loads it as a
+``PreTrainedTokenizerFast``.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Iterable
+
+from llmfoundry.data import BUNDLED_TOKENIZER, DataError
+
+EOS_TOKEN = "<|endoftext|>"
+# Any one of these files makes a directory loadable by AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
+                   "vocab.txt")
+_HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def load_tokenizer(name_or_path: str = "bundled"):
+    """Load a tokenizer: ``'bundled'``, a local directory, or a hub name such as ``EleutherAI/gpt-neox-20b``.
+
+    Raises ``DataError`` naming the fix for a missing path, a directory without tokenizer files, or a hub
+    name that cannot be fetched (e.g. offline).
+    """
+    from transformers import AutoTokenizer
+
+    if name_or_path == "bundled":
+        name_or_path = BUNDLED_TOKENIZER
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            raise DataError(f"tokenizer directory {path} holds no tokenizer files (expected one of "
+                            f"{', '.join(TOKENIZER_FILES)}); pass a directory written by save_pretrained, "
+                            f"'bundled', or a hub name")
+        return AutoTokenizer.from_pretrained(path)
+    if os.path.exists(path):
+        raise DataError(f"tokenizer {path} is a file; pass the directory that holds it")
+    if not _HUB_NAME.match(name_or_path):
+        raise DataError(f"tokenizer path {os.path.abspath(path)} does not exist; pass an existing directory, "
+                        f"'bundled', or a hub name such as EleutherAI/gpt-neox-20b")
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as e:  # OSError offline or for an unknown repo; others for broken repos
+        hint = " (did you mean 'bundled'?)" if name_or_path.lower().startswith("bundle") else ""
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"could not load tokenizer '{name_or_path}' from the Hugging Face hub{hint}: {first_line}\n"
+            f"It is not a local directory either ({os.path.abspath(path)} does not exist). Pass a local "
+            f"directory holding the tokenizer files, or 'bundled', or allow network access to the hub "
+            f"(and unset HF_HUB_OFFLINE)") from e
+
+
+def padded_vocab_size(tokenizer, multiple: int = 64) -> int:
+    """The model vocab size for ``tokenizer``: its length rounded up to a multiple of ``multiple``."""
+    return -(-len(tokenizer) // multiple) * multiple
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2):
+    """Train a gpt-neox-style byte-level BPE tokenizer on ``texts``; returns a ``PreTrainedTokenizerFast``.
+
+    Save it with ``.save_pretrained(dir)``; ``load_tokenizer(dir)`` loads it back.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True)
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=[EOS_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    assert tok.token_to_id(EOS_TOKEN) == 0
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+                                   unk_token=EOS_TOKEN, clean_up_tokenization_spaces=False)

@@ -1,0 +1,217 @@
+"""``scripts/eval.py yamls/eval/X.yaml [key=value ...]``: evaluate a composer checkpoint or an HF MPT directory.
+
+YAML keys (``EvalConfig``):
+
+==========================  =========================================================================================
+``load_path``               composer checkpoint: a ``.pt`` file, a sharded checkpoint folder, or ``s3://...``
+``hf_path``                 or: a Hugging Face MPT directory (``config.json`` + weights [+ tokenizer files])
+``model_config``            the model config when the checkpoint records none and has no ``config.yaml`` beside it:
+                            a path (training YAML, MPTConfig YAML, HF config.json) or an inline ``model:`` mapping
+``model_overrides``         config keys changed at load time, e.g. ``{max_seq_len: 4096, attn_config:
+                            {attn_impl: flash}}`` (nothing that changes tensor shapes)
+``tokenizer``               default: the run's (recorded in the checkpoint / config.yaml, or the HF directory's)
+``device``, ``precision``   ``auto`` = GPU + ``bf16`` when CUDA is available, else CPU + ``fp32``; precision is
+                            one of ``fp32``, ``bf16``, ``fp16`` (weights cast) or ``amp_bf16`` (fp32 weights, autocast)
+``device_eval_batch_size``  rows per forward (perplexity samples, ICL context + continuation rows)
+``eval_loaders``            ``{label: TextLoaderConfig}``: loss and perplexity over MDS streams
+``eval_subset_num_batches`` score at most this many batches of each loader (null = all)
+``icl_tasks``               list of ``ICLTaskConfig`` (``llmfoundry/eval/icl.py``)
+``results_path``            JSON file with every number (null = do not write)
+==========================  =========================================================================================
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import torch
+
+from llmfoundry.data.text_loader import TextLoaderConfig
+from llmfoundry.eval.icl import ICLTaskConfig, evaluate_icl_task, random_baseline
+from llmfoundry.eval.perplexity import build_eval_batches, evaluate_perplexity
+from llmfoundry.utils.config import ConfigError, from_dict
+
+log = logging.getLogger(__name__)
+
+USAGE = "usage: python scripts/eval.py yamls/eval/CONFIG.yaml [key=value ...]"
+
+
+@dataclass
+class EvalConfig:
+    load_path: Optional[str] = None
+    hf_path: Optional[str] = None
+    model_config: Optional[Any] = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Optional[str] = None
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "amp_bf16"] = "auto"
+    device_eval_batch_size: int = 8
+    eval_loaders: dict[str, TextLoaderConfig] = field(default_factory=dict)
+    eval_subset_num_batches: Optional[int] = None
+    icl_tasks: list[ICLTaskConfig] = field(default_factory=list)
+    results_path: Optional[str] = "eval_results.json"
+    variables: dict[str, Any] = field(default_factory=dict)
+    seed: int = 17
+
+    def __post_init__(self):
+        if (self.load_path is None) == (self.hf_path is None):
+            raise ValueError("set exactly one of 'load_path' (a composer checkpoint) and 'hf_path' (a Hugging Face "
+                             "MPT directory)")
+        if self.hf_path is not None and self.model_config is not None:
+            raise ValueError("'model_config' is only for composer checkpoints; an hf_path directory has its own "
+                             "config.json")
+        if self.device_eval_batch_size < 1:
+            raise ValueError(f"'device_eval_batch_size' = {self.device_eval_batch_size} must be >= 1")
+        if self.eval_subset_num_batches is not None and self.eval_subset_num_batches < 1:
+            raise ValueError("'eval_subset_num_batches' must be >= 1 or null (all batches)")
+        if not self.eval_loaders and not self.icl_tasks:
+            raise ValueError("nothing to evaluate: add 'eval_loaders' (perplexity) and/or 'icl_tasks'")
+        labels = [t.label for t in self.icl_tasks]
+        dup = {x for x in labels if labels.count(x) > 1}
+        if dup:
+            raise ValueError(f"icl_tasks labels must be unique; repeated: {sorted(dup)}")
+
+
+def _register_resolvers() -> None:
+    try:  # the trainer's ${bundled:mds} / ${bundled:tokenizer}
+        from llmfoundry.train.config import _register_resolvers as register
+        register()
+    except ImportError:  # pragma: no cover - trainer not installed
+        pass
+
+
+def load_eval_config(yaml_path: Optional[str], overrides: Optional[list[str]] = None) -> EvalConfig:
+    """Read the YAML, merge ``key=value`` overrides, resolve ``${...}``, convert strictly."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    _register_resolvers()
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"command-line override {item!r} must look like key=value, e.g. load_path=ckpt.pt")
+    try:
+        base = OmegaConf.load(yaml_path) if yaml_path else OmegaConf.create({})
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides or [])))
+        data = OmegaConf.to_container(merged, resolve=True)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {yaml_path!r} not found") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid eval config {yaml_path!r}: {e}") from None
+    except Exception as e:  # YAML syntax
+        raise ConfigError(f"cannot parse eval config {yaml_path!r}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"eval config {yaml_path!r} must be a mapping of keys at the top level")
+    return from_dict(EvalConfig, data)
+
+
+def resolve_device_precision(device: str, precision: str) -> tuple[str, str]:
+    if device == "auto":
+        device = "gpu" if torch.cuda.is_available() else "cpu"
+    if device == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("device: gpu but no CUDA GPU is visible; use device: auto or cpu")
+    if precision == "auto":
+        precision = "bf16" if device == "gpu" else "fp32"
+    return ("cuda" if device == "gpu" else "cpu"), precision
+
+
+def _autocast(device: str, precision: str):
+    if precision == "amp_bf16":
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load_eval_model(cfg: EvalConfig, device: str, precision: str):
+    """``(model, tokenizer)`` for ``cfg``."""
+    from llmfoundry.checkpoint import _require_tokenizer, load_model
+    weights_dtype = {"fp32": torch.float32, "amp_bf16": torch.float32, "bf16": torch.bfloat16,
+                     "fp16": torch.float16}[precision]
+    source = cfg.load_path or cfg.hf_path
+    if cfg.hf_path is not None and not os.path.isdir(cfg.hf_path):
+        raise ConfigError(f"hf_path {cfg.hf_path} is not a directory; pass a Hugging Face MPT model directory")
+    model, recorded_tok = load_model(source, model_config=cfg.model_config, overrides=cfg.model_overrides,
+                                     device=device, dtype=weights_dtype)
+    tokenizer = _require_tokenizer(cfg.tokenizer or recorded_tok)
+    return model, tokenizer
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A markdown table: one row per perplexity stream and per (ICL task, shots)."""
+    lines = ["| eval | shots | metric | value | n |", "|---|---|---|---|---|"]
+    for label, r in results.get("perplexity", {}).items():
+        lines.append(f"| {label} | - | loss | {r['loss']:.4f} | {r['tokens']} tok |")
+        lines.append(f"| {label} | - | perplexity | {r['perplexity']:.3f} | {r['tokens']} tok |")
+    for r in results.get("icl", []):
+        lines.append(f"| {r['task']} | {r['num_fewshot']} | accuracy | {r['accuracy']:.4f} "
+                     f"(chance {r['random_baseline']:.2f}) | {r['num_examples']} |")
+    return "\n".join(lines)
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run every eval in ``cfg``; returns the results (also printed as a table and written to results_path)."""
+    torch.manual_seed(cfg.seed)
+    device, precision = resolve_device_precision(cfg.device, cfg.precision)
+    t0 = time.time()
+    model, tokenizer = load_eval_model(cfg, device, precision)
+    mcfg = model.config
+    results: dict[str, Any] = {"model": cfg.load_path or cfg.hf_path, "device": device, "precision": precision,
+                               "max_seq_len": mcfg.max_seq_len, "perplexity": {}, "icl": []}
+    if len(tokenizer) > mcfg.vocab_size:
+        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {mcfg.vocab_size}; "
+                          "pass the tokenizer the model was trained with ('tokenizer:')")
+    with _autocast(device, precision):
+        eos = tokenizer.eos_token_id if mcfg.attn_config.attn_uses_sequence_id else None
+        for label, loader_cfg in cfg.eval_loaders.items():
+            if loader_cfg.max_seq_len > mcfg.max_seq_len and not mcfg.attn_config.alibi:
+                raise ConfigError(f"eval_loaders.{label}.max_seq_len={loader_cfg.max_seq_len} exceeds the model's "
+                                  f"max_seq_len={mcfg.max_seq_len}")
+            loader = build_eval_batches(loader_cfg, cfg.device_eval_batch_size, eos)
+            r = evaluate_perplexity(model, loader, device, cfg.eval_subset_num_batches)
+            log.info("%s: loss %.4f perplexity %.3f over %d tokens", label, r["loss"], r["perplexity"], r["tokens"])
+            results["perplexity"][label] = r
+        for task in cfg.icl_tasks:
+            for row in evaluate_icl_task(model, tokenizer, task, max_seq_len=mcfg.max_seq_len,
+                                         batch_size=cfg.device_eval_batch_size, device=device):
+                row["random_baseline"] = random_baseline(task)
+                log.info("%s %d-shot: accuracy %.4f", row["task"], row["num_fewshot"], row["accuracy"])
+                results["icl"].append(row)
+    results["time_s"] = time.time() - t0
+    print(format_table(results))
+    if cfg.results_path:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.results_path)), exist_ok=True)
+        with open(cfg.results_path, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"results written to {cfg.results_path}")
+    return results
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``scripts/eval.py CONFIG.yaml [key=value ...]``; user errors print one line and exit 1."""
+    from llmfoundry.checkpoint import CheckpointError
+    from llmfoundry.data import DataError
+    from llmfoundry.data.streams import StreamError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE + "\n\n" + (__doc__ or ""))
+        return 0
+    paths = [a for a in argv if "=" not in a]
+    if len(paths) > 1:
+        print(f"error: expected at most one config file, got {paths}\n{USAGE}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_eval_config(paths[0] if paths else None, [a for a in argv if "=" in a])
+        evaluate(cfg)
+    except (ConfigError, CheckpointError, DataError, StreamError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["EvalConfig", "load_eval_config", "evaluate", "format_table", "main"]

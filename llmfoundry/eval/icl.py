@@ -1,0 +1,268 @@
+"""In-context-learning (ICL) tasks from local JSONL files.
+
+Two task types, in the usual forms:
+
+* ``language_modeling`` (LAMBADA-style): each line ``{"context": str, "continuation": str}``. An example is
+  correct when the greedy (argmax) prediction at every continuation position equals the continuation token.
+* ``multiple_choice`` (HellaSwag / PIQA / ARC-style): each line ``{"query": str, "choices": [str, ...],
+  "gold": int}``. The model picks the choice whose continuation has the highest log-likelihood, optionally
+  normalized by its length in tokens or characters (``length_normalization``).
+
+Few-shot prompts: ``prompt_string`` + ``num_fewshot`` solved examples, each followed by ``example_delimiter``,
++ the query context + ``continuation_delimiter``. Shots are sampled with a fixed seed per (task, query), never
+include the query itself, and are the same whatever the batch size or device.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory that holds `llmfoundry/`
+BUNDLED_ICL_DIR = Path(__file__).resolve().parents[1] / "assets" / "icl"
+
+
+@dataclass
+class ICLTaskConfig:
+    """One ICL task (YAML: an entry of ``icl_tasks:``)."""
+    label: str
+    path: str  # local JSONL; relative paths are tried from the working directory, then the repository root
+    type: Literal["language_modeling", "multiple_choice"]
+    num_fewshot: list[int] = field(default_factory=lambda: [0])
+    example_delimiter: str = "\n"
+    continuation_delimiter: str = " "
+    prompt_string: str = ""
+    fewshot_seed: int = 1234
+    length_normalization: Literal["none", "tokens", "chars"] = "tokens"  # multiple_choice only
+    max_examples: Optional[int] = None  # evaluate only the first N examples (shots still come from the whole file)
+    batch_size: Optional[int] = None  # rows (context + one continuation) per forward; default: EvalConfig's
+
+    def __post_init__(self):
+        if not self.num_fewshot or any(k < 0 for k in self.num_fewshot):
+            raise ValueError(f"icl task '{self.label}': num_fewshot must be a non-empty list of integers >= 0, "
+                             f"got {self.num_fewshot}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError(f"icl task '{self.label}': max_examples must be >= 1 or null")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task files
+
+_REQUIRED = {"language_modeling": ("context", "continuation"), "multiple_choice": ("query", "choices", "gold")}
+
+
+def resolve_task_path(path: str) -> Path:
+    """``path`` as given, else relative to the repository root, else a bundled task file of that name."""
+    p = Path(path).expanduser()
+    for candidate in (p, PACKAGE_ROOT / p, BUNDLED_ICL_DIR / p.name):
+        if candidate.is_file():
+            return candidate
+    bundled = sorted(x.name for x in BUNDLED_ICL_DIR.glob("*.jsonl"))
+    raise FileNotFoundError(f"ICL task file '{path}' not found (looked in the working directory, {PACKAGE_ROOT} and "
+                            f"{BUNDLED_ICL_DIR}); fix the task's 'path' (bundled task files: {', '.join(bundled)})")
+
+
+def load_task_examples(path: str, task_type: str) -> list[dict[str, Any]]:
+    """Read and validate a task file; every error names the file and line."""
+    if task_type not in _REQUIRED:
+        raise ValueError(f"unknown ICL task type '{task_type}'; use one of {sorted(_REQUIRED)}")
+    file = resolve_task_path(path)
+    examples = []
+    with open(file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object")
+            missing = [k for k in _REQUIRED[task_type] if k not in ex]
+            if missing:
+                raise ValueError(f"{file}:{lineno}: a {task_type} example needs keys {list(_REQUIRED[task_type])}, "
+                                 f"missing {missing}")
+            if task_type == "multiple_choice":
+                choices, gold = ex["choices"], ex["gold"]
+                if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+                    raise ValueError(f"{file}:{lineno}: 'choices' must be a list of at least 2 strings")
+                if not isinstance(gold, int) or not 0 <= gold < len(choices):
+                    raise ValueError(f"{file}:{lineno}: 'gold' must be an index into 'choices' "
+                                     f"(0..{len(choices) - 1}), got {gold!r}")
+            examples.append(ex)
+    if not examples:
+        raise ValueError(f"ICL task file {file} is empty: it has no examples; "
+                         f"write one JSON object per line with keys {list(_REQUIRED[task_type])}")
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts
+
+def _solved(ex: dict, task_type: str, cont_delim: str) -> str:
+    if task_type == "language_modeling":
+        return ex["context"] + cont_delim + ex["continuation"]
+    return ex["query"] + cont_delim + ex["choices"][ex["gold"]]
+
+
+def fewshot_indices(num_examples: int, query_index: int, num_fewshot: int, seed: int) -> list[int]:
+    """``num_fewshot`` distinct example indices other than ``query_index``, fixed by ``seed`` and the query."""
+    if num_fewshot == 0:
+        return []
+    if num_fewshot > num_examples - 1:
+        raise ValueError(f"num_fewshot={num_fewshot} needs at least {num_fewshot + 1} examples in the task file, "
+                         f"it has {num_examples}; lower num_fewshot or use a larger task file")
+    rng = random.Random(seed * 1_000_003 + query_index)
+    pool = [i for i in range(num_examples) if i != query_index]
+    return rng.sample(pool, num_fewshot)
+
+
+def build_prompt(cfg: ICLTaskConfig, examples: Sequence[dict], query_index: int, num_fewshot: int) -> str:
+    """The context string for query ``query_index``: prompt string, solved shots, the query, the delimiter."""
+    shots = fewshot_indices(len(examples), query_index, num_fewshot, cfg.fewshot_seed)
+    parts = [cfg.prompt_string]
+    for i in shots:
+        parts.append(_solved(examples[i], cfg.type, cfg.continuation_delimiter) + cfg.example_delimiter)
+    ex = examples[query_index]
+    parts.append((ex["context"] if cfg.type == "language_modeling" else ex["query"]) + cfg.continuation_delimiter)
+    return "".join(parts)
+
+
+def split_trailing_space(context: str, continuation: str) -> tuple[str, str]:
+    """Move trailing spaces of the context onto the continuation (BPE tokenizers encode ' word' as one token)."""
+    stripped = context.rstrip(" ")
+    return stripped, context[len(stripped):] + continuation
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+@dataclass
+class Request:
+    """One row to score: ``context`` tokens followed by ``continuation`` tokens."""
+    example: int
+    choice: int
+    context: list[int]
+    continuation: list[int]
+    chars: int  # characters in the continuation text (for 'chars' normalization)
+
+
+def build_requests(cfg: ICLTaskConfig, examples: Sequence[dict], tokenizer, num_fewshot: int,
+                   max_seq_len: int) -> list[Request]:
+    """Tokenized rows for every evaluated example (one per choice for multiple choice)."""
+    n_eval = len(examples) if cfg.max_examples is None else min(cfg.max_examples, len(examples))
+    requests = []
+    for i in range(n_eval):
+        prompt = build_prompt(cfg, examples, i, num_fewshot)
+        ex = examples[i]
+        conts = [ex["continuation"]] if cfg.type == "language_modeling" else ex["choices"]
+        for c, cont in enumerate(conts):
+            ctx_text, cont_text = split_trailing_space(prompt, cont)
+            ctx = _encode(tokenizer, ctx_text, special=True)
+            cont_ids = _encode(tokenizer, cont_text, special=False)
+            if not cont_ids:
+                raise ValueError(f"ICL task '{cfg.label}' example {i}: the continuation {cont!r} tokenizes to "
+                                 "nothing; every answer needs at least one token")
+            if len(cont_ids) >= max_seq_len:
+                raise ValueError(f"ICL task '{cfg.label}' example {i}: the continuation is {len(cont_ids)} tokens, "
+                                 f"the model's max_seq_len is {max_seq_len}; raise max_seq_len")
+            keep = max_seq_len - len(cont_ids)
+            if not ctx:  # a continuation must be predicted from something: fall back to the EOS/BOS token
+                ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+            requests.append(Request(i, c, ctx[-keep:], cont_ids, len(cont_text)))
+    return requests
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring
+
+def model_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits ``(B, S, V)`` from our MPTForCausalLM, a ComposerMPT or any transformers causal LM."""
+    out = model(input_ids)
+    return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def score_requests(model, requests: Sequence[Request], batch_size: int, device: torch.device | str,
+                   pad_token_id: int = 0) -> list[tuple[float, bool]]:
+    """For each request: (sum of continuation log-probs, whether greedy decoding reproduces the continuation).
+
+    Rows are sorted by length and right-padded; padding after a row cannot change its logits (causal attention).
+    """
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    order = sorted(range(len(requests)), key=lambda i: -(len(requests[i].context) + len(requests[i].continuation)))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        rows = [requests[i].context + requests[i].continuation for i in idx]
+        width = max(len(r) for r in rows) - 1  # the last token is never an input
+        ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, :len(r) - 1] = torch.tensor(r[:-1])
+        logits = model_logits(model, ids.to(device)).float()
+        for j, i in enumerate(idx):
+            req = requests[i]
+            lo = len(req.context) - 1
+            hi = lo + len(req.continuation)
+            logprobs = F.log_softmax(logits[j, lo:hi], dim=-1)
+            target = torch.tensor(req.continuation, device=logprobs.device)
+            ll = logprobs.gather(1, target[:, None]).sum().item()
+            greedy = bool((logprobs.argmax(-1) == target).all().item())
+            results[i] = (ll, greedy)
+    return results  # type: ignore[return-value]
+
+
+def _normalize(ll: float, req: Request, how: str) -> float:
+    if how == "tokens":
+        return ll / len(req.continuation)
+    if how == "chars":
+        return ll / max(req.chars, 1)
+    return ll
+
+
+def accuracy_from_scores(cfg: ICLTaskConfig, examples: Sequence[dict], requests: Sequence[Request],
+                         scores: Sequence[tuple[float, bool]]) -> tuple[float, list[int]]:
+    """Task accuracy and per-example predictions (LM: 1/0 correct; MC: chosen index)."""
+    if cfg.type == "language_modeling":
+        preds = [int(greedy) for _, greedy in scores]
+        return sum(preds) / len(preds), preds
+    by_example: dict[int, list[tuple[int, float]]] = {}
+    for req, (ll, _) in zip(requests, scores):
+        by_example.setdefault(req.example, []).append((req.choice, _normalize(ll, req, cfg.length_normalization)))
+    preds, correct = [], 0
+    for i in sorted(by_example):
+        choice = max(by_example[i], key=lambda t: t[1])[0]  # ties: the first choice
+        preds.append(choice)
+        correct += int(choice == examples[i]["gold"])
+    return correct / len(preds), preds
+
+
+def evaluate_icl_task(model, tokenizer, cfg: ICLTaskConfig, *, max_seq_len: int, batch_size: int = 8,
+                      device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+    """Evaluate one task at every ``num_fewshot``; one result row per shot count."""
+    examples = load_task_examples(cfg.path, cfg.type)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    rows = []
+    for k in cfg.num_fewshot:
+        requests = build_requests(cfg, examples, tokenizer, k, max_seq_len)
+        scores = score_requests(model, requests, cfg.batch_size or batch_size, device, pad)
+        acc, preds = accuracy_from_scores(cfg, examples, requests, scores)
+        rows.append({"task": cfg.label, "type": cfg.type, "num_fewshot": k, "num_examples": len(preds),
+                     "accuracy": acc, "predictions": preds})
+    return rows
+
+
+def random_baseline(cfg: ICLTaskConfig) -> float:
+    """Expected accuracy of uniform guessing (0 for language modeling)."""
+    if cfg.type == "language_modeling":
+        return 0.0
+    ex = load_task_examples(cfg.path, cfg.type)
+    n = len(ex) if cfg.max_examples is None else min(cfg.max_examples, len(ex))
+    return sum(1 / len(e["choices"]) for e in ex[:n]) / n
+
+
+__all__ = ["ICLTaskConfig", "load_task_examples", "build_prompt", "fewshot_indices", "build_requests",
+           "score_requests", "accuracy_from_scores", "evaluate_icl_task", "random_baseline"]

@@ -1,0 +1,156 @@
+"""Text generation helpers around ``MPTForCausalLM.generate``: prompts in, completions out.
+
+Prompts are tokenized, grouped into batches of ``batch_size``, left-padded (so every row's last prompt token sits
+at the same position and new tokens are appended in lockstep), and decoded with the model's KV cache. Greedy
+decoding is ``temperature: 0``; sampling uses ``temperature`` / ``top_k`` / ``top_p`` with a ``torch.Generator``
+seeded from ``seed``, so the same seed and batch give the same text.
+
+Prompts longer than the model's ``max_seq_len`` are refused with a message: an ALiBi model can run longer
+sequences than it was trained on once ``max_seq_len`` is raised (``load_model(..., max_seq_len=N)`` or
+``scripts/generate.py --max_seq_len N``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick each new token. ``temperature: 0`` = greedy (argmax); ``top_k: 0`` / ``top_p: 1`` = off."""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop_at_eos: bool = True
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 = off)")
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def make_generator(seed: Optional[int], device: torch.device | str) -> Optional[torch.Generator]:
+    """A generator on ``device`` seeded with ``seed`` (None: the global RNG)."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` with every row right-aligned; padding has mask 0."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def max_seq_len_of(model) -> Optional[int]:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "max_seq_len", None)
+
+
+def check_length(model, prompt_len: int, max_new_tokens: int) -> None:
+    """Refuse, with the fix, a prompt + generation that runs past the model's ``max_seq_len``."""
+    limit = max_seq_len_of(model)
+    if limit is None or prompt_len + max_new_tokens <= limit:
+        return
+    cfg = model.config
+    alibi = getattr(getattr(cfg, "attn_config", None), "alibi", False)
+    fix = (f"raise max_seq_len to at least {prompt_len + max_new_tokens} (--max_seq_len; this ALiBi model runs "
+           "past its training length)" if alibi else
+           "shorten the prompt or max_new_tokens (a model with learned position embeddings cannot run longer)")
+    raise ValueError(f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                     f"max_seq_len={limit}; {fix}")
+
+
+@torch.no_grad()
+def generate_ids(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, pad_token_id: int = 0,
+                 eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None
+                 ) -> list[list[int]]:
+    """New token ids for one batch of tokenized prompts (left-padded together); EOS and after are cut."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("an empty prompt has nothing to continue from; give every prompt at least one token "
+                         "(or prepend the tokenizer's BOS/EOS token)")
+    check_length(model, max(len(p) for p in prompts), cfg.max_new_tokens)
+    device = model_device(model)
+    ids, mask = left_pad(prompts, pad_token_id)
+    ids, mask = ids.to(device), mask.to(device)
+    eos = eos_token_id if cfg.stop_at_eos else None
+    out = model.generate(ids, cfg.max_new_tokens, attention_mask=mask, temperature=cfg.temperature,
+                         top_k=cfg.top_k or None, top_p=cfg.top_p if cfg.top_p < 1.0 else None,
+                         eos_token_id=eos, generator=generator)
+    new = out[:, ids.shape[1]:].tolist()
+    if eos is not None:
+        new = [row[:row.index(eos)] if eos in row else row for row in new]
+    return new
+
+
+def generate_texts(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig | None = None, *,
+                   batch_size: int = 8) -> list[str]:
+    """Completions (new text only) for ``prompts``, in order, ``batch_size`` prompts per forward."""
+    cfg = cfg or SamplingConfig()
+    if not prompts:
+        raise ValueError("no prompts given; pass at least one prompt")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    generator = make_generator(cfg.seed, model_device(model))
+    encoded = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    outputs: list[str] = []
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start:start + batch_size]
+        for row in generate_ids(model, batch, cfg, pad_token_id=pad, eos_token_id=eos, generator=generator):
+            outputs.append(tokenizer.decode(row, skip_special_tokens=True))
+    return outputs
+
+
+def read_prompts(prompts: Sequence[str] | None = None, prompts_file: str | None = None) -> list[str]:
+    """Prompts from the command line and/or a file (one per line, or JSONL with a 'prompt' key; blank lines
+    skipped; ``\\n`` in a plain line is a newline)."""
+    import json
+    out = list(prompts or [])
+    if prompts_file:
+        try:
+            with open(prompts_file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"prompts file {prompts_file!r} not found; pass an existing text file with one "
+                                    "prompt per line") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    out.append(json.loads(line)["prompt"])
+                    continue
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{prompts_file}:{n}: a JSON line must be an object with a 'prompt' "
+                                     "string") from None
+            out.append(line.replace("\\n", "\n"))
+    if not out:
+        raise ValueError("no prompts: pass --prompts 'text' ... or --prompts_file FILE (one prompt per line)")
+    return out
+
+
+__all__ = ["SamplingConfig", "generate_texts", "generate_ids", "left_pad", "read_prompts", "make_generator",
+           "check_length"]

@@ -1,0 +1,512 @@
+"""Flash attention with an in-kernel ALiBi bias (Triton): forward and backward, causal, GQA, packed documents.
+
+Notation, per batch ``b`` and query head ``h`` (kv head ``h // G``, ``G = H // Hkv``). Query row ``i`` of ``Sq``
+sits at absolute position ``i + off`` with ``off = Sk - Sq`` (queries aligned to the END of the keys, as in
+KV-cache decoding), so
+
+    s_ij = scale * q_i . k_j + slope_h * (j - i - off)
+    visible(i, j) = (not causal or j <= i + off) and (seq[i] == seq[j] when sequence_id is given)
+    p_ij = softmax over visible j of s_ij,        o_i = sum_j p_ij v_j
+
+The kernels work in base 2: ``t = s * log2(e)``, so ``exp(s - m) == exp2(t - m2)``. The forward streams key
+blocks with an online softmax (running row max ``m`` and sum ``l``; when ``m`` grows the old sums are rescaled
+by ``exp2(m_old - m_new)``), and saves ``lse2 = m + log2(l)`` per row, so the backward rebuilds ``p`` exactly as
+``exp2(t - lse2)`` with no S x S tensor ever stored. With ``dS = dLoss/ds``:
+
+    delta_i = sum_d do_id * o_id   (= sum_j p_ij dp_ij)          [_bwd_preprocess]
+    dp_ij = do_i . v_j,   ds_ij = p_ij * (dp_ij - delta_i)
+    dv_j = sum_i p_ij do_i,   dk_j = scale * sum_i ds_ij q_i      [_bwd_dkdv: one key block, loops over queries
+                                                                   of every query head of its kv group]
+    dq_i = scale * sum_j ds_ij k_j                                [_bwd_dq: one query block, loops over keys]
+
+so no atomics are needed. A row that sees no key gets ``o = 0`` and ``lse2 = +inf`` (hence ``p = 0`` in the
+backward): zeros, never NaN. Causal kernels visit only the key blocks at or left of the diagonal, and only the
+blocks that straddle it (or the sequence end, or any block when ``sequence_id`` is given) pay for masking.
+
+The ALiBi term is formed per block as ``slope*(start_n - i - off)`` (per row, from exact integers) plus
+``slope*jj`` (per column offset inside the block), so it stays accurate at long sequence lengths.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["flash_alibi_attention"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, seq_k_base, stride_sn,
+               offs_m, q_seq, lo, hi, Sk, off, slope2, qk_scale2,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Online-softmax accumulation over key blocks [lo, hi); MASKED blocks check bounds/causality/documents."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_bias = slope2 * offs_n.to(tl.float32)
+    q_abs = offs_m + off
+    for start_n in range(lo, hi, BLOCK_N):
+        kn = start_n + offs_n
+        k_ptrs = k_base + kn[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = v_base + kn[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=kn[:, None] < Sk, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        t = tl.dot(q, tl.trans(k)) * qk_scale2
+        if HAS_ALIBI:
+            row_bias = slope2 * (start_n - q_abs).to(tl.float32)
+            t += row_bias[:, None] + col_bias[None, :]
+        if MASKED:
+            visible = kn[None, :] < Sk
+            if CAUSAL:
+                visible = visible & (kn[None, :] <= q_abs[:, None])
+            if HAS_SEQ:
+                k_seq = tl.load(seq_k_base + kn * stride_sn, mask=kn < Sk, other=-2)
+                visible = visible & (q_seq[:, None] == k_seq[None, :])
+            t = tl.where(visible, t, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(t, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep exp2 finite
+        p = tl.exp2(t - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=kn[:, None] < Sk, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _key_ranges(m0, Sk, off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_SEQ: tl.constexpr):
+    """Key range [0, hi) a query block [m0, m0+BLOCK_M) needs, and the prefix [0, full) needing no mask."""
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + off, 0), Sk)
+        full = tl.minimum(tl.maximum(m0 + off + 1, 0), Sk)
+    else:
+        hi = Sk
+        full = Sk
+    full = (full // BLOCK_N) * BLOCK_N
+    if HAS_SEQ:
+        full = 0
+    return full, hi
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, Slopes, SeqId,
+                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_sb, stride_sn,
+                H, G, Sq, Sk, qk_scale2, Q_BUCKET, K_BUCKET,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: start them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = (h // G).to(tl.int64)
+    off = Sk - Sq
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Sq
+
+    q = tl.load(Q + b * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Slopes + h) * 1.4426950408889634
+    seq_base = SeqId + b * stride_sb
+    q_seq = offs_m
+    if HAS_SEQ:
+        q_seq = tl.load(seq_base + offs_m * stride_sn, mask=row_ok, other=-1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    full, hi = _key_ranges(m0, Sk, off, BLOCK_M, BLOCK_N, CAUSAL, HAS_SEQ)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, seq_base, stride_sn,
+                               offs_m, q_seq, 0, full, Sk, off, slope2, qk_scale2,
+                               BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_ALIBI, HAS_SEQ)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, seq_base, stride_sn,
+                               offs_m, q_seq, full, hi, Sk, off, slope2, qk_scale2,
+                               BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_ALIBI, HAS_SEQ)
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse2 = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    o_ptrs = O + b * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * Sq + offs_m, lse2, mask=row_ok)
+
+
+# -------------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _bwd_preprocess(O, DO, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+                    H, Sq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta_i = sum_d o_id * do_id (fp32)."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = offs_m[:, None] < Sq
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask,
+                other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, lse_base, delta_base, seq_base, stride_sn,
+                n0, offs_n, k_seq, lo, hi, Sq, off, slope2, qk_scale2,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Accumulate dk, dv of one key block over query blocks [lo, hi), working on transposed scores (keys x queries)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_bias = slope2 * (offs_n - n0).to(tl.float32)  # per key offset inside the block
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Sq
+        qT = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        tT = tl.dot(k, qT) * qk_scale2
+        if HAS_ALIBI:
+            q_bias = slope2 * (n0 - offs_m - off).to(tl.float32)
+            tT += col_bias[:, None] + q_bias[None, :]
+        if MASKED:
+            visible = offs_n[:, None] >= 0
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= (offs_m + off)[None, :])
+            if HAS_SEQ:
+                q_seq = tl.load(seq_base + offs_m * stride_sn, mask=row_ok, other=-1)
+                visible = visible & (k_seq[:, None] == q_seq[None, :])
+            tT = tl.where(visible, tT, float("-inf"))
+        pT = tl.exp2(tT - lse2[None, :])
+        dv += tl.dot(pT.to(do.dtype), do)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Slopes, SeqId,
+                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_sb, stride_sn,
+                     H, Hkv, G, Sq, Sk, qk_scale2, sm_scale, Q_BUCKET, K_BUCKET,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                     HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr):
+    n0 = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b = (bhk // Hkv).to(tl.int64)
+    hk = bhk % Hkv
+    off = Sk - Sq
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < Sk
+    k = tl.load(K + b * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    seq_base = SeqId + b * stride_sb
+    k_seq = offs_n
+    if HAS_SEQ:
+        k_seq = tl.load(seq_base + offs_n * stride_sn, mask=col_ok, other=-2)
+
+    # query blocks [lo, full) straddle the diagonal (masked), [full, Sq) see the whole key block
+    if CAUSAL:
+        lo = (tl.maximum(n0 - off, 0) // BLOCK_M) * BLOCK_M
+        full = tl.maximum(((tl.maximum(n0 + BLOCK_N - 1 - off, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo)
+    else:
+        lo = 0
+        full = 0
+    if HAS_SEQ:
+        full = Sq
+    mid = tl.minimum(full, Sq)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for g in range(0, G):  # every query head sharing this kv head
+        h = hk * G + g
+        bh = b * H + h
+        q_base = Q + b * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DO + b * stride_dob + h.to(tl.int64) * stride_doh
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(Slopes + h) * 1.4426950408889634
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE + bh * Sq, Delta + bh * Sq,
+                             seq_base, stride_sn, n0, offs_n, k_seq, lo, mid, Sq, off, slope2, qk_scale2,
+                             BLOCK_M, BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_ALIBI, HAS_SEQ)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE + bh * Sq, Delta + bh * Sq,
+                             seq_base, stride_sn, n0, offs_n, k_seq, full, Sq, Sq, off, slope2, qk_scale2,
+                             BLOCK_M, BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_ALIBI, HAS_SEQ)
+    dk *= sm_scale
+    tl.store(DK + b * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + b * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, seq_k_base, stride_sn,
+              offs_m, q_seq, lo, hi, Sk, off, slope2, qk_scale2,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Accumulate dq of one query block over key blocks [lo, hi)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_bias = slope2 * offs_n.to(tl.float32)
+    q_abs = offs_m + off
+    for start_n in range(lo, hi, BLOCK_N):
+        kn = start_n + offs_n
+        k_ptrs = k_base + kn[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = v_base + kn[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=kn[:, None] < Sk, other=0.0)
+            v = tl.load(v_ptrs, mask=kn[:, None] < Sk, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        t = tl.dot(q, tl.trans(k)) * qk_scale2
+        if HAS_ALIBI:
+            row_bias = slope2 * (start_n - q_abs).to(tl.float32)
+            t += row_bias[:, None] + col_bias[None, :]
+        if MASKED:
+            visible = kn[None, :] < Sk
+            if CAUSAL:
+                visible = visible & (kn[None, :] <= q_abs[:, None])
+            if HAS_SEQ:
+                k_seq = tl.load(seq_k_base + kn * stride_sn, mask=kn < Sk, other=-2)
+                visible = visible & (q_seq[:, None] == k_seq[None, :])
+            t = tl.where(visible, t, float("-inf"))
+        p = tl.exp2(t - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, Delta, Slopes, SeqId,
+                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                   stride_dqb, stride_dqh, stride_dqm, stride_sb, stride_sn,
+                   H, G, Sq, Sk, qk_scale2, sm_scale, Q_BUCKET, K_BUCKET,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                   HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = (h // G).to(tl.int64)
+    off = Sk - Sq
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Sq
+    q = tl.load(Q + b * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + bh.to(tl.int64) * Sq + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Slopes + h) * 1.4426950408889634
+    seq_base = SeqId + b * stride_sb
+    q_seq = offs_m
+    if HAS_SEQ:
+        q_seq = tl.load(seq_base + offs_m * stride_sn, mask=row_ok, other=-1)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    full, hi = _key_ranges(m0, Sk, off, BLOCK_M, BLOCK_N, CAUSAL, HAS_SEQ)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, seq_base, stride_sn,
+                   offs_m, q_seq, 0, full, Sk, off, slope2, qk_scale2, BLOCK_N, HEAD_DIM, False,
+                   CAUSAL, HAS_ALIBI, HAS_SEQ)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, seq_base, stride_sn,
+                   offs_m, q_seq, full, hi, Sk, off, slope2, qk_scale2, BLOCK_N, HEAD_DIM, True,
+                   CAUSAL, HAS_ALIBI, HAS_SEQ)
+    dq *= sm_scale
+    tl.store(DQ + b * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ------------------------------------------------------------------------------------------- launch configs
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_SEQ"]
+_FWD_CONFIGS = [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 32, 4, 4),
+                _cfg(64, 64, 4, 3), _cfg(64, 128, 4, 3)]
+_DKDV_CONFIGS = [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 4),
+                 _cfg(64, 128, 8, 2), _cfg(16, 128, 4, 4)]
+_DQ_CONFIGS = [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 4),
+               _cfg(128, 64, 4, 2)]
+
+_TUNED = {}  # kind -> autotuned kernel, built on first GPU use (triton.autotune needs an active driver)
+
+
+def _tuned(kind):
+    if kind not in _TUNED:
+        kernel, configs = {"fwd": (_fwd_kernel, _FWD_CONFIGS), "dkdv": (_bwd_dkdv_kernel, _DKDV_CONFIGS),
+                           "dq": (_bwd_dq_kernel, _DQ_CONFIGS)}[kind]
+        _TUNED[kind] = triton.autotune(configs, key=_TUNE_KEY)(kernel)
+    return _TUNED[kind]
+
+
+def _fixed_config(kind: str, Sq: int, D: int):
+    """The launch config when not autotuning, or None to autotune.
+
+    Fixed configs: small unequal blocks under the interpreter (so block edges get exercised), 16-row query blocks
+    for KV-cache decode (Sq <= 16), small tiles for D > 128, and a default per head dim when LLMFOUNDRY_FLASH_ALIBI_AUTOTUNE=0.
+    """
+    if _INTERPRET:
+        return {"fwd": dict(BLOCK_M=32, BLOCK_N=16), "dq": dict(BLOCK_M=32, BLOCK_N=16),
+                "dkdv": dict(BLOCK_M=16, BLOCK_N=32)}[kind]
+    if Sq <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3)
+    if D > 128:  # the tuned configs target D <= 128; keep big heads to small tiles
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if os.environ.get("LLMFOUNDRY_FLASH_ALIBI_AUTOTUNE", "1") != "0":
+        return None
+    return {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if D > 64 else 4, num_stages=3),
+            "dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3),
+            "dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)}[kind]
+
+
+def _launch(kind, plain, grid_of, Sq, *args, **kw):
+    cfg = _fixed_config(kind, Sq, kw["HEAD_DIM"])
+    if cfg is None:
+        _tuned(kind)[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kw)
+    else:
+        plain[grid_of(cfg["BLOCK_M"], cfg["BLOCK_N"])](*args, **kw, **cfg)
+
+
+# ------------------------------------------------------------------------------------------------ wrappers
+def _flags(slopes, seq_id, q):
+    dummy = q.new_empty(1, dtype=torch.int32)
+    return (slopes if slopes is not None else dummy, seq_id if seq_id is not None else dummy,
+            seq_id.stride() if seq_id is not None else (0, 0))
+
+
+def _forward(q, k, v, slopes, causal, scale, seq_id):
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    o = torch.empty((B, Sq, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
+    s_ptr, seq_ptr, (ssb, ssn) = _flags(slopes, seq_id, q)
+    _launch("fwd", _fwd_kernel, lambda bm, bn: (triton.cdiv(Sq, bm), B * H), Sq,
+            q, k, v, o, lse, s_ptr, seq_ptr,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), ssb, ssn,
+            H, H // Hkv, Sq, Sk, scale * _LOG2E, triton.next_power_of_2(Sq), triton.next_power_of_2(Sk),
+            HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, HAS_SEQ=seq_id is not None)
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, slopes, causal, scale, seq_id):
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    delta = torch.empty_like(lse)
+    pre_bm = 64
+    _bwd_preprocess[(triton.cdiv(Sq, pre_bm), B * H)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        H, Sq, HEAD_DIM=D, BLOCK_M=pre_bm)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    s_ptr, seq_ptr, (ssb, ssn) = _flags(slopes, seq_id, q)
+    flags = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, HAS_SEQ=seq_id is not None)
+    buckets = (triton.next_power_of_2(Sq), triton.next_power_of_2(Sk))
+    _launch("dkdv", _bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(Sk, bn), B * Hkv), Sq,
+            q, k, v, do, dk, dv, lse, delta, s_ptr, seq_ptr,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), ssb, ssn,
+            H, Hkv, H // Hkv, Sq, Sk, scale * _LOG2E, scale, *buckets, **flags)
+    _launch("dq", _bwd_dq_kernel, lambda bm, bn: (triton.cdiv(Sq, bm), B * H), Sq,
+            q, k, v, do, dq, lse, delta, s_ptr, seq_ptr,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), ssb, ssn,
+            H, H // Hkv, Sq, Sk, scale * _LOG2E, scale, *buckets, **flags)
+    return dq, dk, dv
+
+
+class _FlashAlibiFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, slopes, causal, scale, seq_id):
+        o, lse = _forward(q, k, v, slopes, causal, scale, seq_id)
+        ctx.save_for_backward(q, k, v, o, lse, slopes, seq_id)
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, slopes, seq_id = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, slopes, ctx.causal, ctx.scale, seq_id)
+        return dq, dk, dv, None, None, None, None
+
+
+def flash_alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          alibi_slopes: torch.Tensor | None = None, *, causal: bool = True,
+                          softmax_scale: float | None = None,
+                          sequence_id: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused attention ``softmax(scale * q k^T + slope_h * (k_pos - q_pos) + mask) v`` (differentiable).
+
+    q: ``(B, H, Sq, D)``; k, v: ``(B, Hkv, Sk, D)`` with ``H % Hkv == 0`` (grouped-query heads); queries are the
+    LAST ``Sq`` positions of the keys (KV-cache decode: ``Sq < Sk``; with ``Sq > Sk`` the first rows see no key). ``alibi_slopes``: ``(H,)`` (fp32),
+    None for no bias. ``sequence_id``: int ``(B, S)`` with ``Sq == Sk == S``; a query only attends keys of the
+    same id (packed documents). ``D`` must be a power of two in [16, 256]; fp16/bf16 (fp32 accepted, mostly
+    for tests). A query row with no visible key returns zeros. Returns ``(B, H, Sq, D)`` in q's dtype.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be 4-D (B, H, S, D)")
+    B, H, Sq, D = q.shape
+    Bk, Hkv, Sk, Dk = k.shape
+    if v.shape != k.shape or Bk != B or Dk != D:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if H % Hkv != 0:
+        raise ValueError(f"number of query heads {H} is not a multiple of kv heads {Hkv}")
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"head dim {D} must be a power of two in [16, 256]")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
+        if alibi_slopes.shape != (H,):
+            raise ValueError(f"alibi_slopes must have shape ({H},), got {tuple(alibi_slopes.shape)}")
+    if sequence_id is not None:
+        if Sq != Sk or tuple(sequence_id.shape) != (B, Sq):
+            raise ValueError(f"sequence_id must be (B, S) = ({B}, {Sq}) with Sq == Sk, got "
+                             f"{tuple(sequence_id.shape)} (Sq={Sq}, Sk={Sk})")
+        sequence_id = sequence_id.to(device=q.device)
+        if sequence_id.dtype not in (torch.int32, torch.int64):
+            sequence_id = sequence_id.to(torch.int32)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    return _FlashAlibiFn.apply(q, k, v, alibi_slopes, bool(causal), scale, sequence_id)

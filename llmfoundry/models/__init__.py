@@ -1,0 +1,4 @@
+"""Model definitions."""
+from llmfoundry.models.mpt import MPTConfig, MPTForCausalLM
+
+__all__ = ["MPTConfig", "MPTForCausalLM"]

@@ -1,0 +1,182 @@
+"""MPT configuration: plain dataclasses with the knobs (and key names) of the Hugging Face MPT ``config.json``.
+
+``MPTConfig.from_dict`` is the strict YAML path; ``MPTConfig.from_hf_dict`` reads a ``config.json`` written by
+transformers or by the original MosaicML code (ignoring Hugging Face bookkeeping keys, refusing features this
+model does not implement); ``to_hf_dict`` writes one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Literal, Mapping, Optional, Union
+
+from llmfoundry.utils.config import ConfigError, from_dict, to_dict
+
+AttnImpl = Literal["torch", "flex", "flash", "triton"]
+NormType = Literal["layernorm", "low_precision_layernorm", "rmsnorm", "low_precision_rmsnorm"]
+InitName = Literal["kaiming_normal_", "kaiming_uniform_", "xavier_normal_", "xavier_uniform_", "normal_",
+                   "small_init_", "neox_init_", "default_"]
+
+
+@dataclass
+class AttnConfig:
+    """Attention knobs (``attn_config`` in MPT's config.json)."""
+    attn_impl: AttnImpl = "torch"
+    attn_pdrop: float = 0.0
+    qk_ln: bool = False                  # LayerNorm over the full q and k projections
+    clip_qkv: Optional[float] = None     # clamp the fused qkv projection to [-clip_qkv, clip_qkv]
+    softmax_scale: Optional[float] = None  # default 1/sqrt(head_dim)
+    alibi: bool = True
+    alibi_bias_max: float = 8.0
+    kv_n_heads: Optional[int] = None     # grouped-query attention; None = n_heads (multi-head)
+    attn_uses_sequence_id: bool = False  # packed documents (sequence_id) do not attend to each other
+
+
+@dataclass
+class InitConfig:
+    """MPT's parameter-init schemes (``init_config`` in MPT's config.json)."""
+    name: InitName = "kaiming_normal_"
+    fan_mode: Literal["fan_in", "fan_out"] = "fan_in"
+    init_nonlinearity: Literal["relu", "leaky_relu", "linear", "tanh", "sigmoid"] = "relu"
+    init_div_is_residual: Union[bool, float] = True   # True = divide residual projections by sqrt(2*n_layers)
+    emb_init_std: Optional[float] = None
+    emb_init_uniform_lim: Optional[Union[float, List[float]]] = None
+    init_std: Optional[float] = None   # for 'normal_'
+    init_gain: float = 0.0             # kaiming: negative slope `a`; xavier: gain
+
+
+@dataclass
+class MPTConfig:
+    """A decoder-only MPT. Field names follow mosaicml/mpt-7b's config.json."""
+    d_model: int = 2048
+    n_heads: int = 16
+    n_layers: int = 24
+    expansion_ratio: float = 4.0
+    max_seq_len: int = 2048
+    vocab_size: int = 50368
+    resid_pdrop: float = 0.0
+    emb_pdrop: float = 0.0
+    learned_pos_emb: bool = False
+    attn_config: AttnConfig = field(default_factory=AttnConfig)
+    init_config: InitConfig = field(default_factory=InitConfig)
+    init_device: Literal["cpu", "meta", "cuda", "mixed"] = "cpu"
+    logit_scale: Optional[Union[float, Literal["inv_sqrt_d_model"]]] = None
+    no_bias: bool = True
+    embedding_fraction: float = 1.0
+    norm_type: NormType = "low_precision_layernorm"
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        a, i = self.attn_config, self.init_config
+        if isinstance(a, Mapping):
+            self.attn_config = a = from_dict(AttnConfig, a, "attn_config")
+        if isinstance(i, Mapping):
+            self.init_config = i = from_dict(InitConfig, i, "init_config")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if a.kv_n_heads is not None and (a.kv_n_heads < 1 or self.n_heads % a.kv_n_heads):
+            raise ConfigError(f"attn_config.kv_n_heads={a.kv_n_heads} must divide n_heads={self.n_heads}")
+        if self.learned_pos_emb and a.alibi:
+            raise ConfigError("learned_pos_emb and attn_config.alibi are both true: an ALiBi model has no position "
+                              "table; set learned_pos_emb: false (or attn_config.alibi: false)")
+        if a.attn_pdrop > 0 and a.attn_impl in ("flex", "triton"):
+            raise ConfigError(f"attn_config.attn_pdrop={a.attn_pdrop} is not supported by attn_impl "
+                              f"'{a.attn_impl}'; set attn_pdrop: 0 or use attn_impl 'torch' or 'flash'")
+        if isinstance(self.logit_scale, str) and self.logit_scale != "inv_sqrt_d_model":
+            raise ConfigError(f"logit_scale={self.logit_scale!r} must be a number or 'inv_sqrt_d_model'")
+        ffn = self.expansion_ratio * self.d_model
+        if ffn != int(ffn):
+            raise ConfigError(f"expansion_ratio * d_model = {ffn} must be an integer")
+        if i.name == "normal_" and i.init_std is None:
+            raise ConfigError("init_config.name 'normal_' needs init_config.init_std (e.g. 0.02)")
+        if i.name.startswith("xavier") and i.init_gain == 0:
+            raise ConfigError(f"init_config.name '{i.name}' with init_gain 0 would zero every weight; "
+                              "set init_config.init_gain (e.g. 1.0)")
+        lim = i.emb_init_uniform_lim
+        if isinstance(lim, list) and len(lim) != 2:
+            raise ConfigError("init_config.emb_init_uniform_lim must be a number or a [low, high] pair")
+
+    # ----- derived sizes -----
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_n_heads(self) -> int:
+        return self.attn_config.kv_n_heads or self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        return int(self.expansion_ratio * self.d_model)
+
+    @property
+    def logit_scale_value(self) -> Optional[float]:
+        if self.logit_scale == "inv_sqrt_d_model":
+            return 1.0 / math.sqrt(self.d_model)
+        return self.logit_scale
+
+    # ----- construction -----
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "MPTConfig":
+        """Strict: unknown or misspelled keys are errors (the YAML ``model:`` section)."""
+        return from_dict(cls, d)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def replace(self, **overrides) -> "MPTConfig":
+        """A copy with ``overrides`` (our key names; ``attn_config``/``init_config`` dicts merge), checked strictly."""
+        d = self.to_dict()
+        for k, v in overrides.items():
+            if k in ("attn_config", "init_config") and isinstance(v, Mapping):
+                d[k] = {**d[k], **v}
+            else:
+                d[k] = v
+        return MPTConfig.from_dict(d)
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any]) -> "MPTConfig":
+        """Read a Hugging Face / MosaicML MPT ``config.json`` dict: bookkeeping keys (architectures, auto_map,
+        torch_dtype, transformers_version, ...) are ignored, unsupported features (prefix_lm, rope, ...) refused.
+        As in the original MPT code, ``learned_pos_emb`` is ignored when ``attn_config.alibi`` is true."""
+        from llmfoundry.models.mpt.hf import config_from_hf_dict
+        return config_from_hf_dict(d)
+
+    def to_hf_dict(self) -> dict:
+        """This config as a transformers ``MptConfig`` ``config.json`` dict (model_type 'mpt')."""
+        from llmfoundry.models.mpt.hf import config_to_hf_dict
+        return config_to_hf_dict(self)
+
+    # ----- accounting -----
+    def num_params(self) -> int:
+        """Exact parameter count of ``MPTForCausalLM(self)`` (tied head counted once)."""
+        d, L, V, f = self.d_model, self.n_layers, self.vocab_size, self.ffn_hidden
+        kv = self.kv_n_heads * self.head_dim
+        b = 0 if self.no_bias else 1
+        nb = 0 if (self.no_bias or "rmsnorm" in self.norm_type) else 1   # norm bias
+        norm = lambda n: n * (1 + nb)  # noqa: E731
+        block = (norm(d) * 2
+                 + d * (d + 2 * kv) + b * (d + 2 * kv)    # Wqkv
+                 + d * d + b * d                          # out_proj
+                 + d * f + b * f + f * d + b * d)         # up_proj, down_proj
+        if self.attn_config.qk_ln:
+            block += norm(d) + norm(kv)
+        total = V * d + L * block + norm(d)
+        if self.learned_pos_emb:
+            total += self.max_seq_len * d
+        if not self.tie_word_embeddings:
+            total += V * d
+        return total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token at sequence length ``seq_len``: ``6 * num_params() + 12 * n_layers * d_model *
+        seq_len``.
+
+        The first term is forward (2) + backward (4) multiply-adds over every parameter (embeddings included, as
+        the tied embedding is also the output head). The second is attention's QK^T and AV matmuls: 2 matmuls *
+        2 FLOPs * seq_len * d_model per layer forward, times 3 for forward + backward. Causal masking is NOT
+        discounted (the full seq_len x seq_len score matrix is counted), matching the usual MFU convention.
+        """
+        return 6 * self.num_params() + 12 * self.n_layers * self.d_model * seq_len
+

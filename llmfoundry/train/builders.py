@@ -1,0 +1,189 @@
+"""Plain functions that turn parts of ``TrainConfig`` into the composer objects ``Trainer`` takes.
+
+One function per thing: optimizer, scheduler, gradient clipping, FSDP (parallelism) config, callbacks, loggers.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from llmfoundry.train.config import (CallbacksConfig, FSDPConfig, LoggersConfig, OptimizerConfig,
+                                     SchedulerConfig)
+from llmfoundry.utils.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------- optimizer
+def build_optimizer(cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """LION or AdamW over all parameters, both with decoupled weight decay (see ``OptimizerConfig``).
+
+    Per step, at scheduled learning rate ``lr_t`` and configured (peak) ``lr``:
+    ``w <- w * (1 - weight_decay * lr_t / lr)`` then the optimizer's update scaled by ``lr_t``.
+    """
+    params = list(params)
+    if cfg.name == "lion":
+        from lion_pytorch import Lion
+
+        # lion_pytorch with decoupled_weight_decay=True decays by lr_t * (weight_decay / lr): the rule above.
+        return Lion(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                    decoupled_weight_decay=True)
+    if cfg.name == "adamw":
+        from composer.optim import DecoupledAdamW
+        return DecoupledAdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    raise ConfigError(f"optimizer.name = {cfg.name!r} must be 'lion' or 'adamw'")
+
+
+# ---------------------------------------------------------------------------------------------------- scheduler
+def build_scheduler(cfg: SchedulerConfig):
+    """A composer scheduler (an LR multiplier as a function of training time; composer saves/restores it)."""
+    from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler,
+                                LinearWithWarmupScheduler)
+    if cfg.name == "cosine":
+        return CosineAnnealingWithWarmupScheduler(t_warmup=cfg.t_warmup, t_max=cfg.t_max, alpha_f=cfg.alpha_f)
+    if cfg.name == "linear":
+        return LinearWithWarmupScheduler(t_warmup=cfg.t_warmup, t_max=cfg.t_max, alpha_i=1.0, alpha_f=cfg.alpha_f)
+    if cfg.name == "constant":
+        return ConstantWithWarmupScheduler(t_warmup=cfg.t_warmup)
+    raise ConfigError(f"scheduler.name = {cfg.name!r} must be one of cosine, linear, constant")
+
+
+def build_grad_clipping(max_grad_norm: float | None) -> list:
+    """Clip the global gradient norm (over all ranks/shards) to ``max_grad_norm`` before each optimizer step."""
+    if max_grad_norm is None:
+        return []
+    from composer.algorithms import GradientClipping
+    return [GradientClipping(clipping_type="norm", clipping_threshold=max_grad_norm)]
+
+
+# ---------------------------------------------------------------------------------------------------- FSDP
+def _hybrid_fsdp2_config_class():
+    from composer.utils.parallelism import FSDP2Config
+
+    @dataclass
+    class HybridFSDP2Config(FSDP2Config):
+        """FSDP2 on a 2-D device mesh (replicate x shard) = HSDP.
+
+        composer 0.32.1 builds the FSDP2 device mesh from ``data_parallel_replicate_degree`` /
+        ``data_parallel_shard_degree``, which ``FSDP2Config`` fixes to ``None`` / ``-1`` (a 1-D mesh, i.e. full
+        shard). These two properties give the 2-D shape; composer then passes the 2-D mesh to ``fully_shard``.
+        """
+        replicate_degree: int = 1
+        shard_degree: int = -1
+
+        @property
+        def data_parallel_replicate_degree(self):
+            return self.replicate_degree
+
+        @property
+        def data_parallel_shard_degree(self):
+            return self.shard_degree
+
+    return HybridFSDP2Config
+
+
+def hybrid_degrees(cfg: FSDPConfig, world_size: int, local_world_size: int) -> tuple[int, int]:
+    """(replicate, shard) for HYBRID_SHARD: shard within ``shard_degree`` ranks (default: one node)."""
+    shard = cfg.shard_degree or local_world_size
+    if world_size % shard != 0:
+        raise ConfigError(f"fsdp.shard_degree = {shard} must divide the number of ranks ({world_size}); "
+                          "set fsdp.shard_degree to the GPUs per node")
+    return world_size // shard, shard
+
+
+def build_parallelism(cfg: FSDPConfig | None, world_size: int, local_world_size: int):
+    """composer ``ParallelismConfig`` for ``fsdp:`` (``None`` -> no FSDP: DDP when world_size > 1).
+
+    FSDP2 is chosen by handing composer an ``FSDP2Config`` object (composer 0.32.1 takes
+    ``ParallelismConfig(fsdp2=...)`` as is; only a plain-dict ``parallelism_config`` consults ``FSDP_VERSION``).
+    """
+    if cfg is None:
+        return None
+    from composer.utils.parallelism import FSDPConfig as ComposerFSDP1Config
+    from composer.utils.parallelism import ParallelismConfig
+
+    hybrid = cfg.sharding_strategy == "HYBRID_SHARD"
+    replicate, shard = hybrid_degrees(cfg, world_size, local_world_size) if hybrid else (None, -1)
+    if cfg.version == 2:
+        ignored = [k for k, default in (("limit_all_gathers", True), ("forward_prefetch", False),
+                                        ("backward_prefetch", "BACKWARD_PRE"), ("sync_module_states", False),
+                                        ("activation_checkpointing_reentrant", False))
+                   if getattr(cfg, k) != default]
+        if ignored:
+            log.warning("fsdp.version 2 ignores FSDP1-only settings: %s", ", ".join(ignored))
+        kwargs = dict(reshard_after_forward=cfg.sharding_strategy != "SHARD_GRAD_OP",
+                      activation_checkpointing=cfg.activation_checkpointing,
+                      activation_cpu_offload=cfg.activation_cpu_offload,
+                      state_dict_type=cfg.state_dict_type,
+                      mixed_precision=cfg.mixed_precision,
+                      verbose=cfg.verbose)
+        if hybrid:
+            fsdp2 = _hybrid_fsdp2_config_class()(replicate_degree=replicate, shard_degree=shard, **kwargs)
+        else:
+            from composer.utils.parallelism import FSDP2Config
+            fsdp2 = FSDP2Config(**kwargs)
+        return ParallelismConfig(fsdp2=fsdp2)
+
+    fsdp1 = ComposerFSDP1Config(
+        sharding_strategy=cfg.sharding_strategy,
+        mixed_precision=cfg.mixed_precision,
+        activation_checkpointing=cfg.activation_checkpointing,
+        activation_checkpointing_reentrant=cfg.activation_checkpointing_reentrant,
+        activation_cpu_offload=cfg.activation_cpu_offload,
+        state_dict_type=cfg.state_dict_type,
+        sync_module_states=cfg.sync_module_states,
+        limit_all_gathers=cfg.limit_all_gathers,
+        forward_prefetch=cfg.forward_prefetch,
+        backward_prefetch=cfg.backward_prefetch,
+        use_orig_params=True,
+        verbose=cfg.verbose,
+    )
+    if hybrid:
+        fsdp1.data_parallel_replicate_degree = replicate
+        fsdp1.data_parallel_shard_degree = shard
+    return ParallelismConfig(fsdp=fsdp1)
+
+
+# ---------------------------------------------------------------------------------------------------- callbacks
+def build_callbacks(cfg: CallbacksConfig, on_gpu: bool) -> list:
+    """SpeedMonitor (throughput; MFU from the model's ``flops_per_batch``), LRMonitor, MemoryMonitor (GPU only),
+    RuntimeEstimator."""
+    from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
+    callbacks = []
+    if cfg.speed_monitor is not None:
+        callbacks.append(SpeedMonitor(window_size=cfg.speed_monitor.window_size,
+                                      gpu_flops_available=cfg.speed_monitor.gpu_flops_available))
+    if cfg.lr_monitor:
+        callbacks.append(LRMonitor())
+    if cfg.memory_monitor and on_gpu:
+        callbacks.append(MemoryMonitor())
+    if cfg.runtime_estimator:
+        callbacks.append(RuntimeEstimator())
+    return callbacks
+
+
+def peak_flops_used(callbacks: list) -> float | None:
+    """The per-device peak FLOP/s SpeedMonitor divides by for MFU (set at ``Event.INIT``), or None."""
+    from composer.callbacks import SpeedMonitor
+    for cb in callbacks:
+        if isinstance(cb, SpeedMonitor):
+            return cb.gpu_flops_available
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- loggers
+def build_loggers(cfg: LoggersConfig, run_name: str | None, hparams: dict | None = None) -> list:
+    """composer ``LoggerDestination`` objects. Console/progress output is configured on ``Trainer`` itself."""
+    loggers = []
+    if cfg.wandb is not None:
+        from composer.loggers import WandBLogger
+        w = cfg.wandb
+        loggers.append(WandBLogger(project=w.project, entity=w.entity, group=w.group, name=w.name or run_name,
+                                   tags=list(w.tags) or None, init_kwargs={"config": hparams or {}}))
+        if os.environ.get("WANDB_MODE") == "offline":
+            log.info("wandb: offline mode, the run is written under ./wandb (sync later with `wandb sync`)")
+    return loggers

@@ -1,0 +1,180 @@
+"""Checks run before any training work, and translations of errors a user can hit into one clear message.
+
+- batch sizes: the global batch splits evenly over the ranks;
+- ``s3://`` save_folder / load_path: the bucket answers (and a save folder accepts writes);
+- disk: the (local) save folder has room for a checkpoint of this model;
+- errors during training: no space left while saving; a checkpoint of another model shape.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+import urllib.parse
+import uuid
+
+from llmfoundry.utils.config import ConfigError
+
+GB = 1024 ** 3
+
+
+class TrainError(RuntimeError):
+    """A user-facing failure during setup or training. The message names the thing and the fix."""
+
+
+# ------------------------------------------------------------------------------------------------ batch sizes
+def device_batch_size(global_train_batch_size: int, world_size: int) -> int:
+    """Samples per rank per optimizer step."""
+    if global_train_batch_size % world_size != 0:
+        lower = global_train_batch_size // world_size * world_size
+        raise ConfigError(
+            f"global_train_batch_size = {global_train_batch_size} is not divisible by the number of ranks "
+            f"({world_size}); use a multiple of {world_size}, e.g. {max(lower, world_size)} or {lower + world_size}")
+    return global_train_batch_size // world_size
+
+
+def check_microbatch(microbatch, device_batch: int, on_gpu: bool, fsdp_version: int | None):
+    """``device_train_microbatch_size`` as composer takes it (None -> the whole device batch)."""
+    if microbatch is None:
+        return device_batch
+    if microbatch == "auto":
+        if not on_gpu:
+            raise ConfigError("device_train_microbatch_size: auto needs a GPU (it searches for the largest size that "
+                              "fits in GPU memory); set an integer on CPU")
+        if fsdp_version == 2:
+            raise ConfigError("device_train_microbatch_size: auto is not supported by composer's FSDP2; set an "
+                              "integer or use fsdp.version: 1")
+        return "auto"
+    if microbatch > device_batch:
+        raise ConfigError(f"device_train_microbatch_size = {microbatch} is larger than the per-device batch "
+                          f"({device_batch} = global_train_batch_size / ranks); set it to at most {device_batch}")
+    return microbatch
+
+
+# ------------------------------------------------------------------------------------------------ object stores
+def is_remote(path: str | None) -> bool:
+    return bool(path) and urllib.parse.urlparse(path).scheme not in ("", "file")
+
+
+def _s3_client():
+    import boto3
+    from botocore.config import Config
+    return boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None,
+                        config=Config(connect_timeout=10, read_timeout=30, retries={"max_attempts": 2}))
+
+
+def check_remote(uri: str, key: str, write: bool) -> str | None:
+    """None when ``uri`` (an ``s3://`` folder or file) is reachable; else a message naming ``key`` and the fix."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme != "s3":
+        if parsed.scheme in ("oci", "gs", "dbfs", "hf"):
+            return None  # composer supports them; no early check here
+        return f"{key} = {uri!r}: unsupported scheme '{parsed.scheme}://'; use a local path or s3://bucket/prefix"
+    bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
+    endpoint = os.environ.get("S3_ENDPOINT_URL") or "AWS S3 (S3_ENDPOINT_URL not set)"
+    try:
+        client = _s3_client()
+        client.head_bucket(Bucket=bucket)
+        if write:
+            probe = f"{prefix.rstrip('/')}/.write-probe-{uuid.uuid4().hex[:8]}".lstrip("/")
+            client.put_object(Bucket=bucket, Key=probe, Body=b"")
+            client.delete_object(Bucket=bucket, Key=probe)
+    except Exception as e:  # noqa: BLE001 - any failure means unreachable for our purpose
+        what = "write to" if write else "read"
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return (f"{key} = {uri!r}: cannot {what} bucket '{bucket}' at {endpoint}: {type(e).__name__}: {detail}. "
+                f"Fix: check the bucket name, that the endpoint is up (S3_ENDPOINT_URL), and the credentials "
+                f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE)")
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ disk space
+def checkpoint_bytes(num_params: int, optimizer: str, weights_only: bool = False) -> int:
+    """Rough size of one checkpoint: fp32 weights + optimizer state (LION: 1 fp32 buffer, AdamW: 2)."""
+    states = 0 if weights_only else {"lion": 1, "adamw": 2}.get(optimizer, 2)
+    return int(num_params * 4 * (1 + states) * 1.02) + (1 << 20)
+
+
+def _existing_parent(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def check_free_disk(save_folder: str, needed: int) -> str | None:
+    """None when the filesystem holding ``save_folder`` (or, for remote folders, the local staging dir) has
+    ``needed`` bytes free; else a message."""
+    local = tempfile.gettempdir() if is_remote(save_folder) else save_folder
+    where = _existing_parent(local)
+    free = shutil.disk_usage(where).free
+    if free >= needed:
+        return None
+    staging = " (checkpoints are written there before upload)" if is_remote(save_folder) else ""
+    return (f"not enough free disk for a checkpoint: {where}{staging} has {free / GB:.2f} GiB free, one checkpoint "
+            f"of this model needs about {needed / GB:.2f} GiB. Fix: free space, point save_folder at a bigger disk, "
+            f"or set save_num_checkpoints_to_keep to keep fewer (check_free_disk: false skips this check)")
+
+
+# ------------------------------------------------------------------------------------------------ errors in flight
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def is_no_space(e: BaseException) -> bool:
+    """True when ``e`` (or its cause) is a full disk (ENOSPC), including torch.save's wrapped write failure."""
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno == errno.ENOSPC:
+            return True
+        text = str(x)
+        if "No space left on device" in text or "ENOSPC" in text:
+            return True
+    return False
+
+
+def no_space_message(save_folder: str | None, needed: int) -> str:
+    local = tempfile.gettempdir() if is_remote(save_folder) else (save_folder or ".")
+    where = _existing_parent(local)
+    free = shutil.disk_usage(where).free
+    return (f"no space left on device while writing a checkpoint under {where} ({free / GB:.2f} GiB free now; one "
+            f"checkpoint needs about {needed / GB:.2f} GiB). Checkpoints written before this one are complete and "
+            f"'latest' still points at the last good one. Fix: free space (or set save_folder to a bigger disk / "
+            f"lower save_num_checkpoints_to_keep), then run the same command again with autoresume: true to "
+            f"continue from the latest checkpoint")
+
+
+def is_shape_mismatch(e: BaseException) -> bool:
+    text = str(e)
+    return any(s in text for s in ("size mismatch", "Size mismatch", "Missing key(s)", "Unexpected key(s)",
+                                   "shape mismatch", "Missing key", "Unexpected key"))
+
+
+def shape_mismatch_message(e: BaseException, checkpoint: str, model_desc: str) -> str:
+    """Which parameter/shape did not fit, which checkpoint, and the fix."""
+    import re
+    text = str(e)
+    m = re.search(r"size mismatch for ([\w.]+): copying a param with shape (torch\.Size\(\[[\d, ]*\]\)) from "
+                  r"checkpoint, the shape in current model is (torch\.Size\(\[[\d, ]*\]\))", text)
+    if m:
+        detail = f"parameter '{m.group(1)}' has shape {m.group(2)} in the checkpoint but {m.group(3)} in this model"
+    else:
+        m = re.search(r"Missing key\(s\) in state_dict: ([^\n]+)", text) or \
+            re.search(r"Unexpected key\(s\) in state_dict: ([^\n]+)", text)
+        if m:
+            kind = "missing from" if "Missing" in m.group(0) else "unexpected in"
+            keys = m.group(1)
+            detail = f"parameters {kind} the checkpoint: {keys[:300]}{'...' if len(keys) > 300 else ''}"
+        else:
+            detail = next((ln.strip() for ln in text.splitlines() if "ize mismatch" in ln or "shape" in ln),
+                          text.strip().splitlines()[0] if text.strip() else type(e).__name__)
+    return (f"checkpoint {checkpoint} does not fit this model ({model_desc}): {detail}. Fix: load a checkpoint "
+            f"saved with the same model.* settings, or change model.* to the shape it was trained with "
+            f"(and use a new save_folder/run_name when starting a different model)")

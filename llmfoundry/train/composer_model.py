@@ -1,0 +1,79 @@
+"""``ComposerMPT``: the MPT network as a composer ``ComposerModel`` (loss, metrics, FLOPs for MFU).
+
+The network is the single child ``self.model`` (an ``MPTForCausalLM``). Composer's FSDP1 and FSDP2 paths wrap each
+direct child of the ``ComposerModel`` and ask that child for ``fsdp_wrap_fn`` (which submodules become FSDP
+units: the transformer blocks), ``activation_checkpointing_fn`` and ``param_init_fn`` (meta-device init), so those
+live on ``MPTForCausalLM`` and nothing else may be a direct child here (metrics are kept in plain dicts).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
+from composer.models import ComposerModel
+
+from llmfoundry.models.mpt.config import MPTConfig
+from llmfoundry.models.mpt.model import MPTForCausalLM
+
+IGNORE_INDEX = -100
+
+
+def shift_labels(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position i predicts token i + 1: drop the last logit and the first label."""
+    return logits[:, :-1].contiguous(), labels[:, 1:].contiguous()
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labels that are not ``-100`` (the shift happens here)."""
+    logits, targets = shift_labels(logits, labels)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE_INDEX)
+
+
+def _metrics() -> dict:
+    return {
+        "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
+        "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
+        "TokenAccuracy": MaskedAccuracy(ignore_index=IGNORE_INDEX),
+    }
+
+
+class ComposerMPT(ComposerModel):
+    """``forward(batch) -> logits``; ``loss`` = shifted cross-entropy; train/eval metrics; ``flops_per_batch``.
+
+    ``config.init_device`` decides where the weights are created: ``meta`` creates them without memory and FSDP
+    materializes them shard by shard with the model's ``param_init_fn`` (GPU only).
+    """
+
+    def __init__(self, config: MPTConfig):
+        super().__init__()
+        self.config = config
+        self.model = MPTForCausalLM(config)
+        self.train_metrics = _metrics()  # plain dicts: metrics must not become children (see module docstring)
+        self.eval_metrics = _metrics()
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                         sequence_id=batch.get("sequence_id"))
+        return out.logits
+
+    def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+        return causal_lm_loss(outputs, batch["labels"])
+
+    def eval_forward(self, batch: dict, outputs: torch.Tensor | None = None) -> torch.Tensor:
+        return outputs if outputs is not None else self.forward(batch)
+
+    def get_metrics(self, is_train: bool = False) -> dict:
+        return self.train_metrics if is_train else self.eval_metrics
+
+    def update_metric(self, batch: dict, outputs: torch.Tensor, metric) -> None:
+        logits, targets = shift_labels(outputs, batch["labels"])
+        metric.update(logits, targets)
+
+    def flops_per_batch(self, batch: dict) -> float:
+        """Training FLOPs (forward + backward) of this batch, for SpeedMonitor's throughput and MFU.
+
+        ``MPTConfig.flops_per_token(seq_len)`` gives the training FLOPs per token at that sequence length
+        (its docstring has the formula); recomputation from activation checkpointing is not counted (MFU).
+        """
+        bs, seq_len = batch["input_ids"].shape[:2]
+        return float(self.config.flops_per_token(seq_len)) * bs * seq_len

@@ -1,0 +1,353 @@
+"""The training config: one YAML file plus ``key=value`` overrides, checked strictly before any work.
+
+How a YAML key reaches the code
+-------------------------------
+``load_config(yaml_path, ["optimizer.lr=1e-4", ...])`` reads the YAML with omegaconf, merges the command-line
+dotlist over it (later wins), resolves ``${...}`` interpolations, and converts the result with
+``llmfoundry.utils.config.from_dict`` into the dataclasses below. A misspelled/unknown key, a missing required key,
+or a value of the wrong type stops here with a ``ConfigError`` naming the key (and the closest valid key).
+
+=============================  ==================================================================================
+YAML key                       used by
+=============================  ==================================================================================
+``variables``                  nothing: free-form values for ``${variables.x}`` interpolation elsewhere in the YAML
+                               (``${bundled:mds}`` / ``${bundled:tokenizer}`` name the assets shipped in the package)
+``run_name``                   ``Trainer(run_name=...)``; names the checkpoint folder via ``{run_name}``;
+                               default: ``$RUN_NAME`` or the YAML file's stem (so the same command resumes)
+``seed``                       ``Trainer(seed=...)`` (weights init, data order shuffles use ``train_loader``'s seed)
+``model.*``                    ``MPTConfig`` -> ``MPTForCausalLM`` inside ``ComposerMPT`` (composer_model.py)
+``model.init_device``          where the weights are created: ``cpu``, or ``meta`` with FSDP (materialized shard by
+                               shard on the GPUs through the model's ``param_init_fn``)
+``tokenizer``                  ``load_tokenizer(name)``: EOS id for the loader, vocab-size check against the model
+``train_loader.*``             ``TextLoaderConfig`` -> ``build_text_dataloader`` (data/text_loader.py)
+``eval_loader.*``              same, wrapped in a composer ``Evaluator`` (loss, perplexity, accuracy)
+``global_train_batch_size``    split over ranks: ``global // world_size`` samples per device per step
+``device_train_microbatch_size``  ``Trainer(device_train_microbatch_size=...)``: int or ``auto`` (GPU, FSDP1 only)
+``device_eval_batch_size``     batch size of the eval loader
+``max_duration``               ``Trainer(max_duration=...)``: ``'1000ba'``, ``'2000000tok'``, ``'1ep'``
+``eval_interval``              ``Trainer(eval_interval=...)``; ``eval_subset_num_batches`` likewise
+``optimizer.*``                builders.build_optimizer: ``lion`` (lion_pytorch, decoupled wd) or ``adamw``
+``scheduler.*``                builders.build_scheduler: ``cosine`` / ``linear`` / ``constant`` with warmup
+``max_grad_norm``              composer ``GradientClipping(clipping_type='norm')``; ``null`` disables
+``precision``                  ``Trainer(precision=...)``; ``auto`` = ``amp_bf16`` on GPU, ``fp32`` on CPU
+``device``                     ``Trainer(device=...)``; ``auto`` = ``gpu`` when CUDA is available
+``fsdp.*``                     builders.build_parallelism -> composer ``FSDP2Config`` (default) or ``FSDPConfig``;
+                               ``fsdp: null`` = plain DDP (CPU, or one GPU)
+``save_*``, ``load_*``,        ``Trainer(save_folder=..., save_interval=..., save_num_checkpoints_to_keep=...,
+``autoresume``                 load_path=..., autoresume=...)``; checked for reachability and disk space first
+``callbacks.*``                builders.build_callbacks: SpeedMonitor (throughput, MFU), LRMonitor, MemoryMonitor,
+                               RuntimeEstimator
+``loggers.wandb``              composer ``WandBLogger`` (``WANDB_MODE=offline`` works)
+``log_to_console``, ``console_log_interval``, ``progress_bar``, ``python_log_level``, ``dist_timeout``,
+``compile_config``             passed to ``Trainer`` unchanged (``compile_config`` -> ``torch.compile`` kwargs)
+=============================  ==================================================================================
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from llmfoundry.data.text_loader import TextLoaderConfig
+from llmfoundry.models.mpt.config import MPTConfig
+from llmfoundry.utils.config import ConfigError, closest, from_dict, to_dict
+
+log = logging.getLogger(__name__)
+
+TIME_EXAMPLES = "e.g. '1000ba' (batches), '2000000tok' (tokens), '1ep' (epochs), '0.01dur' (fraction of max_duration)"
+
+
+def parse_time(value: str, key: str, allow_dur: bool = True):
+    """A composer ``Time`` from a string like '100ba'; a ConfigError naming ``key`` otherwise."""
+    from composer.core import Time, TimeUnit
+    if not isinstance(value, str):
+        raise ValueError(f"'{key}' = {value!r} must be a time string, {TIME_EXAMPLES}")
+    try:
+        t = Time.from_timestring(value)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"'{key}' = {value!r} is not a time string ({e}); use {TIME_EXAMPLES}") from None
+    if t.unit == TimeUnit.DURATION and not allow_dur:
+        raise ValueError(f"'{key}' = {value!r} cannot be a fraction of the duration; use {TIME_EXAMPLES}")
+    return t
+
+
+@dataclass
+class OptimizerConfig:
+    """``optimizer:``. Both optimizers use *decoupled* weight decay with llm-foundry's semantics.
+
+    Each step multiplies every weight by ``1 - weight_decay * lr_t / lr``, where ``lr`` is the peak (configured)
+    learning rate and ``lr_t`` the scheduled one. So ``weight_decay`` is the fraction removed per step at peak LR;
+    it is NOT multiplied by ``lr`` (unlike ``torch.optim.AdamW``, whose per-step shrink is ``lr_t * weight_decay``).
+    For a ``torch.optim.AdamW``-style value ``wd_torch`` use ``weight_decay = lr * wd_torch``.
+
+    - ``lion``: ``lion_pytorch.Lion(decoupled_weight_decay=True)`` (its per-step decay is ``lr_t * wd / lr``, i.e.
+      the rule above). LION usually wants a 3-10x smaller ``lr`` than AdamW.
+    - ``adamw``: composer's ``DecoupledAdamW`` (same decay rule; ``eps`` applies only here).
+    """
+    name: Literal["lion", "adamw"] = "lion"
+    lr: float = 1.0e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.0
+    eps: float = 1.0e-8
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"'lr' = {self.lr} must be > 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"'betas' = {self.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        if self.weight_decay < 0 or self.weight_decay >= 1:
+            raise ValueError(f"'weight_decay' = {self.weight_decay} must be in [0, 1): it is the fraction of each "
+                             "weight removed per step at peak lr")
+
+
+@dataclass
+class SchedulerConfig:
+    """``scheduler:``: a linear warmup from 0 to ``optimizer.lr`` over ``t_warmup``, then
+
+    - ``cosine``: cosine decay to ``alpha_f * lr`` at ``t_max``;
+    - ``linear``: linear decay to ``alpha_f * lr`` at ``t_max``;
+    - ``constant``: ``lr`` until the end (``alpha_f`` and ``t_max`` unused).
+
+    ``t_warmup`` / ``t_max`` are composer time strings in batches (``ba``), tokens (``tok``), samples (``sp``) or a
+    fraction of ``max_duration`` (``dur``); ``t_max: 1dur`` ends the decay at ``max_duration``.
+    """
+    name: Literal["cosine", "linear", "constant"] = "cosine"
+    t_warmup: str = "0ba"
+    alpha_f: float = 0.1
+    t_max: str = "1dur"
+
+    def __post_init__(self):
+        parse_time(self.t_warmup, "t_warmup")
+        parse_time(self.t_max, "t_max")
+        if not 0.0 <= self.alpha_f <= 1.0:
+            raise ValueError(f"'alpha_f' = {self.alpha_f} must be in [0, 1] (final lr = alpha_f * lr)")
+
+
+@dataclass
+class FSDPConfig:
+    """``fsdp:``: Fully Sharded Data Parallel over all ranks (GPU only). ``fsdp: null`` = DDP.
+
+    - ``version``: 2 = composer's FSDP2 path (``torch.distributed.fsdp.fully_shard``, DTensor), the default;
+      1 = the classic ``FullyShardedDataParallel`` wrapper (needed for ``device_train_microbatch_size: auto``).
+    - ``sharding_strategy``: ``FULL_SHARD`` (params, grads, optimizer state sharded over all ranks),
+      ``SHARD_GRAD_OP`` (params kept gathered between forward and backward), ``HYBRID_SHARD`` (full shard inside
+      each group of ``shard_degree`` ranks, replicated across groups: FSDP inside a node, DDP across nodes).
+    - ``shard_degree``: ranks per shard group for ``HYBRID_SHARD``; default = GPUs per node (``LOCAL_WORLD_SIZE``).
+    - ``mixed_precision``: ``PURE`` (params and gradient reduction in the ``precision`` dtype, bf16), ``DEFAULT``
+      (bf16 compute, fp32 gradient reduction), ``FULL`` (fp32 everywhere).
+    - ``activation_checkpointing``: recompute each block (the model's ``activation_checkpointing_fn``) in backward.
+    - ``state_dict_type``: ``sharded`` (each rank writes its shard: fast, the default) or ``full`` (rank 0 writes
+      one whole file).
+    - ``sync_module_states``: broadcast rank 0's weights to all ranks at wrap time (FSDP1; FSDP2 does it when rank 0
+      alone holds real weights).
+    - ``limit_all_gathers``, ``forward_prefetch``, ``backward_prefetch``: FSDP1 performance knobs.
+    """
+    version: Literal[1, 2] = 2
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"] = "FULL_SHARD"
+    shard_degree: int | None = None
+    mixed_precision: Literal["PURE", "DEFAULT", "FULL"] = "PURE"
+    activation_checkpointing: bool = False
+    activation_checkpointing_reentrant: bool = False
+    activation_cpu_offload: bool = False
+    state_dict_type: Literal["sharded", "full"] = "sharded"
+    sync_module_states: bool = False
+    limit_all_gathers: bool = True
+    forward_prefetch: bool = False
+    backward_prefetch: Literal["BACKWARD_PRE", "BACKWARD_POST", "NONE"] = "BACKWARD_PRE"
+    verbose: bool = False
+
+    def __post_init__(self):
+        if self.shard_degree is not None and self.shard_degree < 1:
+            raise ValueError(f"'shard_degree' = {self.shard_degree} must be >= 1")
+
+
+@dataclass
+class SpeedMonitorConfig:
+    """``callbacks.speed_monitor``: throughput over the last ``window_size`` batches, and MFU.
+
+    MFU = (model FLOPs per token from the config x tokens/s per device) / ``gpu_flops_available``. When
+    ``gpu_flops_available`` is null, composer's table of dense peak FLOP/s for the detected GPU and ``precision``
+    is used (H100 SXM bf16: 989e12, A100 bf16: 312e12); the value used is logged at start. CPU: no MFU.
+    """
+    window_size: int = 10
+    gpu_flops_available: float | None = None
+
+
+@dataclass
+class CallbacksConfig:
+    """``callbacks:``; set one to ``null``/``false`` to turn it off."""
+    speed_monitor: SpeedMonitorConfig | None = field(default_factory=SpeedMonitorConfig)
+    lr_monitor: bool = True
+    memory_monitor: bool = True  # CUDA memory stats; skipped on CPU
+    runtime_estimator: bool = True
+
+
+@dataclass
+class WandBConfig:
+    """``loggers.wandb``: composer's ``WandBLogger``; ``WANDB_MODE=offline`` writes the run under ``./wandb``."""
+    project: str | None = None
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None  # default: run_name
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggersConfig:
+    """``loggers:``. Console output is controlled by the top-level ``log_to_console`` / ``progress_bar``."""
+    wandb: WandBConfig | None = None
+
+
+@dataclass
+class TrainConfig:
+    """The whole run. See the module docstring for where each key goes."""
+    model: MPTConfig
+    train_loader: TextLoaderConfig
+    max_duration: str
+    global_train_batch_size: int
+
+    variables: dict[str, Any] = field(default_factory=dict)
+    run_name: str | None = None
+    seed: int = 17
+    tokenizer: str = "bundled"
+
+    eval_loader: TextLoaderConfig | None = None
+    eval_interval: str = "1000ba"
+    eval_subset_num_batches: int = -1
+    device_eval_batch_size: int | None = None
+    device_train_microbatch_size: int | Literal["auto"] | None = None
+
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    max_grad_norm: float | None = 1.0
+
+    precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16", "amp_fp8"] = "auto"
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    fsdp: FSDPConfig | None = None
+    dist_timeout: float = 600.0
+    compile_config: dict[str, Any] | None = None
+
+    save_folder: str | None = None
+    save_interval: str = "1000ba"
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    save_weights_only: bool = False
+    load_path: str | None = None
+    load_weights_only: bool = False
+    autoresume: bool = False
+    check_free_disk: bool = True
+
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    loggers: LoggersConfig = field(default_factory=LoggersConfig)
+    log_to_console: bool = True
+    console_log_interval: str = "1ba"
+    progress_bar: bool = False
+    python_log_level: str | None = "info"
+
+    def __post_init__(self):
+        max_duration = parse_time(self.max_duration, "max_duration", allow_dur=False)
+        parse_time(self.eval_interval, "eval_interval", allow_dur=False)
+        parse_time(self.save_interval, "save_interval", allow_dur=False)
+        parse_time(self.console_log_interval, "console_log_interval", allow_dur=False)
+        if self.global_train_batch_size < 1:
+            raise ValueError(f"'global_train_batch_size' = {self.global_train_batch_size} must be >= 1")
+        mb = self.device_train_microbatch_size
+        if isinstance(mb, int) and mb < 1:
+            raise ValueError(f"'device_train_microbatch_size' = {mb} must be >= 1 or 'auto'")
+        if self.device_eval_batch_size is not None and self.device_eval_batch_size < 1:
+            raise ValueError(f"'device_eval_batch_size' = {self.device_eval_batch_size} must be >= 1")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"'max_grad_norm' = {self.max_grad_norm} must be > 0 (or null to turn clipping off)")
+        if self.autoresume and not self.save_folder:
+            raise ValueError("'autoresume: true' needs 'save_folder' (where the checkpoints to resume from are)")
+        if self.python_log_level is not None and self.python_log_level.upper() not in (
+                "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"'python_log_level' = {self.python_log_level!r} must be one of debug, info, warning, "
+                             f"error, critical{closest(self.python_log_level.lower(), ['debug', 'info', 'warning'])}")
+        _check_schedule_units(self.scheduler, max_duration)
+
+
+def _check_schedule_units(sched: SchedulerConfig, max_duration) -> None:
+    """Composer needs warmup and decay horizon in the same unit; catch a mismatch now, not at the first step."""
+    from composer.core import TimeUnit
+    max_unit = max_duration.unit
+    units = {}
+    for key in ("t_warmup", "t_max"):
+        t = parse_time(getattr(sched, key), key)
+        units[key] = max_unit if t.unit == TimeUnit.DURATION else t.unit
+    if sched.name != "constant" and units["t_warmup"] != units["t_max"] and max_unit != TimeUnit.EPOCH:
+        raise ValueError(
+            f"scheduler.t_warmup ({sched.t_warmup}) and scheduler.t_max ({sched.t_max}, max_duration "
+            f"{max_duration}) must be in the same unit; e.g. t_warmup: 100ba with max_duration in 'ba'")
+
+
+def _register_resolvers() -> None:
+    """``${bundled:mds}`` / ``${bundled:tokenizer}``: paths of the assets shipped inside the package."""
+    from omegaconf import OmegaConf
+
+    def bundled(what: str) -> str:
+        from llmfoundry.data import BUNDLED_MDS, BUNDLED_TOKENIZER
+        paths = {"mds": BUNDLED_MDS, "tokenizer": BUNDLED_TOKENIZER}
+        if what not in paths:
+            raise ConfigError(f"${{bundled:{what}}}: unknown bundled asset{closest(what, paths)}; "
+                              f"one of {', '.join(paths)}")
+        return paths[what]
+
+    if not OmegaConf.has_resolver("bundled"):
+        import omegaconf
+        new_api = tuple(int(x) for x in omegaconf.__version__.split(".")[:2]) >= (2, 4)
+        # omegaconf 2.4 renamed register_new_resolver back to register_resolver (2.3 has only the former)
+        (OmegaConf.register_resolver if new_api else OmegaConf.register_new_resolver)("bundled", bundled)
+
+
+def load_config(yaml_path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read ``yaml_path``, apply ``key=value`` ``overrides`` (omegaconf dotlist), and convert strictly.
+
+    ``run_name`` defaults to ``$RUN_NAME`` (or ``$COMPOSER_RUN_NAME``), else the YAML file's stem, so running the
+    same command again finds the same checkpoint folder and ``autoresume`` continues.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    _register_resolvers()
+    overrides = list(overrides or [])
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command-line override {item!r} must look like key=value, e.g. optimizer.lr=1e-4")
+    try:
+        base = OmegaConf.load(yaml_path) if yaml_path is not None else OmegaConf.create({})
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(yaml_path)!r} not found") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot read config file {str(yaml_path)!r}: {e}") from None
+    except Exception as e:  # yaml syntax errors
+        raise ConfigError(f"cannot parse config file {str(yaml_path)!r}: {e}") from None
+    if not OmegaConf.is_dict(base):
+        raise ConfigError(f"config file {str(yaml_path)!r} must be a mapping of keys at the top level")
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"config key '{key}': {e.msg if hasattr(e, 'msg') else e}" if key else
+                          f"invalid config: {e}") from None
+    if data.get("run_name") is None:
+        env_name = os.environ.get("RUN_NAME") or os.environ.get("COMPOSER_RUN_NAME")
+        if env_name:
+            data["run_name"] = env_name
+        elif yaml_path is not None:
+            data["run_name"] = Path(yaml_path).stem
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    """``TrainConfig`` from a plain dict (what ``load_config`` produced, or a dict built in Python)."""
+    return from_dict(TrainConfig, data)
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (logged at start and saved alongside checkpoints)."""
+    from omegaconf import OmegaConf
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))

@@ -1,0 +1,287 @@
+"""Training entry: ``train(cfg) -> composer.Trainer`` and the command line ``main(argv)``.
+
+Usage (one process, CPU or one GPU)::
+
+    python scripts/train.py yamls/tiny-cpu.yaml [key=value ...]
+
+All GPUs of one machine (composer's launcher starts one process per GPU and sets RANK, WORLD_SIZE, ...)::
+
+    composer scripts/train.py yamls/mpt-7b.yaml [key=value ...]
+    composer -n 2 scripts/train.py yamls/tiny-cpu.yaml      # 2 processes; on CPU they use DDP over gloo
+
+Several machines: run the same command on every node, with the node's rank and the address of node 0::
+
+    composer --world_size 16 --node_rank 0 --master_addr 10.0.0.1 --master_port 7501 scripts/train.py x.yaml
+    composer --world_size 16 --node_rank 1 --master_addr 10.0.0.1 --master_port 7501 scripts/train.py x.yaml
+
+``-n/--nproc`` processes on this node (default: number of GPUs), ``--world_size`` processes over all nodes,
+``--node_rank`` this node's index (0..nodes-1), ``--master_addr``/``--master_port`` where rank 0 listens.
+``global_train_batch_size`` is split over all ``world_size`` ranks; with ``fsdp.sharding_strategy: HYBRID_SHARD``
+each node holds one full copy of the sharded model and nodes exchange gradients (DDP across nodes).
+
+Steps of ``build_trainer``: resolve device/precision -> start torch.distributed -> log the resolved config ->
+check batch sizes, object stores and disk -> tokenizer -> ``ComposerMPT`` -> optimizer -> loaders ->
+``composer.Trainer`` (FSDP wrap, checkpoint load / autoresume). ``train`` then calls ``fit``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+
+from llmfoundry.train import builders, checks
+from llmfoundry.train.checks import TrainError
+from llmfoundry.train.composer_model import ComposerMPT
+from llmfoundry.train.config import TrainConfig, config_to_yaml, load_config
+from llmfoundry.utils.config import ConfigError, to_dict
+
+log = logging.getLogger(__name__)
+
+USAGE = "usage: python scripts/train.py CONFIG.yaml [key=value ...]   (or: composer [-n N] scripts/train.py ...)"
+
+
+def _setup_logging(level: str | None) -> None:
+    if level is None:
+        return
+    from composer.utils import dist
+    logging.basicConfig(format=f"%(asctime)s: rank{dist.get_global_rank()}[%(process)d]: %(levelname)s: "
+                               f"%(name)s: %(message)s")
+    logging.getLogger("llmfoundry").setLevel(level.upper())
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if device == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("device: gpu but no CUDA GPU is visible; use device: auto or cpu")
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    if precision == "auto":
+        return "amp_bf16" if device == "gpu" else "fp32"
+    if device == "cpu" and precision not in ("fp32", "amp_bf16"):
+        raise ConfigError(f"precision: {precision} needs a GPU; use fp32 (or amp_bf16) on CPU")
+    return precision
+
+
+def _check_model_vs_data(cfg: TrainConfig, tokenizer) -> None:
+    if len(tokenizer) > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer "
+                          f"'{cfg.tokenizer}' ({len(tokenizer)} tokens); set model.vocab_size >= {len(tokenizer)}")
+    for key in ("train_loader", "eval_loader"):
+        loader = getattr(cfg, key)
+        if loader is not None and loader.max_seq_len > cfg.model.max_seq_len:
+            raise ConfigError(f"{key}.max_seq_len = {loader.max_seq_len} is longer than model.max_seq_len = "
+                              f"{cfg.model.max_seq_len}; lower it or raise model.max_seq_len")
+
+
+def _preflight(cfg: TrainConfig) -> None:
+    """Reachability of object stores and free disk, checked once per job; every rank raises the same error."""
+    from composer.utils import dist
+    problems = []
+    if dist.get_global_rank() == 0:
+        if checks.is_remote(cfg.save_folder):
+            problems.append(checks.check_remote(cfg.save_folder, "save_folder", write=True))
+        if checks.is_remote(cfg.load_path):
+            problems.append(checks.check_remote(cfg.load_path, "load_path", write=False))
+        elif cfg.load_path and "{" not in cfg.load_path and not os.path.exists(cfg.load_path):
+            problems.append(f"load_path = {cfg.load_path!r} does not exist; point it at a checkpoint file "
+                            f"(or a sharded checkpoint folder) or remove it")
+    if cfg.save_folder and cfg.check_free_disk and dist.get_local_rank() == 0:
+        per_ckpt = checks.checkpoint_bytes(cfg.model.num_params(), cfg.optimizer.name, cfg.save_weights_only)
+        if cfg.fsdp is not None and cfg.fsdp.state_dict_type == "sharded":
+            per_ckpt = per_ckpt * dist.get_local_world_size() // dist.get_world_size()
+        folder = cfg.save_folder.replace("{run_name}", cfg.run_name or "run")
+        problems.append(checks.check_free_disk(folder, per_ckpt))
+    problems = [p for p in problems if p]
+    gathered = dist.all_gather_object(problems) if dist.get_world_size() > 1 else [problems]
+    found = [p for rank_problems in gathered for p in rank_problems]
+    if found:
+        raise TrainError("; ".join(dict.fromkeys(found)))
+
+
+def _checkpoint_being_loaded(cfg: TrainConfig) -> str:
+    """Best description of which checkpoint a failed load came from (for the error message)."""
+    if cfg.autoresume and cfg.save_folder and not checks.is_remote(cfg.save_folder):
+        folder = cfg.save_folder.replace("{run_name}", cfg.run_name or "")
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            if name.startswith("latest-rank0"):
+                return os.path.realpath(os.path.join(folder, name))
+    if cfg.autoresume:
+        return f"(latest in {cfg.save_folder})"
+    return str(cfg.load_path)
+
+
+def _model_description(cfg: TrainConfig) -> str:
+    m = cfg.model
+    return (f"d_model={m.d_model}, n_layers={m.n_layers}, n_heads={m.n_heads}, vocab_size={m.vocab_size}, "
+            f"expansion_ratio={m.expansion_ratio}")
+
+
+def _check_init_device(cfg: TrainConfig, device: str) -> None:
+    init = cfg.model.init_device
+    if init in ("meta", "mixed") and (cfg.fsdp is None or device != "gpu"):
+        raise ConfigError(f"model.init_device: {init} needs FSDP on GPUs (the shards are materialized there); "
+                          "use model.init_device: cpu")
+    if init == "mixed" and cfg.fsdp.version == 1 and not cfg.fsdp.sync_module_states:
+        raise ConfigError("model.init_device: mixed (weights on local rank 0 only) needs fsdp.sync_module_states: "
+                          "true with fsdp.version: 1")
+    if init == "cuda" and device != "gpu":
+        raise ConfigError("model.init_device: cuda needs a GPU; use model.init_device: cpu")
+
+
+def build_trainer(cfg: TrainConfig):
+    """Everything up to (not including) ``fit``: see the module docstring for the steps."""
+    from composer import Trainer
+    from composer.core import Evaluator
+    from composer.utils import dist, reproducibility
+
+    from llmfoundry.data.text_loader import build_text_dataloader
+    from llmfoundry.data.tokenizer import load_tokenizer
+
+    _setup_logging(cfg.python_log_level)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    if cfg.fsdp is not None and device != "gpu":
+        raise ConfigError("fsdp needs GPUs; set fsdp: null on CPU (several processes then use DDP)")
+    world_size = dist.get_world_size()
+    if world_size > 1 or cfg.fsdp is not None:
+        if device == "gpu":
+            torch.cuda.set_device(dist.get_local_rank())
+        dist.initialize_dist(device, cfg.dist_timeout)  # composer's Trainer reuses this process group
+    if dist.get_global_rank() == 0:
+        log.info("resolved config (device=%s, precision=%s, world_size=%d):\n%s", device, precision, world_size,
+                 config_to_yaml(cfg))
+
+    device_batch = checks.device_batch_size(cfg.global_train_batch_size, world_size)
+    microbatch = checks.check_microbatch(cfg.device_train_microbatch_size, device_batch, device == "gpu",
+                                         cfg.fsdp.version if cfg.fsdp else None)
+    if cfg.autoresume and not cfg.run_name:
+        raise ConfigError("autoresume needs a run_name (set run_name, or RUN_NAME in the environment)")
+    _preflight(cfg)
+
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    _check_model_vs_data(cfg, tokenizer)
+    eos_for_sequence_id = tokenizer.eos_token_id if cfg.model.attn_config.attn_uses_sequence_id else None
+
+    reproducibility.seed_all(cfg.seed)  # same initial weights on every rank
+    _check_init_device(cfg, device)
+    model = ComposerMPT(cfg.model)  # MPTForCausalLM creates the weights on cfg.model.init_device
+    optimizer = builders.build_optimizer(cfg.optimizer, model.parameters())
+
+    train_loader = build_text_dataloader(cfg.train_loader, device_batch, eos_for_sequence_id)
+    evaluators = []
+    if cfg.eval_loader is not None:
+        eval_batch = cfg.device_eval_batch_size or (microbatch if isinstance(microbatch, int) else device_batch)
+        eval_loader = build_text_dataloader(cfg.eval_loader, eval_batch, eos_for_sequence_id)
+        evaluators.append(Evaluator(label="eval", dataloader=eval_loader,
+                                    metric_names=list(model.get_metrics(is_train=False))))
+
+    callbacks = builders.build_callbacks(cfg.callbacks, on_gpu=device == "gpu")
+    hparams = to_dict(cfg)
+    loggers = builders.build_loggers(cfg.loggers, cfg.run_name, hparams)
+    parallelism = builders.build_parallelism(cfg.fsdp, world_size, dist.get_local_world_size())
+
+    try:
+        trainer = Trainer(
+            run_name=cfg.run_name,
+            model=model,
+            train_dataloader=train_loader,
+            eval_dataloader=evaluators or None,
+            eval_interval=cfg.eval_interval,
+            eval_subset_num_batches=cfg.eval_subset_num_batches,
+            max_duration=cfg.max_duration,
+            optimizers=optimizer,
+            schedulers=builders.build_scheduler(cfg.scheduler),
+            algorithms=builders.build_grad_clipping(cfg.max_grad_norm),
+            device_train_microbatch_size=microbatch,
+            callbacks=callbacks,
+            loggers=loggers,
+            progress_bar=cfg.progress_bar,
+            log_to_console=cfg.log_to_console,
+            console_log_interval=cfg.console_log_interval,
+            save_folder=cfg.save_folder,
+            save_interval=cfg.save_interval,
+            save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+            save_overwrite=cfg.save_overwrite,
+            save_weights_only=cfg.save_weights_only,
+            load_path=cfg.load_path,
+            load_weights_only=cfg.load_weights_only,
+            autoresume=cfg.autoresume,
+            parallelism_config=parallelism,
+            device=device,
+            precision=precision,
+            seed=cfg.seed,
+            dist_timeout=cfg.dist_timeout,
+            python_log_level=cfg.python_log_level,
+            compile_config=cfg.compile_config,
+        )
+    except Exception as e:
+        if (cfg.load_path or cfg.autoresume) and checks.is_shape_mismatch(e):
+            raise TrainError(checks.shape_mismatch_message(e, _checkpoint_being_loaded(cfg),
+                                                           _model_description(cfg))) from e
+        raise
+
+    peak = builders.peak_flops_used(callbacks)
+    if peak:
+        log.info("MFU is measured against a peak of %.4g FLOP/s per device (%s, precision %s)", peak,
+                 torch.cuda.get_device_name() if device == "gpu" else "cpu", precision)
+    elif cfg.callbacks.speed_monitor is not None:
+        log.info("MFU is not reported: no peak FLOP/s known for this device (set "
+                 "callbacks.speed_monitor.gpu_flops_available)")
+    trainer.logger.log_hyperparameters({**hparams, "mfu_peak_flops_per_device": peak or 0,
+                                        "resolved_precision": precision, "world_size": world_size})
+    _save_config_copy(cfg)
+    return trainer
+
+
+def _save_config_copy(cfg: TrainConfig) -> None:
+    """Write the resolved config next to the checkpoints (local save folders, rank 0)."""
+    from composer.utils import dist
+    if not cfg.save_folder or checks.is_remote(cfg.save_folder) or dist.get_global_rank() != 0:
+        return
+    folder = cfg.save_folder.replace("{run_name}", cfg.run_name or "")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.yaml"), "w") as f:
+        f.write(config_to_yaml(cfg))
+
+
+def train(cfg: TrainConfig):
+    """Build the trainer and train to ``max_duration``; returns the ``Trainer`` (call ``.close()`` when done)."""
+    trainer = build_trainer(cfg)
+    try:
+        trainer.fit()
+    except Exception as e:
+        if checks.is_no_space(e):
+            needed = checks.checkpoint_bytes(cfg.model.num_params(), cfg.optimizer.name, cfg.save_weights_only)
+            raise TrainError(checks.no_space_message(
+                cfg.save_folder and cfg.save_folder.replace("{run_name}", cfg.run_name or ""), needed)) from e
+        raise
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``scripts/train.py CONFIG.yaml [key=value ...]``. User errors print one message and exit with status 1."""
+    from llmfoundry.data import DataError
+    from llmfoundry.data.streams import StreamError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE + "\n\n" + (__doc__ or ""))
+        return 0
+    paths = [a for a in argv if "=" not in a]
+    if len(paths) != 1:
+        print(f"error: expected one config file, got {paths or 'none'}\n{USAGE}", file=sys.stderr)
+        return 2
+    overrides = [a for a in argv if "=" in a]
+    try:
+        cfg = load_config(paths[0], overrides)
+        trainer = train(cfg)
+        trainer.close()
+    except (ConfigError, TrainError, DataError, StreamError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

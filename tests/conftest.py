@@ -1,0 +1,89 @@
+"""Shared test fixtures: a real S3-compatible server on 127.0.0.1 and small helpers."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """moto's standalone S3 server in a subprocess; ``url`` is its endpoint."""
+
+    def __init__(self):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, timeout: float = 60.0) -> "S3Server":
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("moto S3 server exited at start")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"moto S3 server did not listen on {self.url} within {timeout}s")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def client(self):
+        import boto3
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def make_bucket(self, name: str | None = None) -> str:
+        name = name or f"bucket-{uuid.uuid4().hex[:8]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A running S3 server; environment variables point boto3 and mosaicml-streaming at it."""
+    server = S3Server().start()
+    old = {k: os.environ.get(k) for k in [*S3_ENV, "S3_ENDPOINT_URL"]}
+    os.environ.update(S3_ENV)
+    os.environ["S3_ENDPOINT_URL"] = server.url
+    yield server
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture()
+def s3_bucket(s3_server) -> str:
+    """A fresh empty bucket on the test server, as ``s3://name``."""
+    return f"s3://{s3_server.make_bucket()}"

@@ -1,0 +1,214 @@
+"""Tests of the Triton flash-attention + ALiBi kernel against a float64 eager reference.
+
+CPU: the kernels run under Triton's interpreter. TRITON_INTERPRET must be set before triton is imported, so
+every interpreter case runs in ONE subprocess (this file run as a script with ``--worker``) whose results the
+parametrized tests read; nothing leaks into other test modules. GPU (``-m gpu``): bf16/fp16 on CUDA, where the
+kernel's error must stay within a small multiple of a same-precision eager reference's error.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def reference_attention(q, k, v, slopes=None, causal=True, scale=None, sequence_id=None, dtype=torch.float64):
+    """Eager attention per the contract. Matmuls in ``dtype``; bias and softmax in float64 (or fp32 for
+    low-precision ``dtype``). Rows with no visible key give zeros."""
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    s = (q @ k.transpose(-1, -2)).to(acc) * scale
+    q_pos = torch.arange(Sq, device=q.device) + (Sk - Sq)
+    k_pos = torch.arange(Sk, device=q.device)
+    if slopes is not None:
+        s = s + slopes.to(acc).view(1, H, 1, 1) * (k_pos[None, :] - q_pos[:, None]).to(acc)
+    visible = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = k_pos[None, :] <= q_pos[:, None]
+    visible = visible.expand(B, 1, Sq, Sk)
+    if sequence_id is not None:
+        visible = visible & (sequence_id[:, None, :, None] == sequence_id[:, None, None, :])
+    s = s.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return (p.to(dtype) @ v).to(dtype)
+
+
+def alibi_slopes(H):
+    """MPT/BLOOM slopes 2^(-8 (h+1) / H)."""
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)])
+
+
+def packed_ids(B, S, n_docs, gen, device="cpu"):
+    """Sorted document ids per row: n_docs documents with random boundaries."""
+    ids = torch.zeros(B, S, dtype=torch.long)
+    for b in range(B):
+        cuts = torch.randperm(S - 1, generator=gen)[: n_docs - 1] + 1
+        ids[b, cuts] = 1
+    return ids.cumsum(1).to(device)
+
+
+# ------------------------------------------------------------------------------------- interpreter (CPU)
+# name: (B, H, Hkv, Sq, Sk, D, causal, alibi, seq (None | 'sorted' | 'shuffled'), dtype, non-contiguous)
+CPU_CASES = {
+    "causal_alibi": (2, 4, 4, 45, 45, 32, True, True, None, "float32", False),
+    "causal_alibi_gqa_d64": (2, 4, 2, 80, 80, 64, True, True, None, "float32", False),
+    "noncausal_alibi_cross": (2, 4, 2, 33, 70, 16, False, True, None, "float32", False),
+    "causal_no_alibi_gqa": (1, 4, 1, 49, 49, 32, True, False, None, "float32", False),
+    "seqid_causal_gqa": (2, 4, 2, 60, 60, 32, True, True, "sorted", "float32", False),
+    "seqid_noncausal_shuffled": (2, 2, 2, 40, 40, 16, False, True, "shuffled", "float32", False),
+    "decode_sq1": (2, 4, 2, 1, 37, 32, True, True, None, "float32", False),
+    "decode_sq5": (2, 4, 2, 5, 50, 32, True, True, None, "float32", False),
+    "sq_gt_sk_empty_rows": (1, 2, 2, 40, 30, 16, True, True, None, "float32", False),
+    "fp16_causal_alibi": (1, 4, 2, 40, 40, 32, True, True, None, "float16", False),
+    "strided_inputs_scale": (2, 4, 2, 34, 34, 16, True, True, None, "float32", True),
+}
+
+
+def _run_case(name, spec):
+    from llmfoundry.kernels.flash_alibi import flash_alibi_attention
+    B, H, Hkv, Sq, Sk, D, causal, alibi, seq, dtype, strided = spec
+    dtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    if strided:  # q, k, v as views of a packed (B, S, heads, D) projection, like an attention layer makes
+        qkv = torch.randn(B, Sq, H + 2 * Hkv, D, generator=gen, dtype=dtype)
+        leaves = [qkv.requires_grad_()]
+        q, k, v = (t.transpose(1, 2) for t in qkv.split([H, Hkv, Hkv], dim=2))
+        scale = 0.3
+    else:
+        q = torch.randn(B, H, Sq, D, generator=gen, dtype=dtype).requires_grad_()
+        k = torch.randn(B, Hkv, Sk, D, generator=gen, dtype=dtype).requires_grad_()
+        v = torch.randn(B, Hkv, Sk, D, generator=gen, dtype=dtype).requires_grad_()
+        leaves = [q, k, v]
+        scale = None
+    slopes = alibi_slopes(H) * 4 if alibi else None  # steeper than usual: the bias matters at these lengths
+    seq_id = None
+    if seq == "sorted":
+        seq_id = packed_ids(B, Sq, 4, gen)
+    elif seq == "shuffled":
+        seq_id = torch.randint(0, 3, (B, Sq), generator=gen)
+    out = flash_alibi_attention(q, k, v, slopes, causal=causal, softmax_scale=scale, sequence_id=seq_id)
+    do = torch.randn(out.shape, generator=gen, dtype=dtype)
+    grads = torch.autograd.grad(out, leaves, do)
+    ref = reference_attention(q, k, v, slopes, causal, scale, seq_id)
+    ref_grads = torch.autograd.grad(ref, leaves, do.double())
+    names = ["dqkv"] if strided else ["dq", "dk", "dv"]
+    res = {"out": _rel_err(out, ref), "nan": bool(any(t.isnan().any() for t in (out, *grads)))}
+    res.update({n: _rel_err(g, r) for n, g, r in zip(names, grads, ref_grads)})
+    if Sq > Sk and causal:  # rows before the first key see nothing
+        res["empty_rows_max"] = out[:, :, : Sq - Sk].abs().max().item()
+    return res
+
+
+def _rel_err(x, ref):
+    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1.0)).item()
+
+
+def _worker():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    torch.set_num_threads(1)
+    print(json.dumps({name: _run_case(name, spec) for name, spec in CPU_CASES.items()}))
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run([sys.executable, __file__, "--worker"], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(CPU_CASES))
+def test_interpreter_matches_float64_reference(interpreter_results, name):
+    res = interpreter_results[name]
+    tol = 1e-2 if CPU_CASES[name][9] == "float16" else 2e-5
+    assert not res["nan"], res
+    for key, err in res.items():
+        if key not in ("nan", "empty_rows_max"):
+            assert err < tol, (key, res)
+    if "empty_rows_max" in res:
+        assert res["empty_rows_max"] == 0.0
+
+
+def test_input_validation():
+    from llmfoundry.kernels.flash_alibi import flash_alibi_attention
+    q = torch.zeros(1, 4, 8, 16)
+    kv = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="multiple"):
+        flash_alibi_attention(q, torch.zeros(1, 3, 8, 16), torch.zeros(1, 3, 8, 16))
+    with pytest.raises(ValueError, match="power of two"):
+        flash_alibi_attention(torch.zeros(1, 4, 8, 24), torch.zeros(1, 2, 8, 24), torch.zeros(1, 2, 8, 24))
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        flash_alibi_attention(q, kv, kv, torch.ones(3))
+    with pytest.raises(ValueError, match="sequence_id"):
+        flash_alibi_attention(q[:, :, :4], kv, kv, sequence_id=torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="dtype"):
+        flash_alibi_attention(q.half(), kv, kv)
+
+
+# ---------------------------------------------------------------------------------------------------- GPU
+GPU_DEVICE = "cuda"
+# name: (B, H, Hkv, Sq, Sk, D, causal, alibi, seq, dtype, autotune)
+GPU_CASES = {
+    "d128_s2048_gqa_autotune": (2, 8, 2, 2048, 2048, 128, True, True, None, "bfloat16", True),
+    "d64_s2048": (2, 8, 8, 2048, 2048, 64, True, True, None, "bfloat16", False),
+    "d128_s1000_odd": (2, 4, 4, 1000, 1000, 128, True, True, None, "bfloat16", False),
+    "d64_noncausal_s777": (2, 4, 2, 777, 777, 64, False, True, None, "bfloat16", False),
+    "d128_seqid_s1024": (2, 4, 2, 1024, 1024, 128, True, True, "sorted", "bfloat16", False),
+    "d128_decode_sq1": (3, 8, 2, 1, 1500, 128, True, True, None, "bfloat16", False),
+    "d128_decode_sq7": (3, 8, 2, 7, 1500, 128, True, True, None, "bfloat16", False),
+    "d128_chunk_sq300": (2, 8, 2, 300, 1500, 128, True, True, None, "bfloat16", False),
+    "d64_fp16_no_alibi": (2, 4, 4, 513, 513, 64, True, False, None, "float16", False),
+    "d32_s300": (2, 4, 2, 300, 300, 32, True, True, None, "bfloat16", False),
+    "d256_s300": (1, 4, 2, 300, 300, 256, True, True, None, "bfloat16", False),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_gpu_matches_float64_reference(name, monkeypatch):
+    """Kernel error vs float64 must be within 2x (+ a small floor) of the error of the same-precision eager
+    reference (matmuls in bf16/fp16, softmax in fp32), for the output and every gradient."""
+    from llmfoundry.kernels.flash_alibi import flash_alibi_attention
+    B, H, Hkv, Sq, Sk, D, causal, alibi, seq, dtype, autotune = GPU_CASES[name]
+    monkeypatch.setenv("LLMFOUNDRY_FLASH_ALIBI_AUTOTUNE", "1" if autotune else "0")
+    dtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(0)
+    dev = GPU_DEVICE
+    q = torch.randn(B, H, Sq, D, generator=gen).to(dev, dtype).requires_grad_()
+    k = torch.randn(B, Hkv, Sk, D, generator=gen).to(dev, dtype).requires_grad_()
+    v = torch.randn(B, Hkv, Sk, D, generator=gen).to(dev, dtype).requires_grad_()
+    slopes = alibi_slopes(H).to(dev) if alibi else None
+    seq_id = packed_ids(B, Sq, 5, gen, dev) if seq else None
+    do = torch.randn(B, H, Sq, D, generator=gen).to(dev, dtype)
+
+    def run(fn, **kw):
+        out = fn(q, k, v, slopes, causal=causal, sequence_id=seq_id, **kw)
+        return [out, *torch.autograd.grad(out, (q, k, v), do.to(out.dtype))]
+
+    ours = run(flash_alibi_attention)
+    exact = run(lambda *a, causal, sequence_id: reference_attention(*a, causal, None, sequence_id))
+    lowp = run(lambda *a, causal, sequence_id: reference_attention(*a, causal, None, sequence_id, dtype=dtype))
+    for what, o, e, l in zip(["out", "dq", "dk", "dv"], ours, exact, lowp):
+        assert o.dtype == dtype and not o.isnan().any(), what
+        err = (o.double() - e).abs().max().item()
+        base = (l.double() - e).abs().max().item()
+        assert err <= 2 * base + 1e-3 * e.abs().max().item(), (what, err, base)
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker()
