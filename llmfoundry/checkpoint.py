@@ -335,7 +335,7 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], cfg, source: str = 
            "(--model_config path/to/train.yaml) or correct the model keys")
     for k, shape in expected.items():
         if k in state_dict and tuple(state_dict[k].shape) != shape:
-            raise CheckpointError(f"{source} tensor '{k}' has shape {tuple(state_dict[k].shape)}, but the model "
+            raise CheckpointError(f"{source}: tensor '{k}' has shape {tuple(state_dict[k].shape)}, but the model "
                                   f"config ({config_summary(cfg)}) expects {shape}; {fix}")
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -377,7 +377,7 @@ def load_composer_checkpoint(path: str, model_config=None) -> tuple[dict[str, to
         raise CheckpointError(f"checkpoint {path} records no model config and there is no config.yaml next to it; "
                               "pass the training YAML of the run (--model_config path/to/train.yaml)")
     log.info("model config for %s from %s", path, source)
-    check_state_dict(state_dict, cfg, f"checkpoint {path}:")
+    check_state_dict(state_dict, cfg, f"checkpoint {path}")
     return state_dict, cfg, tokenizer
 
 
@@ -519,7 +519,7 @@ def load_hf_weights(model, hf_dir: str) -> None:
     net = model.model if hasattr(model, "model") and hasattr(model.model, "transformer") else model
     cfg = net.config
     state_dict = hf_to_mpt_state_dict(read_hf_state_dict(hf_dir), cfg)
-    check_state_dict(state_dict, cfg, f"Hugging Face weights {hf_dir}:")
+    check_state_dict(state_dict, cfg, f"Hugging Face weights {hf_dir}")
     with torch.no_grad():
         net.load_state_dict(state_dict, strict=True)
 
@@ -542,7 +542,7 @@ def convert_hf_to_composer(hf_dir: str, path: str) -> str:
     """An HF MPT directory as a weights-only composer checkpoint (see ``save_composer_weights``)."""
     cfg = hf_config(hf_dir)
     state_dict = hf_to_mpt_state_dict(read_hf_state_dict(hf_dir), cfg)
-    check_state_dict(state_dict, cfg, f"Hugging Face weights {hf_dir}:")
+    check_state_dict(state_dict, cfg, f"Hugging Face weights {hf_dir}")
     tok = hf_dir if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else None
     return save_composer_weights(state_dict, cfg, path, tokenizer=tok)
 

@@ -225,23 +225,26 @@ RANK_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch.distributed as dist
     from llmfoundry.data.text_loader import TextLoaderConfig, build_text_dataloader
-    data, state_in, out, bs, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    data, state_in, out = sys.argv[1:4]
+    batch, n, save_at = map(int, sys.argv[4:7])
     if int(os.environ["WORLD_SIZE"]) > 1:
         dist.init_process_group("gloo")  # as the trainer does before building its loaders
     cfg = TextLoaderConfig(max_seq_len=8, remote=data, shuffle=True, shuffle_block_size=64, num_workers=1)
-    loader = build_text_dataloader(cfg, bs)
+    loader = build_text_dataloader(cfg, batch)
     if state_in != "-":
         loader.load_state_dict(json.load(open(state_in)))
-    ids = []
+    ids, saved = [], None
     for b in loader:
         ids.append(b["input_ids"][:, 1].tolist())
+        if len(ids) == save_at:
+            saved = loader.state_dict()  # what a checkpoint taken after this batch holds
         if len(ids) == n:
             break
-    json.dump({"ids": ids, "state": loader.state_dict()}, open(out, "w"))
+    json.dump({"ids": ids, "saved": saved, "state": loader.state_dict()}, open(out, "w"))
 """)
 
 
-def _run_world(tmp_path, world: int, data: str, state: str, batch: int, n: int) -> list[dict]:
+def _run_world(tmp_path, world: int, data: str, state: str, batch: int, n: int, save_at: int = -1) -> list[dict]:
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     with socket.socket() as s:
@@ -252,7 +255,7 @@ def _run_world(tmp_path, world: int, data: str, state: str, batch: int, n: int) 
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(REPO))
         procs.append(subprocess.Popen([sys.executable, str(script), data, state, str(tmp_path / f"out{r}.json"),
-                                       str(batch), str(n)], env=env))
+                                       str(batch), str(n), str(save_at)], env=env))
     for p in procs:
         assert p.wait(timeout=120) == 0
     return [json.loads((tmp_path / f"out{r}.json").read_text()) for r in range(world)]
@@ -262,11 +265,9 @@ def _run_world(tmp_path, world: int, data: str, state: str, batch: int, n: int) 
 def test_resume_from_world_1_on_world_2(tmp_path, data):
     """Global batch size 8: one rank x 8, then two ranks x 4. The global sample sequence is unchanged:
     sample j of a global batch goes to rank j % world (position j // world in that rank's batch)."""
-    full = _run_world(tmp_path, 1, data["a"], "-", 8, 20)[0]["ids"]
-    first = _run_world(tmp_path, 1, data["a"], "-", 8, 6)[0]
-    assert first["ids"] == full[:6]
-    (tmp_path / "state.json").write_text(json.dumps(first["state"]))
+    full = _run_world(tmp_path, 1, data["a"], "-", 8, 20, save_at=6)[0]
+    (tmp_path / "state.json").write_text(json.dumps(full["saved"]))
     r0, r1 = _run_world(tmp_path, 2, data["a"], str(tmp_path / "state.json"), 4, 14)
     merged = [[x for pair in zip(a, b) for x in pair] for a, b in zip(r0["ids"], r1["ids"])]
-    assert merged == full[6:20]
+    assert merged == full["ids"][6:20]
     assert r0["state"]["sample_in_epoch"] == 20 * 8

@@ -276,7 +276,10 @@ def _assign(units: list[Unit], processes: int) -> list[list[tuple[int, Unit]]]:
     return [sorted(g, key=lambda x: x[0]) for g in groups]
 
 
-def _worker(rank: int, source: Source, units: list[tuple[int, Unit]], cfg: ConvertConfig, out: str, q) -> None:
+def _worker(rank: int, source: Source, units: list[tuple[int, Unit]], cfg: ConvertConfig, out: str, q,
+            env: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(env)  # the caller's environment now (credentials, S3_ENDPOINT_URL), not the forkserver's
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: processes share the cores
     try:
         with _writer(out, cfg) as writer:
@@ -301,7 +304,8 @@ def _mp_context():
 def _run_processes(source: Source, groups, cfg: ConvertConfig, bar) -> list[_Part]:
     ctx = _mp_context()
     q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, source, g, cfg, join_out(cfg.out_root, f"part-{r:05d}"), q))
+    procs = [ctx.Process(target=_worker, args=(r, source, g, cfg, join_out(cfg.out_root, f"part-{r:05d}"), q,
+                                               dict(os.environ)))
              for r, g in enumerate(groups)]
     for p in procs:
         p.start()
@@ -359,8 +363,38 @@ def _progress(enabled: bool):
     return update, bar.close
 
 
+def _write_in_this_process(source: Source, units: list[Unit], cfg: ConvertConfig, update, tokenizer):
+    """One writer at out_root: all units, then the samples packed from their tails."""
+    with _writer(cfg.out_root, cfg) as writer:
+        part = _pack_units(source, list(enumerate(units)), cfg, writer, update, tokenizer)
+        rows, rest = _pack_tails([part.tails], cfg.concat_tokens)
+        for row in rows:
+            writer.write({"tokens": row})
+    part.samples += len(rows)
+    part.shards = len(writer.shards)
+    return [part], rest
+
+
+def _write_in_processes(source: Source, units: list[Unit], cfg: ConvertConfig, processes: int, update):
+    """One sub-folder per process, one for the samples packed from all tails, then one merged index."""
+    parts = _run_processes(source, _assign(units, processes), cfg, update)
+    names = [f"part-{r:05d}" for r in range(processes)]
+    rows, rest = _pack_tails([p.tails for p in parts], cfg.concat_tokens)
+    if len(rows):
+        with _writer(join_out(cfg.out_root, TAIL_PART), cfg) as writer:
+            for row in rows:
+                writer.write({"tokens": row})
+        parts.append(_Part(samples=len(rows), shards=len(writer.shards)))
+        names.append(TAIL_PART)
+    _merge_index(cfg.out_root, names)
+    return parts, rest
+
+
 def convert(source: Source, cfg: ConvertConfig) -> ConvertSummary:
-    """Convert every document of ``source`` into MDS shards at ``cfg.out_root``; print and return a summary."""
+    """Convert every document of ``source`` into MDS shards at ``cfg.out_root``; print and return a summary.
+
+    A conversion that fails (bad input, interrupted) removes what it wrote, so it can simply be run again.
+    """
     from llmfoundry.data.tokenizer import load_tokenizer
 
     t0 = time.perf_counter()
@@ -368,46 +402,30 @@ def convert(source: Source, cfg: ConvertConfig) -> ConvertSummary:
     if cfg.processes < 1:
         raise DataError(f"--processes must be at least 1, got {cfg.processes}")
     tokenizer = load_tokenizer(cfg.tokenizer)
-    separator_ids(tokenizer, cfg)  # fail early, before any process starts
+    separator_ids(tokenizer, cfg)  # fail early, before anything is written
     units = source.units()
     _prepare_output(cfg)
     processes = max(1, min(cfg.processes, len(units)))
     update, close = _progress(cfg.progress)
     try:
         if processes == 1:
-            with _writer(cfg.out_root, cfg) as writer:
-                parts = [_pack_units(source, list(enumerate(units)), cfg, writer, update, tokenizer)]
-                rows, rest = _pack_tails([parts[0].tails], cfg.concat_tokens)
-                for row in rows:
-                    writer.write({"tokens": row})
-            shards = len(writer.shards)
+            parts, rest = _write_in_this_process(source, units, cfg, update, tokenizer)
         else:
-            parts = _run_processes(source, _assign(units, processes), cfg, update)
-            rows, rest = _pack_tails([p.tails for p in parts], cfg.concat_tokens)
-            names = [f"part-{r:05d}" for r in range(processes)]
-            shards = 0
-            if len(rows):
-                with _writer(join_out(cfg.out_root, TAIL_PART), cfg) as writer:
-                    for row in rows:
-                        writer.write({"tokens": row})
-                shards = len(writer.shards)
-                names.append(TAIL_PART)
-            shards += sum(p.shards for p in parts)
-            if names:
-                _merge_index(cfg.out_root, names)
+            parts, rest = _write_in_processes(source, units, cfg, processes, update)
+        documents, samples = sum(p.documents for p in parts), sum(p.samples for p in parts)
+        if documents == 0:
+            raise DataError(f"the inputs hold no documents ({len(units)} input slices read"
+                            f"{', e.g. ' + str(units[0]) if units else ''}); check the input paths and --text_field")
+        if samples == 0:
+            raise DataError(f"the inputs hold {sum(p.tokens for p in parts):,} tokens, fewer than one sample of "
+                            f"--concat_tokens {cfg.concat_tokens}; nothing was written")
+    except BaseException:
+        clear_output(cfg.out_root)
+        raise
     finally:
         close()
-    documents = sum(p.documents for p in parts)
-    samples = sum(p.samples for p in parts) + len(rows)
-    if samples == 0:
-        clear_output(cfg.out_root)
-        if documents == 0:
-            raise DataError(f"the inputs hold no documents ({len(units)} input slices read, e.g. "
-                            f"{units[0] if units else 'none'}); check the input paths and --text_field")
-        raise DataError(f"the inputs hold {sum(p.tokens for p in parts):,} tokens, fewer than one sample of "
-                        f"--concat_tokens {cfg.concat_tokens}; nothing was written")
     summary = ConvertSummary(out_root=cfg.out_root, documents=documents, tokens=samples * cfg.concat_tokens,
-                             dropped_tokens=len(rest), samples=samples, shards=shards,
+                             dropped_tokens=len(rest), samples=samples, shards=sum(p.shards for p in parts),
                              seconds=time.perf_counter() - t0, processes=processes)
     if cfg.progress:
         print(summary, file=sys.stderr)

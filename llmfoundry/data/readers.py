@@ -14,6 +14,7 @@ Bad input raises ``DataError`` naming the file and line (or record/row) and the 
 """
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import json
@@ -175,11 +176,13 @@ class JsonFiles:
                 yield from self._read_lines(f, unit.path, 0, None, first_line=1)
 
     def _read_lines(self, f, path: str, offset: int, stop: int | None, first_line: int | None) -> Iterator[str]:
+        start = offset
+
         def line_number(k: int) -> int:  # only counted when an error is reported
             if first_line is not None:
                 return first_line + k
             with open(path, "rb") as g:
-                return _line_of(g.read(offset), offset) + k
+                return _line_of(g.read(start), start) + k
 
         k = 0
         while stop is None or offset < stop:
@@ -325,16 +328,22 @@ class HFDataset:
         return ds
 
     def units(self) -> list[Unit]:
-        n = self._open().num_shards
+        n = _open_hf(self).num_shards
         return [Unit(self.label, i, n) for i in range(n)]
 
     def read(self, unit: Unit) -> Iterator[str]:
-        ds = self._open()
+        ds = _open_hf(self)
         if ds.num_shards != unit.stop:
             raise DataError(f"dataset {self.label} changed while converting ({unit.stop} -> {ds.num_shards} shards)")
         ds = ds.shard(num_shards=unit.stop, index=unit.start)
         for row, record in enumerate(ds):
             yield _text_of(record, self.text_field, f"dataset {self.label}, shard {unit.start}, row {row}")
+
+
+@functools.lru_cache(maxsize=8)
+def _open_hf(source: HFDataset):
+    """Open each dataset once per process (for hub datasets, opening resolves the data files over the network)."""
+    return source._open()
 
 
 def bundled_documents(folder: str | None = None) -> list[str]:

@@ -56,7 +56,7 @@ class MPTConfig:
     vocab_size: int = 50368
     resid_pdrop: float = 0.0
     emb_pdrop: float = 0.0
-    learned_pos_emb: bool = False
+    learned_pos_emb: bool = False       # a position table (wpe), also alongside ALiBi if both are set
     attn_config: AttnConfig = field(default_factory=AttnConfig)
     init_config: InitConfig = field(default_factory=InitConfig)
     init_device: Literal["cpu", "meta", "cuda", "mixed"] = "cpu"
@@ -77,9 +77,6 @@ class MPTConfig:
             raise ConfigError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if a.kv_n_heads is not None and (a.kv_n_heads < 1 or self.n_heads % a.kv_n_heads):
             raise ConfigError(f"attn_config.kv_n_heads={a.kv_n_heads} must divide n_heads={self.n_heads}")
-        if self.learned_pos_emb and a.alibi:
-            raise ConfigError("learned_pos_emb and attn_config.alibi are both true: an ALiBi model has no position "
-                              "table; set learned_pos_emb: false (or attn_config.alibi: false)")
         if a.attn_pdrop > 0 and a.attn_impl in ("flex", "triton"):
             raise ConfigError(f"attn_config.attn_pdrop={a.attn_pdrop} is not supported by attn_impl "
                               f"'{a.attn_impl}'; set attn_pdrop: 0 or use attn_impl 'torch' or 'flash'")
@@ -139,7 +136,8 @@ class MPTConfig:
     def from_hf_dict(cls, d: Mapping[str, Any]) -> "MPTConfig":
         """Read a Hugging Face / MosaicML MPT ``config.json`` dict: bookkeeping keys (architectures, auto_map,
         torch_dtype, transformers_version, ...) are ignored, unsupported features (prefix_lm, rope, ...) refused.
-        As in the original MPT code, ``learned_pos_emb`` is ignored when ``attn_config.alibi`` is true."""
+        As in the original MPT code, ``learned_pos_emb`` is ignored when ``attn_config.alibi`` is true
+        (``from_pretrained`` keeps it when the checkpoint has a ``transformer.wpe.weight``)."""
         from llmfoundry.models.mpt.hf import config_from_hf_dict
         return config_from_hf_dict(d)
 

@@ -7,7 +7,8 @@ transformers' MptForCausalLM implements less than MPT does: it always applies AL
 no biases (it ignores no_bias=false, even for LayerNorms), no learned positions, no logit_scale, no qk_ln, no
 grouped-query attention, a 4x GELU MLP and LayerNorm only. ``save_hf`` refuses configs using any of those
 (naming each) unless ``strict_hf=False``; loading resolves what transformers ignores: a checkpoint with no bias
-tensors loads as no_bias=true, and ``learned_pos_emb`` is ignored under ALiBi (as in the original MPT code).
+tensors loads as no_bias=true, and ``learned_pos_emb`` is ignored under ALiBi (as in the original MPT code)
+unless the checkpoint holds a ``transformer.wpe.weight`` (llm-foundry builds one whenever learned_pos_emb).
 """
 from __future__ import annotations
 
@@ -79,12 +80,14 @@ def config_from_hf_dict(d: Mapping[str, Any]) -> MPTConfig:
     for k in [k for k in attn if k.startswith("rope_")]:
         attn.pop(k)
     attn_type = attn.pop("attn_type", "multihead_attention")
-    if attn_type == "multiquery_attention":
-        attn.setdefault("kv_n_heads", 1)
+    if attn_type == "multihead_attention":
+        attn.pop("kv_n_heads", None)  # llm-foundry writes a kv_n_heads default that only GQA reads
+    elif attn_type == "multiquery_attention":
+        attn["kv_n_heads"] = 1
     elif attn_type == "grouped_query_attention":
         if "kv_n_heads" not in attn:
             raise ConfigError("MPT config.json: attn_type 'grouped_query_attention' needs attn_config.kv_n_heads")
-    elif attn_type != "multihead_attention":
+    else:
         _refuse(f"attn_config.attn_type={attn_type!r}")
     for k, ok in _NEUTRAL_TOP.items():
         if k in d:
@@ -93,9 +96,10 @@ def config_from_hf_dict(d: Mapping[str, Any]) -> MPTConfig:
                 _refuse(f"{k}={v!r}")
     ffn = d.pop("ffn_config", None)
     if ffn:
-        act = ffn.get("ffn_act_fn")
-        if ffn.get("ffn_type", "mptmlp") != "mptmlp" or set(ffn) - {"ffn_type", "ffn_act_fn"} or (
-                act and act != {"name": "gelu", "approximate": "none"}):
+        act, fc = ffn.get("ffn_act_fn"), ffn.get("fc_type", "torch")
+        if (ffn.get("ffn_type", "mptmlp") != "mptmlp" or ffn.get("ffn_hidden_size") is not None
+                or set(ffn) - {"ffn_type", "ffn_act_fn", "fc_type", "ffn_hidden_size"}
+                or (act and act != {"name": "gelu", "approximate": "none"}) or fc not in ("torch", {"name": "torch"})):
             _refuse(f"ffn_config={ffn!r} (only the GELU 'mptmlp' FFN is implemented)")
     if "layer_norm_epsilon" in d:
         d.setdefault("norm_eps", d.pop("layer_norm_epsilon"))
@@ -262,20 +266,21 @@ def load_hf(cls, path: str | os.PathLike, *, dtype=torch.float32, device=None, *
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {path}: expected a directory written by save_pretrained")
-    cfg = config_from_hf_dict(json.loads((path / "config.json").read_text()))
+    raw = json.loads((path / "config.json").read_text())
+    cfg = config_from_hf_dict(raw)
     sd = load_weights(path)
     if not cfg.no_bias and not any(k.endswith(".bias") for k in sd):
         cfg = replace(cfg, no_bias=True)  # transformers' MPT saves no biases whatever no_bias says
+    if raw.get("learned_pos_emb", True) and not cfg.learned_pos_emb and "transformer.wpe.weight" in sd:
+        cfg = replace(cfg, learned_pos_emb=True)  # llm-foundry-style ALiBi + position table
     if overrides:
         cfg = cfg.replace(**overrides)
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     model = cls(replace(cfg, init_device="meta"))
     _check_weights(model, sd, path)
-    if dtype != "auto":
-        sd = {k: v.to(dtype) for k, v in sd.items()}
-    if device is not None:
-        sd = {k: v.to(device) for k, v in sd.items()}
+    for k in list(sd):  # one tensor at a time, so peak memory stays ~ one copy of the model
+        sd[k] = sd[k].to(device=device, dtype=None if dtype == "auto" else dtype)
     model.load_state_dict(sd, assign=True)
     model.config = model.transformer.config = cfg
     return model

@@ -103,8 +103,8 @@ class MPTModel(nn.Module):
             raise ValueError("sequence_id cannot be combined with a KV cache (it is for packed training batches)")
         if cfg.learned_pos_emb and past + s > cfg.max_seq_len:
             raise ValueError(f"sequence length {past + s} exceeds max_seq_len={cfg.max_seq_len} of a model with "
-                             "learned positional embeddings (learned_pos_emb: true); shorten the input (only ALiBi "
-                             "models can run past the length they were built for)")
+                             "learned positional embeddings (learned_pos_emb: true); shorten the input (only models "
+                             "without a position table, e.g. ALiBi ones, run past the length they were built for)")
         x = self.wte(input_ids)
         if cfg.learned_pos_emb:
             x = x + self.wpe(_positions(input_ids, past, attention_mask, sequence_id))

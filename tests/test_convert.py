@@ -1,0 +1,291 @@
+"""Corpus -> MDS conversion: packing exactness, every converter on real files, processes, s3, bad input."""
+from __future__ import annotations
+
+import collections
+import gzip
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from llmfoundry.data import BUNDLED_CORPUS, BUNDLED_MDS, DataError
+from llmfoundry.data.convert import ConvertConfig, Packer, convert, pack, run_cli
+from llmfoundry.data.readers import (HFDataset, JsonFiles, ParquetFiles, TextFiles, TextList, bundled_documents,
+                                     find_files, iter_documents)
+from llmfoundry.data.tokenizer import load_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROSE = os.path.join(BUNDLED_CORPUS, "python_reference.jsonl")
+CODE = os.path.join(BUNDLED_CORPUS, "code")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("bundled")
+
+
+def cfg(out, **kw) -> ConvertConfig:
+    return ConvertConfig(out_root=str(out), concat_tokens=kw.pop("concat_tokens", 128), progress=False, **kw)
+
+
+def stream_of(tok, docs, bos=(), eos=(0,)) -> list[int]:
+    out = []
+    for ids in tok(list(docs), add_special_tokens=False)["input_ids"]:
+        out += [*bos, *ids, *eos]
+    return out
+
+
+def read_mds(local, remote=None, split=None) -> list[np.ndarray]:
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=str(local), remote=remote, split=split, shuffle=False, batch_size=1)
+    rows = [ds[i]["tokens"] for i in range(len(ds))]
+    assert all(r.dtype == np.int32 for r in rows)
+    return rows
+
+
+def as_multiset(rows) -> collections.Counter:
+    return collections.Counter(r.tobytes() for r in rows)
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "data_prep", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=180)
+
+
+# ------------------------------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+@pytest.mark.parametrize("bos", [(), (5,)])
+def test_packing_is_exact(n, bos):
+    rng = np.random.default_rng(n)
+    docs = [list(rng.integers(1, 100, size=rng.integers(0, 150))) for _ in range(40)]
+    rows, tail = pack(docs, n, bos_ids=bos, eos_ids=(0,))
+    stream = [t for d in docs for t in (*bos, *d, 0)]
+    k = len(stream) // n
+    assert rows.shape == (k, n) and rows.dtype == np.int32
+    assert rows.reshape(-1).tolist() == stream[:k * n]  # all samples == the stream minus the final partial one
+    assert tail.tolist() == stream[k * n:] and len(tail) < n
+    # feeding the documents in several calls carries the remainder across calls
+    packer = Packer(n, bos, (0,))
+    parts = [packer.add(docs[i:i + 3]) for i in range(0, len(docs), 3)]
+    assert np.concatenate(parts).tolist() == rows.tolist() and packer.tail.tolist() == tail.tolist()
+
+
+def test_json_converter_on_the_bundled_corpus_is_exact(tmp_path, tok):
+    """One JSON Lines file (one slice): the samples are exactly the EOS-joined stream minus the last partial one."""
+    out = tmp_path / "out"
+    s = convert(JsonFiles((PROSE,)), cfg(out, concat_tokens=256))
+    docs = list(iter_documents(JsonFiles((PROSE,))))
+    stream = stream_of(tok, docs)
+    rows = read_mds(out)
+    assert s.documents == len(docs) == 79 and s.samples == len(rows) == len(stream) // 256
+    assert np.concatenate(rows).tolist() == stream[:len(rows) * 256]
+    assert s.dropped_tokens == len(stream) % 256 and s.tokens == 256 * s.samples and s.shards == 1
+    # with a BOS text as well
+    s = convert(JsonFiles((PROSE,)), cfg(out, concat_tokens=256, bos_text="<|endoftext|>", overwrite=True))
+    assert np.concatenate(read_mds(out)).tolist() == stream_of(tok, docs, bos=(0,))[:s.samples * 256]
+
+
+def test_text_converter_cli_on_bundled_code_and_refusal_of_nonempty_output(tmp_path, tok, capsys):
+    out = tmp_path / "code"
+    args = ["data_prep/convert_text_to_mds.py", CODE, "--extensions", ".py", "--out_root", str(out),
+            "--concat_tokens", "512", "--compression", "none"]
+    res = run_script(*args)
+    assert res.returncode == 0, res.stderr
+    assert "converted 32 documents into" in res.stderr and "tokens/s" in res.stderr
+    files = find_files([CODE], [".py"])
+    assert find_files([os.path.join(CODE, "*.py")]) == files
+    total = len(stream_of(tok, iter_documents(TextFiles(tuple(files)))))
+    rows = read_mds(out)
+    assert len(rows) == total // 512 and {len(r) for r in rows} == {512}
+    assert tok.decode(rows[0]).startswith(open(files[0]).read()[:200])
+    with pytest.raises(SystemExit) as exit:  # again, without --overwrite (in this process: quicker)
+        run_cli(lambda: load_script("convert_text_to_mds").main(args[1:]))
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: output {out} is not empty (holds index.json, shard.00000.mds" in err and "--overwrite" in err
+
+
+def test_parquet_converter(tmp_path, tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = bundled_documents()[:30]
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"id": list(range(30)), "content": docs}), path, row_group_size=10)
+    source = ParquetFiles((str(path),), text_field="content")
+    assert len(source.units()) == 3
+    s = convert(source, cfg(tmp_path / "out"))
+    total = len(stream_of(tok, docs))
+    assert s.documents == 30 and s.samples == total // 128 == len(read_mds(tmp_path / "out"))
+
+
+def test_hf_converter_on_a_saved_dataset_and_on_local_json(tmp_path, tok):
+    import datasets
+
+    docs = bundled_documents()
+    train, val = docs[:60], docs[60:70]
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train, "n": list(range(60))}),
+                               "validation": datasets.Dataset.from_dict({"text": val, "n": list(range(10))})})
+    dd.save_to_disk(str(tmp_path / "saved"))
+    hf = load_script("convert_dataset_hf")
+    out = tmp_path / "out"
+    summaries = hf.main(["--dataset", str(tmp_path / "saved"), "--splits", "train", "validation",
+                         "--out_root", str(out), "--concat_tokens", "128", "--no_progress"])
+    for split, texts in [("train", train), ("validation", val)]:
+        rows = read_mds(out, split=split)
+        assert summaries[split].documents == len(texts) and len(rows) == len(stream_of(tok, texts)) // 128
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in train[:20]))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in train[20:40]))
+    summaries = hf.main(["--dataset", "json", "--data_files", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"),
+                         "--out_root", str(tmp_path / "json"), "--concat_tokens", "128", "--no_progress"])
+    assert summaries["train"].documents == 40
+    assert len(read_mds(tmp_path / "json", split="train")) == summaries["train"].samples
+    with pytest.raises(DataError, match=r"has no split 'test' \(splits: train, validation\)"):
+        hf.main(["--dataset", str(tmp_path / "saved"), "--splits", "test", "--out_root", str(tmp_path / "x")])
+    with pytest.raises(DataError, match=r"has no field 'content' \(fields: text, n\); pass --text_field"):
+        convert(HFDataset(str(tmp_path / "saved"), text_field="content"), cfg(tmp_path / "y"))
+
+
+# ---------------------------------------------------------------------------------------- processes and s3
+
+
+def test_two_processes_give_the_same_samples_and_one_merged_index(tmp_path):
+    source = JsonFiles((PROSE,), block_bytes=64 << 10)  # 8 byte-range slices of one file
+    assert len(source.units()) == 8
+    one = convert(source, cfg(tmp_path / "one"))
+    two = convert(source, cfg(tmp_path / "two", processes=2))
+    assert one.documents == two.documents == 79 and one.samples == two.samples
+    assert one.dropped_tokens == two.dropped_tokens and two.processes == 2 and two.shards == 3
+    assert sorted(os.listdir(tmp_path / "two")) == ["index.json", "part-00000", "part-00001", "part-tail"]
+    assert as_multiset(read_mds(tmp_path / "one")) == as_multiset(read_mds(tmp_path / "two"))
+
+
+def test_s3_out_root(tmp_path, s3_bucket):
+    out = f"{s3_bucket}/mds/code"
+    source = TextFiles(tuple(find_files([CODE])))
+    local = convert(source, cfg(tmp_path / "local"))
+    remote = convert(source, cfg(out, processes=2))
+    assert as_multiset(read_mds(tmp_path / "cache1", remote=out)) == as_multiset(read_mds(tmp_path / "local"))
+    assert remote.samples == local.samples
+    with pytest.raises(DataError, match=rf"output {out} is not empty \(holds index.json, part-00000/.*--overwrite"):
+        convert(source, cfg(out))
+    small = convert(TextFiles(tuple(find_files([CODE])[:3])), cfg(out, overwrite=True))
+    assert len(read_mds(tmp_path / "cache2", remote=out)) == small.samples < remote.samples
+    with pytest.raises(DataError, match="bucket 'no-such-bucket' of --out_root s3://no-such-bucket/x does not exist"):
+        convert(source, cfg("s3://no-such-bucket/x"))
+
+
+def test_overwrite_replaces_a_local_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    with pytest.raises(DataError, match=rf"output {out} is not empty \(holds old.txt\); pass --overwrite"):
+        convert(TextList(("some text " * 100,)), cfg(out))
+    convert(TextList(("some text " * 100,)), cfg(out, overwrite=True))
+    assert sorted(os.listdir(out)) == ["index.json", "shard.00000.mds.zstd"]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def lines(*records) -> str:
+    return "".join(r if isinstance(r, str) else json.dumps(r) for r in records)
+
+
+def test_bad_json_lines_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(lines({"text": "a"}, "\n", {"text": "b"}, "\n", {"content": "c", "id": 3}, "\n"))
+    with pytest.raises(DataError, match=rf"{bad}, line 3: no field 'text' \(fields present: content, id\); "
+                                        r"pass --text_field content"):
+        convert(JsonFiles((str(bad),)), cfg(tmp_path / "o"))
+    bad.write_text('{"text": "a"}\n{"text": "b",}\n')
+    with pytest.raises(DataError, match=rf"{bad}, line 2: not valid JSON \(Expecting property name"):
+        convert(JsonFiles((str(bad),)), cfg(tmp_path / "o"))
+    bad.write_text('{"text": 5}\n')
+    with pytest.raises(DataError, match=rf"{bad}, line 1: field 'text' holds int '5', not a string"):
+        convert(JsonFiles((str(bad),)), cfg(tmp_path / "o"))
+    # undecodable bytes on line 40, in the third 100-byte slice of the file: the line is still counted right
+    bad.write_bytes(b"".join(b'{"text": "line %02d"}\n' % i for i in range(1, 40)) + b'{"text": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=rf"{bad}, line 40: bytes .* are not valid UTF-8.*--decode_errors replace"):
+        convert(JsonFiles((str(bad),), block_bytes=100), cfg(tmp_path / "o"))
+    s = convert(JsonFiles((str(bad),), decode_errors="replace", block_bytes=100), cfg(tmp_path / "ok", concat_tokens=8))
+    assert s.documents == 40
+    gz, lst = tmp_path / "bad.json.gz", tmp_path / "list.json"
+    with gzip.open(gz, "wt") as f:
+        f.write('{"text": "a"}\n{"txt": "b"}\n')
+    with pytest.raises(DataError, match=rf"{gz}, line 2: no field 'text' \(fields present: txt\)"):
+        convert(JsonFiles((str(gz),)), cfg(tmp_path / "o"))
+    lst.write_text(json.dumps([{"text": "a"}, {"body": "b"}]))
+    with pytest.raises(DataError, match=rf"{lst}, record 1: no field 'text'"):
+        convert(JsonFiles((str(lst),)), cfg(tmp_path / "o"))
+
+
+def test_bad_text_parquet_and_empty_inputs(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"first\nsecond\nthird \xc3\x28 line\n")
+    with pytest.raises(DataError, match=rf"{bad}, line 3: bytes b'\\xc3' are not valid UTF-8"):
+        convert(TextFiles((str(bad),)), cfg(tmp_path / "o"))
+    pq.write_table(pa.table({"content": ["a", "b", None]}), tmp_path / "p.parquet")
+    with pytest.raises(DataError, match=r"p.parquet: no column 'text' \(columns: content\); pass --text_field"):
+        convert(ParquetFiles((str(tmp_path / "p.parquet"),)), cfg(tmp_path / "o"))
+    with pytest.raises(DataError, match=r"p.parquet, row 2: column 'content' holds NoneType"):
+        convert(ParquetFiles((str(tmp_path / "p.parquet"),), "content"), cfg(tmp_path / "o"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=rf"folder {tmp_path / 'empty'} holds no files ending in .jsonl"):
+        find_files([str(tmp_path / "empty")], [".jsonl"])
+    with pytest.raises(DataError, match=r"input .*/\*.nothing is not a file or folder, and as a glob pattern it "
+                                        r"matches no files"):
+        find_files([str(tmp_path / "*.nothing")])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="the inputs hold no documents"):
+        convert(JsonFiles((str(tmp_path / "empty.jsonl"),)), cfg(tmp_path / "o"))
+    with pytest.raises(DataError, match="hold 3 tokens, fewer than one sample of --concat_tokens 128; nothing was"):
+        convert(TextList(("two words",)), cfg(tmp_path / "o"))
+    assert not os.path.exists(tmp_path / "o")  # nothing half-written is left behind
+    with pytest.raises(DataError, match="unknown --compression 'zstdd'; use none or one of"):
+        convert(TextList(("x",)), cfg(tmp_path / "o", compression="zstdd"))
+    with pytest.raises(DataError, match="documents would run together with no separator"):
+        convert(TextList(("x",)), cfg(tmp_path / "o", eos_text=""))
+
+
+# ------------------------------------------------------------------------------------------ bundled data
+
+
+def test_bundled_mds_is_small_readable_and_untouched_by_reading(tok):
+    listing = {s: sorted(os.listdir(os.path.join(BUNDLED_MDS, s))) for s in ("train", "val")}
+    size = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(BUNDLED_MDS) for n in ns)
+    assert size < 3e6
+    train, val = read_mds(BUNDLED_MDS, split="train"), read_mds(BUNDLED_MDS, split="val")
+    assert len(train) > 1000 and 40 < len(val) < len(train) / 10
+    assert {len(r) for r in train + val} == {256} and max(int(r.max()) for r in train) < len(tok)
+    assert "<|endoftext|>" in tok.decode(np.concatenate(train[:50]))
+    assert {s: sorted(os.listdir(os.path.join(BUNDLED_MDS, s))) for s in ("train", "val")} == listing
+
+
+def test_bundled_assets_rebuild_identically(tmp_path):
+    """data_prep/build_bundled.py rebuilds the shipped tokenizer and shards byte for byte from the corpus."""
+    import shutil
+
+    shutil.copytree(BUNDLED_CORPUS, tmp_path / "corpus")
+    load_script("build_bundled").main(["--assets", str(tmp_path)])
+    for rel in ["tokenizer/tokenizer.json", "mds/tiny/train/index.json", "mds/tiny/train/shard.00000.mds.zstd",
+                "mds/tiny/val/index.json", "mds/tiny/val/shard.00000.mds"]:
+        with open(tmp_path / rel, "rb") as a, open(os.path.join(BUNDLED_CORPUS, "..", rel), "rb") as b:
+            assert a.read() == b.read(), rel
