@@ -15,7 +15,7 @@ import shutil
 import sys
 import sysconfig
 
-from llmfoundry.data import ASSETS, BUNDLED_CONCAT_TOKENS
+from llmfoundry.data import ASSETS, BUNDLED_CONCAT_TOKENS, DataError
 from llmfoundry.data.convert import ConvertConfig, convert, run_cli
 from llmfoundry.data.readers import TextList, bundled_documents
 from llmfoundry.data.tokenizer import padded_vocab_size, train_bpe_tokenizer
@@ -39,9 +39,12 @@ Foundation License (see LICENSE, copied from the same Python installation).
 - `python_reference.jsonl`: {topics} documents, one per topic of the Python language reference and library
   docs as shipped in `pydoc_data/topics.py` (fields `id`, `text`).
 - `code/*.py`: {modules} stdlib modules, one document per file, unchanged (`collections/__init__.py` is
-  saved as `collections.py`, `json/decoder.py` as `json_decoder.py`).
+  saved as `collections.py`, `json/decoder.py` as `json_decoder.py`, `json/encoder.py` as `json_encoder.py`).
 
-`llmfoundry/assets/tokenizer` and `llmfoundry/assets/mds/tiny/{{train,val}}` are built from these files.
+`llmfoundry/assets/tokenizer` (trained on the train documents) and `llmfoundry/assets/mds/tiny/{{train,val}}`
+are built from these files by `python data_prep/build_bundled.py`. In document order (the JSON Lines records,
+then the code files by name), every document i with i % 20 == 6 is held out for `val`: about 5% of the
+documents and of the text.
 """
 
 
@@ -58,9 +61,10 @@ def write_corpus(folder: str) -> None:
     for module in STDLIB_MODULES:
         name = module.replace("/__init__.py", ".py").replace("/", "_")
         shutil.copyfile(os.path.join(stdlib, module), os.path.join(folder, "code", name))
-    license_file = os.path.join(os.path.dirname(stdlib), "python3.11", "LICENSE.txt")
-    shutil.copyfile(os.path.join(stdlib, "LICENSE.txt") if os.path.exists(os.path.join(stdlib, "LICENSE.txt"))
-                    else license_file, os.path.join(folder, "LICENSE"))
+    license_file = os.path.join(stdlib, "LICENSE.txt")
+    if not os.path.isfile(license_file):
+        raise DataError(f"{license_file} is missing (some distributions move it); run with a python.org build")
+    shutil.copyfile(license_file, os.path.join(folder, "LICENSE"))
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(README.format(version=sys.version.split()[0], topics=len(topics), modules=len(STDLIB_MODULES)))
 

@@ -293,7 +293,7 @@ def _sidecar_config(path: str, workdir: str) -> tuple[Any, Optional[str], Option
             try:
                 if _download(store, candidate, dest):
                     cfg, tok = read_config_file(dest)
-                    return cfg, tok, path.rsplit("/", 1)[0] + "/config.yaml"
+                    return cfg, tok, f"{path.split('://')[0]}://{getattr(store, 'bucket', '')}/{candidate}"
             except CheckpointError:
                 raise
             except Exception:  # a store error here only means "no sidecar"

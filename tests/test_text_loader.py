@@ -254,10 +254,11 @@ def _run_world(tmp_path, world: int, data: str, state: str, batch: int, n: int, 
     for r in range(world):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(REPO))
+        log = open(tmp_path / f"log{r}.txt", "w")
         procs.append(subprocess.Popen([sys.executable, str(script), data, state, str(tmp_path / f"out{r}.json"),
-                                       str(batch), str(n), str(save_at)], env=env))
-    for p in procs:
-        assert p.wait(timeout=120) == 0
+                                       str(batch), str(n), str(save_at)], env=env, stdout=log, stderr=log))
+    for r, p in enumerate(procs):
+        assert p.wait(timeout=240) == 0, (tmp_path / f"log{r}.txt").read_text()[-3000:]
     return [json.loads((tmp_path / f"out{r}.json").read_text()) for r in range(world)]
 
 

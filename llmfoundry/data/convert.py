@@ -317,8 +317,8 @@ def _run_processes(source: Source, groups, cfg: ConvertConfig, bar) -> list[_Par
             except queue.Empty:
                 for r, p in enumerate(procs):
                     if r not in parts and not p.is_alive():
-                        raise RuntimeError(f"conversion process {r} exited with code {p.exitcode} "
-                                           f"without finishing (out of memory?)")
+                        raise RuntimeError(f"conversion process {r} stopped before finishing (exit code "
+                                           f"{p.exitcode}; -9 is usually out of memory; any error is printed above)")
                 continue
             if kind == "progress":
                 bar(*payload)

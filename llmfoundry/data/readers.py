@@ -93,11 +93,11 @@ def _line_of(data: bytes, offset: int) -> int:
     return data.count(b"\n", 0, offset) + 1
 
 
-def _decode(data: bytes, path: str, errors: str, first_line: int = 1) -> str:
+def _decode(data: bytes, path: str, errors: str) -> str:
     try:
         return data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
-        line = first_line + data.count(b"\n", 0, e.start)
+        line = _line_of(data, e.start)
         raise DataError(f"{path}, line {line}: bytes {data[e.start:e.end]!r} are not valid UTF-8 ({e.reason}); "
                         f"re-encode the file as UTF-8, leave it out, or pass --decode_errors replace") from None
 

@@ -154,7 +154,7 @@ class _SharedFailure:
 
 
 class TextStreamingDataset(StreamingDataset):
-    """`StreamingDataset` yielding `max_seq_len` LongTensors from the `tokens` column, with clear errors."""
+    """`StreamingDataset` yielding the first `max_seq_len` tokens of each sample, with clear errors."""
 
     def __init__(self, *, max_seq_len: int, **kwargs):
         try:
@@ -190,7 +190,7 @@ class TextStreamingDataset(StreamingDataset):
         shard_id, index_in_shard = self.spanner[sample_id]
         return self.streams[self.stream_per_shard[shard_id]], shard_id, index_in_shard
 
-    def get_item(self, sample_id: int, retry: int = 7) -> torch.Tensor:
+    def get_item(self, sample_id: int, retry: int = 7) -> np.ndarray:
         if self._event.is_set():
             raise self._event.error()
         try:
@@ -215,13 +215,13 @@ class TextStreamingDataset(StreamingDataset):
             stream, _, _ = self._stream_of(sample_id)
             warnings.warn(f"{stream.describe()}: samples have {len(tokens)} tokens; using the first "
                           f"max_seq_len={self.max_seq_len} of each (the rest is dropped)")
-        return torch.from_numpy(tokens[: self.max_seq_len].astype(np.int64))
+        return tokens[: self.max_seq_len]  # int32 view; the collator converts the whole batch at once
 
     def on_exception(self, future) -> None:
         """Record a failed download/ready thread for every worker (streaming would only log it)."""
         exc = future.exception()
         if exc is not None:
-            self._event.set(f"{type(exc).__name__}: {exc}")
+            self._event.set(str(exc) if isinstance(exc, StreamError) else f"{type(exc).__name__}: {exc}")
 
     def __iter__(self):
         if self._event.is_set():
@@ -246,8 +246,8 @@ class TextCollator:
     """Stacks samples into {'input_ids', 'labels'} (+ 'sequence_id' when eos_token_id is set)."""
     eos_token_id: int | None = None
 
-    def __call__(self, samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        input_ids = torch.stack(samples)
+    def __call__(self, samples: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        input_ids = torch.from_numpy(np.stack(samples)).long()
         batch = {"input_ids": input_ids, "labels": input_ids.clone()}
         if self.eos_token_id is not None:
             batch["sequence_id"] = sequence_ids(input_ids, self.eos_token_id)

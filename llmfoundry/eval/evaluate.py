@@ -33,7 +33,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from llmfoundry.data.text_loader import TextLoaderConfig
-from llmfoundry.eval.icl import ICLTaskConfig, evaluate_icl_task, random_baseline
+from llmfoundry.eval.icl import ICLTaskConfig, evaluate_icl_task, load_task_examples, random_baseline
 from llmfoundry.eval.perplexity import build_eval_batches, evaluate_perplexity
 from llmfoundry.utils.config import ConfigError, from_dict
 
@@ -156,6 +156,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every eval in ``cfg``; returns the results (also printed as a table and written to results_path)."""
     torch.manual_seed(cfg.seed)
     device, precision = resolve_device_precision(cfg.device, cfg.precision)
+    for task in cfg.icl_tasks:  # fail on a bad task file before loading the model
+        n = len(load_task_examples(task.path, task.type))
+        if max(task.num_fewshot) > n - 1:
+            raise ConfigError(f"icl task '{task.label}': num_fewshot={max(task.num_fewshot)} needs at least "
+                              f"{max(task.num_fewshot) + 1} examples in {task.path}, it has {n}")
     t0 = time.time()
     model, tokenizer = load_eval_model(cfg, device, precision)
     mcfg = model.config

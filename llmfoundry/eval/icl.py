@@ -14,6 +14,7 @@ include the query itself, and are the same whatever the batch size or device.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import random
 from dataclasses import dataclass, field
@@ -181,9 +182,19 @@ def build_requests(cfg: ICLTaskConfig, examples: Sequence[dict], tokenizer, num_
 # Scoring
 
 def model_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits ``(B, S, V)`` from our MPTForCausalLM, a ComposerMPT or any transformers causal LM."""
+    """Logits ``(B, S, V)`` from our MPTForCausalLM or any transformers causal LM."""
     out = model(input_ids)
     return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
+
+
+def splits_head(model) -> bool:
+    """Whether ``model`` can return hidden states and apply its head separately (our MPTForCausalLM): then
+    logits are computed only where they are needed (a 50k vocabulary makes full logits large)."""
+    try:
+        return callable(getattr(model, "logits", None)) and \
+            "return_hidden" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
 
 
 @torch.no_grad()
@@ -202,12 +213,17 @@ def score_requests(model, requests: Sequence[Request], batch_size: int, device: 
         ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
         for j, r in enumerate(rows):
             ids[j, :len(r) - 1] = torch.tensor(r[:-1])
-        logits = model_logits(model, ids.to(device)).float()
+        ids = ids.to(device)
+        if splits_head(model):
+            hidden, logits = model(ids, return_hidden=True).hidden_states, None
+        else:
+            hidden, logits = None, model_logits(model, ids)
         for j, i in enumerate(idx):
             req = requests[i]
             lo = len(req.context) - 1
             hi = lo + len(req.continuation)
-            logprobs = F.log_softmax(logits[j, lo:hi], dim=-1)
+            rows = model.logits(hidden[j, lo:hi]) if hidden is not None else logits[j, lo:hi]
+            logprobs = F.log_softmax(rows.float(), dim=-1)
             target = torch.tensor(req.continuation, device=logprobs.device)
             ll = logprobs.gather(1, target[:, None]).sum().item()
             greedy = bool((logprobs.argmax(-1) == target).all().item())

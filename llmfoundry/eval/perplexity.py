@@ -27,13 +27,18 @@ def _accepts_sequence_id(model) -> bool:
 def token_losses(model, input_ids: torch.Tensor, labels: torch.Tensor,
                  sequence_id: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropies, number of predicted tokens) for one batch, in fp32."""
+    from llmfoundry.eval.icl import splits_head
     kwargs = {"sequence_id": sequence_id} if sequence_id is not None and _accepts_sequence_id(model) else {}
-    out = model(input_ids, **kwargs)
-    logits = out.logits if hasattr(out, "logits") else out
-    logits = logits[:, :-1].float()
     targets = labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    if splits_head(model):  # logits one row at a time: (S, vocab) fp32 instead of (B, S, vocab)
+        hidden = model(input_ids, return_hidden=True, **kwargs).hidden_states
+        loss = sum(F.cross_entropy(model.logits(hidden[i, :-1]).float(), targets[i], ignore_index=IGNORE_INDEX,
+                                   reduction="sum") for i in range(hidden.shape[0]))
+    else:
+        out = model(input_ids, **kwargs)
+        logits = (out.logits if hasattr(out, "logits") else out)[:, :-1].float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, (targets != IGNORE_INDEX).sum()
 
 

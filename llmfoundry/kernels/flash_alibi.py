@@ -22,8 +22,8 @@ by ``exp2(m_old - m_new)``), and saves ``lse2 = m + log2(l)`` per row, so the ba
 so no atomics are needed. A row that sees no key gets ``o = 0`` and ``lse2 = +inf`` (hence ``p = 0`` in the
 backward): zeros, never NaN. Causal kernels visit only the key blocks at or left of the diagonal, and only the
 blocks that straddle it (or the sequence end, or any block when ``sequence_id`` is given) pay for masking. With
-``sequence_id``, a block pair whose id ranges are disjoint is skipped, so packed documents (sorted ids) cost
-roughly the sum of their own squares.
+``sequence_id``, each block first scans the ids for the span of positions that can share one of its ids and
+loops over that span only, so packed documents cost roughly the sum of their own squares.
 
 The ALiBi term is formed per block as ``slope*(start_n - i - off)`` (per row, from exact integers) plus
 ``slope*jj`` (per column offset inside the block), so it stays accurate at long sequence lengths.
@@ -41,6 +41,7 @@ __all__ = ["flash_alibi_attention"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
+_SCAN = 16 if _INTERPRET else 1024  # ids read per step when looking for a block's document span
 
 
 # --------------------------------------------------------------------------------------------------- forward
@@ -89,9 +90,27 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, seq_k_bas
 
 
 @triton.jit
-def _ids_may_meet(a, b):
-    """False when the id ranges [min a, max a] and [min b, max b] are disjoint (then no id can be equal)."""
-    return (tl.max(b, 0) >= tl.min(a, 0)) & (tl.min(b, 0) <= tl.max(a, 0))
+def _id_bounds(ids, ok, first):
+    """min and max of ids over the valid lanes (``first``: any valid id, used for the other lanes)."""
+    ids = tl.where(ok, ids, first)
+    return tl.min(ids, 0), tl.max(ids, 0)
+
+
+@triton.jit
+def _id_span(seq_base, stride_sn, lo, hi, id_min, id_max, ALIGN: tl.constexpr, SCAN: tl.constexpr):
+    """Shrink [lo, hi) to [first, last] (first rounded down to ALIGN) of the positions whose id lies in
+    [id_min, id_max]: no other position can hold an id of the block being processed. For packed documents
+    (contiguous ids) this is exactly the documents the block touches; any ids stay correct, as blocks inside
+    the span are still masked id by id."""
+    first = tl.zeros([], tl.int32) + hi
+    last = tl.zeros([], tl.int32) + lo - 1
+    for start in range(lo, hi, SCAN):
+        pos = start + tl.arange(0, SCAN)
+        ids = tl.load(seq_base + pos * stride_sn, mask=pos < hi, other=0)
+        hit = (ids >= id_min) & (ids <= id_max) & (pos < hi)
+        first = tl.minimum(first, tl.min(tl.where(hit, pos, hi), 0))
+        last = tl.maximum(last, tl.max(tl.where(hit, pos, lo - 1), 0))
+    return (first // ALIGN) * ALIGN, last + 1
 
 
 @triton.jit
@@ -116,7 +135,7 @@ def _fwd_kernel(Q, K, V, O, LSE, Slopes, SeqId,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_sb, stride_sn,
                 H, G, Sq, Sk, qk_scale2, Q_BUCKET, K_BUCKET,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr):
+                HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr, SCAN: tl.constexpr):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: start them first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -146,11 +165,15 @@ def _fwd_kernel(Q, K, V, O, LSE, Slopes, SeqId,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     full, hi = _key_ranges(m0, Sk, off, BLOCK_M, BLOCK_N, CAUSAL, HAS_SEQ)
+    mid = full  # masked blocks: [mid, hi)
+    if HAS_SEQ:
+        q_min, q_max = _id_bounds(q_seq, row_ok, tl.load(seq_base + m0 * stride_sn))
+        mid, hi = _id_span(seq_base, stride_sn, 0, hi, q_min, q_max, BLOCK_N, SCAN)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, seq_base, stride_sn,
                                offs_m, q_seq, 0, full, Sk, off, slope2, qk_scale2,
                                BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_ALIBI, HAS_SEQ)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, seq_base, stride_sn,
-                               offs_m, q_seq, full, hi, Sk, off, slope2, qk_scale2,
+                               offs_m, q_seq, mid, hi, Sk, off, slope2, qk_scale2,
                                BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_ALIBI, HAS_SEQ)
 
     empty = l_i == 0.0
@@ -191,32 +214,27 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, lse_base, 
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Sq
-        live = True
-        if HAS_SEQ:
-            q_seq = tl.load(seq_base + offs_m * stride_sn, mask=row_ok, other=-1)
-            live = _ids_may_meet(k_seq, q_seq)
-        if live:
-            qT = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None], mask=row_ok[None, :], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=row_ok[:, None],
-                         other=0.0)
-            lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-            tT = tl.dot(k, qT) * qk_scale2
-            if HAS_ALIBI:
-                q_bias = slope2 * (n0 - offs_m - off).to(tl.float32)
-                tT += col_bias[:, None] + q_bias[None, :]
-            if MASKED:
-                visible = offs_n[:, None] >= 0
-                if CAUSAL:
-                    visible = visible & (offs_n[:, None] <= (offs_m + off)[None, :])
-                if HAS_SEQ:
-                    visible = visible & (k_seq[:, None] == q_seq[None, :])
-                tT = tl.where(visible, tT, float("-inf"))
-            pT = tl.exp2(tT - lse2[None, :])
-            dv += tl.dot(pT.to(do.dtype), do)
-            dpT = tl.dot(v, tl.trans(do))
-            dsT = pT * (dpT - delta[None, :])
-            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+        qT = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        tT = tl.dot(k, qT) * qk_scale2
+        if HAS_ALIBI:
+            q_bias = slope2 * (n0 - offs_m - off).to(tl.float32)
+            tT += col_bias[:, None] + q_bias[None, :]
+        if MASKED:
+            visible = offs_n[:, None] >= 0
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= (offs_m + off)[None, :])
+            if HAS_SEQ:
+                q_seq = tl.load(seq_base + offs_m * stride_sn, mask=row_ok, other=-1)
+                visible = visible & (k_seq[:, None] == q_seq[None, :])
+            tT = tl.where(visible, tT, float("-inf"))
+        pT = tl.exp2(tT - lse2[None, :])
+        dv += tl.dot(pT.to(do.dtype), do)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
     return dk, dv
 
 
@@ -227,7 +245,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Slopes, SeqId,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_sb, stride_sn,
                      H, Hkv, G, Sq, Sk, qk_scale2, sm_scale, Q_BUCKET, K_BUCKET,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                     HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr):
+                     HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr, SCAN: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     b = (bhk // Hkv).to(tl.int64)
@@ -252,9 +270,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Slopes, SeqId,
     else:
         lo = 0
         full = 0
+    hi = Sq
     if HAS_SEQ:
-        full = Sq
-    mid = tl.minimum(full, Sq)
+        k_min, k_max = _id_bounds(k_seq, col_ok, tl.load(seq_base + n0 * stride_sn))
+        lo, hi = _id_span(seq_base, stride_sn, lo, Sq, k_min, k_max, BLOCK_M, SCAN)
+        full = hi
+    mid = tl.minimum(full, hi)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -270,7 +291,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Slopes, SeqId,
                              seq_base, stride_sn, n0, offs_n, k_seq, lo, mid, Sq, off, slope2, qk_scale2,
                              BLOCK_M, BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_ALIBI, HAS_SEQ)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE + bh * Sq, Delta + bh * Sq,
-                             seq_base, stride_sn, n0, offs_n, k_seq, full, Sq, Sq, off, slope2, qk_scale2,
+                             seq_base, stride_sn, n0, offs_n, k_seq, full, hi, Sq, off, slope2, qk_scale2,
                              BLOCK_M, BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_ALIBI, HAS_SEQ)
     dk *= sm_scale
     tl.store(DK + b * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
@@ -291,34 +312,30 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, seq_
     q_abs = offs_m + off
     for start_n in range(lo, hi, BLOCK_N):
         kn = start_n + offs_n
-        live = True
-        if HAS_SEQ:
-            k_seq = tl.load(seq_k_base + kn * stride_sn, mask=kn < Sk, other=-2)
-            live = _ids_may_meet(q_seq, k_seq)
-        if live:
-            k_ptrs = k_base + kn[:, None] * stride_kn + offs_d[None, :]
-            v_ptrs = v_base + kn[:, None] * stride_vn + offs_d[None, :]
-            if MASKED:
-                k = tl.load(k_ptrs, mask=kn[:, None] < Sk, other=0.0)
-                v = tl.load(v_ptrs, mask=kn[:, None] < Sk, other=0.0)
-            else:
-                k = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
-            t = tl.dot(q, tl.trans(k)) * qk_scale2
-            if HAS_ALIBI:
-                row_bias = slope2 * (start_n - q_abs).to(tl.float32)
-                t += row_bias[:, None] + col_bias[None, :]
-            if MASKED:
-                visible = kn[None, :] < Sk
-                if CAUSAL:
-                    visible = visible & (kn[None, :] <= q_abs[:, None])
-                if HAS_SEQ:
-                    visible = visible & (q_seq[:, None] == k_seq[None, :])
-                t = tl.where(visible, t, float("-inf"))
-            p = tl.exp2(t - lse2[:, None])
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
+        k_ptrs = k_base + kn[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = v_base + kn[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=kn[:, None] < Sk, other=0.0)
+            v = tl.load(v_ptrs, mask=kn[:, None] < Sk, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        t = tl.dot(q, tl.trans(k)) * qk_scale2
+        if HAS_ALIBI:
+            row_bias = slope2 * (start_n - q_abs).to(tl.float32)
+            t += row_bias[:, None] + col_bias[None, :]
+        if MASKED:
+            visible = kn[None, :] < Sk
+            if CAUSAL:
+                visible = visible & (kn[None, :] <= q_abs[:, None])
+            if HAS_SEQ:
+                k_seq = tl.load(seq_k_base + kn * stride_sn, mask=kn < Sk, other=-2)
+                visible = visible & (q_seq[:, None] == k_seq[None, :])
+            t = tl.where(visible, t, float("-inf"))
+        p = tl.exp2(t - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
     return dq
 
 
@@ -329,7 +346,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, Delta, Slopes, SeqId,
                    stride_dqb, stride_dqh, stride_dqm, stride_sb, stride_sn,
                    H, G, Sq, Sk, qk_scale2, sm_scale, Q_BUCKET, K_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                   HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr):
+                   HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr, SCAN: tl.constexpr):
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -360,11 +377,15 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, Delta, Slopes, SeqId,
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     full, hi = _key_ranges(m0, Sk, off, BLOCK_M, BLOCK_N, CAUSAL, HAS_SEQ)
+    mid = full  # masked blocks: [mid, hi)
+    if HAS_SEQ:
+        q_min, q_max = _id_bounds(q_seq, row_ok, tl.load(seq_base + m0 * stride_sn))
+        mid, hi = _id_span(seq_base, stride_sn, 0, hi, q_min, q_max, BLOCK_N, SCAN)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, seq_base, stride_sn,
                    offs_m, q_seq, 0, full, Sk, off, slope2, qk_scale2, BLOCK_N, HEAD_DIM, False,
                    CAUSAL, HAS_ALIBI, HAS_SEQ)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, seq_base, stride_sn,
-                   offs_m, q_seq, full, hi, Sk, off, slope2, qk_scale2, BLOCK_N, HEAD_DIM, True,
+                   offs_m, q_seq, mid, hi, Sk, off, slope2, qk_scale2, BLOCK_N, HEAD_DIM, True,
                    CAUSAL, HAS_ALIBI, HAS_SEQ)
     dq *= sm_scale
     tl.store(DQ + b * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
@@ -441,7 +462,7 @@ def _forward(q, k, v, slopes, causal, scale, seq_id):
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), ssb, ssn,
             H, H // Hkv, Sq, Sk, scale * _LOG2E, triton.next_power_of_2(Sq), triton.next_power_of_2(Sk),
-            HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, HAS_SEQ=seq_id is not None)
+            HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, HAS_SEQ=seq_id is not None, SCAN=_SCAN)
     return o, lse
 
 
@@ -457,7 +478,7 @@ def _backward(do, q, k, v, o, lse, slopes, causal, scale, seq_id):
         H, Sq, HEAD_DIM=D, BLOCK_M=pre_bm)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     s_ptr, seq_ptr, (ssb, ssn) = _flags(slopes, seq_id, q)
-    flags = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, HAS_SEQ=seq_id is not None)
+    flags = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, HAS_SEQ=seq_id is not None, SCAN=_SCAN)
     buckets = (triton.next_power_of_2(Sq), triton.next_power_of_2(Sk))
     _launch("dkdv", _bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(Sk, bn), B * Hkv), Sq,
             q, k, v, do, dk, dv, lse, delta, s_ptr, seq_ptr,

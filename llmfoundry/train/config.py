@@ -247,6 +247,14 @@ class TrainConfig:
     python_log_level: str | None = "info"
 
     def __post_init__(self):
+        try:
+            self._check()
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as e:  # top-level keys: the message already names the key
+            raise ConfigError(str(e)) from None
+
+    def _check(self):
         max_duration = parse_time(self.max_duration, "max_duration", allow_dur=False)
         parse_time(self.eval_interval, "eval_interval", allow_dur=False)
         parse_time(self.save_interval, "save_interval", allow_dur=False)
@@ -331,8 +339,8 @@ def load_config(yaml_path: str | os.PathLike | None, overrides: list[str] | None
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
-        raise ConfigError(f"config key '{key}': {e.msg if hasattr(e, 'msg') else e}" if key else
-                          f"invalid config: {e}") from None
+        first_line = str(getattr(e, "msg", None) or e).strip().splitlines()[0]
+        raise ConfigError(f"config key '{key}': {first_line}" if key else f"invalid config: {first_line}") from None
     if data.get("run_name") is None:
         env_name = os.environ.get("RUN_NAME") or os.environ.get("COMPOSER_RUN_NAME")
         if env_name:

@@ -145,8 +145,9 @@ def build_trainer(cfg: TrainConfig):
     _setup_logging(cfg.python_log_level)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    if cfg.fsdp is not None and device != "gpu":
-        raise ConfigError("fsdp needs GPUs; set fsdp: null on CPU (several processes then use DDP)")
+    if cfg.fsdp is not None and device != "gpu" and cfg.fsdp.version != 2:
+        raise ConfigError("fsdp.version: 1 needs GPUs; on CPU use fsdp: null (several processes then use DDP) or "
+                          "fsdp.version: 2 (FSDP2 over gloo: slow, for testing sharded checkpoints)")
     world_size = dist.get_world_size()
     if world_size > 1 or cfg.fsdp is not None:
         if device == "gpu":

@@ -1,0 +1,256 @@
+"""Evaluation: ICL scoring against hand-computed log-likelihoods, few-shot prompts, perplexity, evaluate(cfg)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmfoundry.checkpoint import save_composer_weights
+from llmfoundry.data.tokenizer import load_tokenizer
+from llmfoundry.eval.evaluate import EvalConfig, evaluate, load_eval_config, main
+from llmfoundry.eval.icl import (ICLTaskConfig, build_prompt, build_requests, evaluate_icl_task, fewshot_indices,
+                                 load_task_examples)
+from llmfoundry.eval.perplexity import evaluate_perplexity
+from llmfoundry.models.mpt import MPTConfig, MPTForCausalLM
+from llmfoundry.utils.config import ConfigError, from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+ICL = REPO / "llmfoundry" / "assets" / "icl"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast, and far faster when other processes share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("bundled")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = MPTConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=128, vocab_size=4096,
+                    init_config={"name": "normal_", "init_std": 0.2})
+    return MPTForCausalLM(cfg).eval()
+
+
+def write_jsonl(path: Path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def continuation_logprob(model, tok, context: str, continuation: str) -> tuple[float, int, bool]:
+    """Independent reference: one unpadded forward over context + continuation; (sum log p, n tokens, greedy ok)."""
+    ctx = tok(context)["input_ids"]
+    cont = tok(continuation, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = F.log_softmax(model(ids).logits[0].float(), dim=-1)
+    rows = logp[len(ctx) - 1:len(ctx) - 1 + len(cont)]
+    target = torch.tensor(cont)
+    return rows[torch.arange(len(cont)), target].sum().item(), len(cont), bool((rows.argmax(-1) == target).all())
+
+
+def test_multiple_choice_picks_argmax_of_independent_logprobs(model, tok):
+    base = dict(label="hs", path=str(ICL / "hellaswag_tiny.jsonl"), type="multiple_choice", num_fewshot=[0, 2])
+    examples = load_task_examples(base["path"], base["type"])
+    reference = {}  # (shots, example) -> [(sum log p, tokens, chars) per choice], one unpadded forward each
+    for shots in base["num_fewshot"]:
+        for i, ex in enumerate(examples):
+            prompt = build_prompt(ICLTaskConfig(**base), examples, i, shots)
+            assert prompt.endswith(ex["query"] + " ")
+            # the prompt's trailing space belongs to the continuation (one BPE token ' word')
+            reference[shots, i] = [(*continuation_logprob(model, tok, prompt[:-1], " " + c)[:2], len(" " + c))
+                                   for c in ex["choices"]]
+    for norm in ("none", "tokens", "chars"):
+        cfg = ICLTaskConfig(**base, length_normalization=norm, batch_size=3)
+        for row in evaluate_icl_task(model, tok, cfg, max_seq_len=128, batch_size=5):
+            expected = [int(np.argmax([{"none": ll, "tokens": ll / n, "chars": ll / c}[norm]
+                                       for ll, n, c in reference[row["num_fewshot"], i]]))
+                        for i in range(len(examples))]
+            assert row["predictions"] == expected, (norm, row["num_fewshot"])
+            assert row["accuracy"] == pytest.approx(np.mean([p == ex["gold"] for p, ex in zip(expected, examples)]))
+
+
+def test_language_modeling_accuracy_with_known_answers(model, tok, tmp_path):
+    """Continuations that are the model's own greedy output are all correct; a changed last token is wrong."""
+    contexts = ["def main(", "import os\nimport", "The quick brown fox", "class Point:\n    x"]
+    rows = []
+    for c in contexts:
+        ids = tok(c)["input_ids"]
+        out = []
+        for _ in range(3):  # 3 greedy tokens
+            with torch.no_grad():
+                out.append(int(model(torch.tensor([ids + out])).logits[0, -1].argmax()))
+        rows.append({"context": c, "continuation": tok.decode(out)})
+    # re-tokenizing decoded text can merge tokens differently; keep only examples that round-trip
+    keep = [r for r in rows if continuation_logprob(model, tok, r["context"], r["continuation"])[2]]
+    assert len(keep) >= 2
+    good = write_jsonl(tmp_path / "good.jsonl", keep)
+    cfg = ICLTaskConfig(label="lm", path=good, type="language_modeling", continuation_delimiter="")
+    assert evaluate_icl_task(model, tok, cfg, max_seq_len=128)[0]["accuracy"] == 1.0
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**r, "continuation": r["continuation"] + " zzz qqq"} for r in keep])
+    cfg = ICLTaskConfig(label="lm", path=bad, type="language_modeling", continuation_delimiter="")
+    assert evaluate_icl_task(model, tok, cfg, max_seq_len=128)[0]["accuracy"] == 0.0
+
+
+def test_fewshot_prompt_construction(tok):
+    cfg = ICLTaskConfig(label="t", path=str(ICL / "lambada_tiny.jsonl"), type="language_modeling",
+                        prompt_string="Complete:\n", example_delimiter="\n###\n", continuation_delimiter=" ",
+                        fewshot_seed=7)
+    ex = load_task_examples(cfg.path, cfg.type)
+    shots = fewshot_indices(len(ex), 3, 2, seed=7)
+    assert len(set(shots)) == 2 and 3 not in shots
+    assert shots == fewshot_indices(len(ex), 3, 2, seed=7)  # fixed by the seed
+    assert any(fewshot_indices(len(ex), 3, 2, seed=s) != shots for s in range(8, 12))
+    expected = ("Complete:\n" + "".join(ex[i]["context"] + " " + ex[i]["continuation"] + "\n###\n" for i in shots)
+                + ex[3]["context"] + " ")
+    assert build_prompt(cfg, ex, 3, 2) == expected
+    for q in range(len(ex)):  # never the query itself, whatever the seed
+        assert q not in fewshot_indices(len(ex), q, len(ex) - 1, seed=q)
+    assert build_prompt(cfg, ex, 3, 0) == "Complete:\n" + ex[3]["context"] + " "
+
+    mc = ICLTaskConfig(label="mc", path=str(ICL / "piqa_tiny.jsonl"), type="multiple_choice")
+    mex = load_task_examples(mc.path, mc.type)
+    s = fewshot_indices(len(mex), 0, 1, mc.fewshot_seed)[0]
+    assert build_prompt(mc, mex, 0, 1) == (mex[s]["query"] + " " + mex[s]["choices"][mex[s]["gold"]] + "\n"
+                                           + mex[0]["query"] + " ")
+    # rows: one per choice, the prompt's trailing space moved onto the continuation, left-truncated to fit
+    reqs = build_requests(mc, mex, tok, 1, max_seq_len=24)
+    assert len(reqs) == sum(len(e["choices"]) for e in mex)
+    assert all(len(r.context) + len(r.continuation) <= 24 for r in reqs)
+    assert any(len(r.context) + len(r.continuation) == 24 for r in reqs)  # some were truncated
+    assert reqs[0].continuation == tok(" " + mex[0]["choices"][0], add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match=r"num_fewshot=12 needs at least 13 examples.*it has 10"):
+        fewshot_indices(10, 0, 12, seed=1)
+
+
+def test_task_file_errors(tmp_path, model, tok):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"ICL task file .*empty\.jsonl is empty: it has no examples"):
+        load_task_examples(str(empty), "multiple_choice")
+    with pytest.raises(FileNotFoundError, match=r"ICL task file 'nope\.jsonl' not found.*fix the task's 'path'"):
+        load_task_examples("nope.jsonl", "language_modeling")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"query": "q", "choices": ["a", "b"], "gold": 2}])
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: 'gold' must be an index into 'choices' \(0\.\.1\)"):
+        load_task_examples(bad, "multiple_choice")
+    miss = write_jsonl(tmp_path / "miss.jsonl", [{"context": "a", "continuation": "b"}, {"context": "c"}])
+    with pytest.raises(ValueError, match=r"miss\.jsonl:2: .* missing \['continuation'\]"):
+        load_task_examples(miss, "language_modeling")
+    (tmp_path / "junk.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"junk\.jsonl:1: not valid JSON"):
+        load_task_examples(str(tmp_path / "junk.jsonl"), "language_modeling")
+    with pytest.raises(ConfigError, match="num_fewshot"):
+        from_dict(ICLTaskConfig, {"label": "x", "path": "p", "type": "multiple_choice", "num_fewshot": []})
+    with pytest.raises(ConfigError, match="did you mean 'num_fewshot'"):
+        from_dict(ICLTaskConfig, {"label": "x", "path": "p", "type": "multiple_choice", "num_fewshots": [0]})
+
+
+def write_mds(path: Path, samples: np.ndarray) -> str:
+    from streaming import MDSWriter
+    with MDSWriter(out=str(path), columns={"tokens": "ndarray:int32"}) as w:
+        for s in samples:
+            w.write({"tokens": s.astype(np.int32)})
+    return str(path)
+
+
+def test_perplexity_equals_exp_mean_token_loss(model, tmp_path):
+    from llmfoundry.data.text_loader import TextLoaderConfig, build_text_dataloader
+    rng = np.random.default_rng(0)
+    samples = rng.integers(0, 4096, size=(10, 32))
+    local = write_mds(tmp_path / "mds" / "val", samples)
+    cfg = TextLoaderConfig(local=str(tmp_path / "mds"), split="val", max_seq_len=32, shuffle=False,
+                           drop_last=False, num_workers=0)
+    result = evaluate_perplexity(model, build_text_dataloader(cfg, 4))
+    assert local and result["tokens"] == 10 * 31 and result["batches"] == 3
+    losses = []
+    for s in samples:  # directly: one sample at a time, every next-token loss
+        ids = torch.tensor(s[None], dtype=torch.long)
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        losses.append(F.cross_entropy(logits, ids[0, 1:], reduction="none"))
+    mean = torch.cat(losses).double().mean().item()
+    assert result["loss"] == pytest.approx(mean, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(mean), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def ckpt(model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("evalckpt")
+    return save_composer_weights(model.state_dict(), model.config, str(d / "w.pt"), tokenizer="bundled")
+
+
+def test_evaluate_tiny_yaml_end_to_end(ckpt, tmp_path, capsys):
+    results_path = tmp_path / "out" / "eval.json"
+    cfg = load_eval_config(str(REPO / "yamls/eval/tiny-cpu.yaml"), [
+        f"load_path={ckpt}", f"results_path={results_path}", "eval_subset_num_batches=2",
+        "eval_loaders.val.max_seq_len=128"])
+    results = evaluate(cfg)
+    table = capsys.readouterr().out
+    assert "| val | - | perplexity |" in table and "| hellaswag_tiny | 2 | accuracy |" in table
+    saved = json.loads(results_path.read_text())
+    assert saved["perplexity"]["val"]["tokens"] == 2 * 16 * 127
+    assert {(r["task"], r["num_fewshot"]) for r in saved["icl"]} == {
+        ("lambada_tiny", 0), ("lambada_tiny", 3), ("python_tiny", 0), ("python_tiny", 3), ("hellaswag_tiny", 0),
+        ("hellaswag_tiny", 2), ("piqa_tiny", 0), ("arc_tiny", 0), ("arc_tiny", 3)}
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["num_examples"] >= 10 for r in saved["icl"])
+    assert results["perplexity"]["val"]["perplexity"] == pytest.approx(math.exp(results["perplexity"]["val"]["loss"]))
+
+
+def test_evaluate_hf_directory_gives_same_numbers(model, ckpt, tmp_path):
+    model.save_pretrained(str(tmp_path / "hf"))
+    load_tokenizer("bundled").save_pretrained(str(tmp_path / "hf"))
+    common = {"icl_tasks": [{"label": "piqa", "path": str(ICL / "piqa_tiny.jsonl"), "type": "multiple_choice"}],
+              "results_path": None, "device": "cpu"}
+    a = evaluate(from_dict(EvalConfig, {"load_path": ckpt, **common}))
+    b = evaluate(from_dict(EvalConfig, {"hf_path": str(tmp_path / "hf"), **common}))
+    assert a["icl"][0]["predictions"] == b["icl"][0]["predictions"]
+    from transformers import MptForCausalLM  # the full-logits path, with transformers' own model
+    task = ICLTaskConfig(**common["icl_tasks"][0])
+    theirs = evaluate_icl_task(MptForCausalLM.from_pretrained(str(tmp_path / "hf")).eval(), load_tokenizer("bundled"),
+                               task, max_seq_len=128)
+    assert theirs[0]["predictions"] == a["icl"][0]["predictions"]
+
+
+def test_eval_config_and_cli_errors(ckpt, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="exactly one of 'load_path'"):
+        from_dict(EvalConfig, {"icl_tasks": [{"label": "a", "path": "p", "type": "multiple_choice"}]})
+    with pytest.raises(ConfigError, match="nothing to evaluate"):
+        from_dict(EvalConfig, {"load_path": ckpt})
+    with pytest.raises(ConfigError, match="did you mean 'icl_tasks'"):
+        load_eval_config(str(REPO / "yamls/eval/tiny-cpu.yaml"), ["icl_task=1"])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main([str(REPO / "yamls/eval/tiny-cpu.yaml"), f"load_path={ckpt}",
+                 f"icl_tasks=[{{label: e, path: {empty}, type: multiple_choice}}]", "results_path=null"]) == 1
+    assert "error: ICL task file" in capsys.readouterr().err
+    assert main([str(REPO / "yamls/eval/tiny-cpu.yaml"), f"load_path={tmp_path}/missing.pt"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main([str(REPO / "yamls/eval/tiny-cpu.yaml"), f"load_path={ckpt}", "tokenizer=/no/such/dir"]) == 1
+    assert "tokenizer '/no/such/dir' cannot be loaded" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_evaluate_matches_cpu(ckpt, tmp_path):
+    """fp32 on the GPU gives the CPU's ICL predictions and perplexity; bf16 runs the whole tiny YAML."""
+    common = ["results_path=null", "eval_subset_num_batches=2", "eval_loaders.val.max_seq_len=128"]
+    yaml = str(REPO / "yamls/eval/tiny-cpu.yaml")
+    cpu = evaluate(load_eval_config(yaml, [f"load_path={ckpt}", "device=cpu", *common]))
+    gpu = evaluate(load_eval_config(yaml, [f"load_path={ckpt}", "device=gpu", "precision=fp32", *common]))
+    assert [r["predictions"] for r in gpu["icl"]] == [r["predictions"] for r in cpu["icl"]]
+    assert gpu["perplexity"]["val"]["loss"] == pytest.approx(cpu["perplexity"]["val"]["loss"], rel=1e-4)
+    bf16 = evaluate(load_eval_config(yaml, [f"load_path={ckpt}", "device=gpu", "precision=bf16", *common]))
+    assert bf16["perplexity"]["val"]["loss"] == pytest.approx(cpu["perplexity"]["val"]["loss"], rel=2e-2)

@@ -1,0 +1,253 @@
+"""Training on CPU: the README's default run, bit-exact resume after a crash, checkpoints on disk and S3, and the
+clear errors for bad states (other model shape, unreachable bucket, full disk)."""
+from __future__ import annotations
+
+import errno
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmfoundry.train import build_trainer, load_config, train
+from llmfoundry.train.checks import TrainError
+from llmfoundry.train.composer_model import ComposerMPT, causal_lm_loss
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "yamls" / "tiny-cpu.yaml")
+N = 8  # batches of the short runs
+
+
+def fast(save_folder, *extra) -> list[str]:
+    """Overrides that make tiny-cpu a few-second run (4 samples per step in 2 micro-batches)."""
+    return [f"save_folder={save_folder}", "global_train_batch_size=4", "device_train_microbatch_size=2",
+            "device_eval_batch_size=4", f"max_duration={N}ba", "eval_interval=4ba", "eval_subset_num_batches=1",
+            "save_interval=3ba", "save_num_checkpoints_to_keep=-1", "console_log_interval=1ba",
+            "callbacks.speed_monitor.window_size=2", "scheduler.t_warmup=2ba", *extra]
+
+
+def run_cli(args: list[str], script: str = "scripts/train.py", timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RUN_NAME", None)
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def final_state(folder, batch: int = N) -> dict:
+    (path,) = glob.glob(os.path.join(str(folder), f"ep*-ba{batch}-rank0.pt"))
+    return torch.load(path, map_location="cpu", weights_only=False)["state"]
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    opt_a, opt_b = a["optimizers"]["Lion"]["state"], b["optimizers"]["Lion"]["state"]
+    for k in opt_a:
+        assert torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"]), k
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """tiny-cpu trained for N batches in one go (the reference for the resume tests)."""
+    folder = tmp_path_factory.mktemp("full") / "ck"
+    r = run_cli([TINY, *fast(folder), "callbacks.speed_monitor.gpu_flops_available=1e12"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return folder, r
+
+
+# ------------------------------------------------------------------------------------------ the model wrapper
+def test_composer_mpt_loss_metrics_flops():
+    cfg = load_config(TINY).model
+    model = ComposerMPT(cfg)
+    assert [n for n, _ in model.named_children()] == ["model"]  # FSDP wraps the single child
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    labels = ids.clone()
+    labels[0, 5:9] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    logits = model(batch)
+    assert logits.shape == (2, 16, cfg.vocab_size)
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, cfg.vocab_size), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100)
+    assert torch.allclose(model.loss(logits, batch), want)
+    assert torch.allclose(causal_lm_loss(logits, batch["labels"]), want)
+    metrics = model.get_metrics(is_train=False)
+    for m in metrics.values():
+        model.update_metric(batch, logits, m)
+    assert torch.allclose(metrics["LanguageCrossEntropy"].compute(), want)
+    assert torch.allclose(metrics["LanguagePerplexity"].compute(), want.exp())
+    assert model.flops_per_batch(batch) == cfg.flops_per_token(16) * 2 * 16
+
+
+# ------------------------------------------------------------------------------------------ the default run
+def test_default_run_trains_evaluates_logs_and_saves(uninterrupted):
+    folder, r = uninterrupted
+    out = r.stdout + r.stderr
+    assert "resolved config" in out and "optimizer:" in out  # the resolved config is logged
+    for needle in ("loss/train/total", "metrics/eval/LanguageCrossEntropy", "metrics/eval/LanguagePerplexity",
+                   "lr-Lion/group0", "throughput/device/tokens_per_sec", "throughput/device/mfu",
+                   "MFU is measured against a peak of 1e+12"):
+        assert needle in out, needle
+    assert (folder / "config.yaml").exists()
+    assert os.path.realpath(folder / "latest-rank0.pt").endswith(f"-ba{N}-rank0.pt")
+    state = final_state(folder)
+    assert state["timestamp"]["Timestamp"]["batch"] == N
+    assert state["dataset_state"]["train"]["sample_in_epoch"] == 4 * N  # the loader position is saved
+
+
+CRASH_DRIVER = """
+import os, sys
+from composer.core import Callback
+from llmfoundry.train import build_trainer, load_config
+
+class Crash(Callback):
+    def batch_end(self, state, logger):
+        if int(state.timestamp.batch) == int(sys.argv[2]):
+            os._exit(17)  # like a killed process: nothing after this batch is saved or flushed
+
+trainer = build_trainer(load_config(sys.argv[1], sys.argv[3:]))
+trainer.state.callbacks.append(Crash())
+trainer.fit()
+"""
+
+
+def test_crash_then_same_command_resumes_bit_exact(uninterrupted, tmp_path):
+    """Crash after batch 5 (last checkpoint at 3), rerun the same command: the final weights and LION state equal
+    those of a run that never stopped, bit for bit (model, optimizer, scheduler, RNG, data position restored)."""
+    folder = tmp_path / "ck"
+    driver = tmp_path / "crash.py"
+    driver.write_text(CRASH_DRIVER)
+    args = fast(folder, "callbacks.speed_monitor.gpu_flops_available=1e12")
+    crashed = run_cli([TINY, "5", *args], script=str(driver))
+    assert crashed.returncode == 17, crashed.stderr[-3000:]
+    assert os.path.realpath(folder / "latest-rank0.pt").endswith("-ba3-rank0.pt")
+    resumed = run_cli([TINY, *args])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Autoresuming training from checkpoint" in resumed.stdout + resumed.stderr
+    assert_same_weights(final_state(folder), final_state(uninterrupted[0]))
+
+
+def test_stop_at_k_then_extend_bit_exact(uninterrupted, tmp_path):
+    """max_duration=k, then the same command with max_duration=N: same weights as N in one go (the cosine horizon
+    is pinned with scheduler.t_max so that the first run's schedule is the full run's)."""
+    folder = tmp_path / "ck"
+    pinned = f"scheduler.t_max={N}ba"
+    first = run_cli([TINY, *fast(folder, pinned), "max_duration=5ba", "save_interval=5ba"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli([TINY, *fast(folder, pinned)])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert_same_weights(final_state(folder), final_state(uninterrupted[0]))
+
+
+# ------------------------------------------------------------------------------------------ load_path / bad states
+def test_load_path_weights(uninterrupted, tmp_path):
+    ckpt = glob.glob(str(uninterrupted[0] / f"ep*-ba{N}-rank0.pt"))[0]
+    cfg = load_config(TINY, fast(tmp_path / "ck", f"load_path={ckpt}", "load_weights_only=true",
+                                 "autoresume=false"))
+    trainer = build_trainer(cfg)
+    try:
+        saved = final_state(uninterrupted[0])["model"]
+        for k, v in trainer.state.model.state_dict().items():
+            assert torch.equal(v, saved[k]), k
+        assert int(trainer.state.timestamp.batch) == 0  # weights only: a fresh run
+    finally:
+        trainer.close()
+
+
+def test_checkpoint_of_another_shape_is_named(uninterrupted, tmp_path):
+    ckpt = glob.glob(str(uninterrupted[0] / f"ep*-ba{N}-rank0.pt"))[0]
+    cfg = load_config(TINY, fast(tmp_path / "ck", f"load_path={ckpt}", "model.d_model=64", "autoresume=false"))
+    with pytest.raises(TrainError) as e:
+        build_trainer(cfg)
+    msg = str(e.value)
+    assert ckpt in msg and "model.transformer" in msg and "torch.Size([4096, 128])" in msg
+    assert "torch.Size([4096, 64])" in msg and "d_model=64" in msg and "Fix" in msg
+
+
+def test_autoresume_from_other_shape_is_named(uninterrupted, tmp_path):
+    cfg = load_config(TINY, fast(uninterrupted[0], "model.n_layers=3", f"max_duration={N + 2}ba"))
+    with pytest.raises(TrainError, match=r"does not fit this model.*n_layers=3"):
+        build_trainer(cfg)
+
+
+def test_unreachable_bucket_stops_before_training(s3_server):
+    cfg = load_config(TINY, fast("s3://no-such-bucket-abc/runs/{run_name}"))
+    with pytest.raises(TrainError, match=r"save_folder = 's3://no-such-bucket-abc.*cannot write to bucket"):
+        build_trainer(cfg)
+    cfg = load_config(TINY, fast("/tmp/unused", "load_path=s3://no-such-bucket-abc/ck/latest-rank0.pt",
+                                 "autoresume=false"))
+    with pytest.raises(TrainError, match=r"load_path = .*cannot read bucket 'no-such-bucket-abc'"):
+        build_trainer(cfg)
+
+
+def test_missing_local_load_path(tmp_path):
+    cfg = load_config(TINY, fast(tmp_path / "ck", f"load_path={tmp_path}/nope.pt", "autoresume=false"))
+    with pytest.raises(TrainError, match="load_path = .*nope.pt' does not exist"):
+        build_trainer(cfg)
+
+
+def test_not_enough_disk_stops_before_training(tmp_path, monkeypatch):
+    from llmfoundry.train import checks
+    monkeypatch.setattr(checks, "checkpoint_bytes", lambda *a, **k: 10 ** 18)
+    with pytest.raises(TrainError, match="not enough free disk for a checkpoint"):
+        build_trainer(load_config(TINY, fast(tmp_path / "ck")))
+    assert not (tmp_path / "ck").exists()  # stopped before any work
+
+
+def test_disk_full_while_saving(tmp_path, monkeypatch):
+    import composer.utils.checkpoint as composer_checkpoint
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(composer_checkpoint.torch, "save", full_disk)
+    cfg = load_config(TINY, fast(tmp_path / "ck", "max_duration=3ba", "eval_loader=null"))
+    with pytest.raises(TrainError, match=r"no space left on device while writing a checkpoint.*autoresume"):
+        train(cfg)
+
+
+def test_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = load_config(TINY, fast(tmp_path / "ck", "max_duration=2ba", "eval_loader=null", "autoresume=false",
+                                 "loggers.wandb.project=tiny", "save_folder=null"))
+    trainer = train(cfg)
+    trainer.close()
+    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    assert runs, os.listdir(tmp_path)
+
+
+def test_s3_checkpoints_and_autoresume(s3_bucket, tmp_path):
+    """Checkpoints go to s3://, and the same command continues from the latest one there."""
+    folder = f"{s3_bucket}/runs/{{run_name}}"
+    args = fast(folder, f"scheduler.t_max={N}ba", "eval_loader=null")
+    first = run_cli([TINY, *args, "max_duration=3ba"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli([TINY, *args, "max_duration=4ba"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    out = second.stdout + second.stderr
+    assert "Autoresuming training from checkpoint" in out and "[batch=4/4]" in out and "[batch=3/4]" not in out
+    import boto3
+    s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket[5:])["Contents"]]
+    assert "runs/tiny-cpu/ep0-ba3-rank0.pt" in keys and "runs/tiny-cpu/ep0-ba4-rank0.pt" in keys, keys
+
+
+def test_cli_user_error_is_one_line(tmp_path):
+    r = run_cli([TINY, "optimizer.lrr=1e-3", f"save_folder={tmp_path}"])
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("error: unknown config key 'optimizer.lrr'") and "did you mean 'lr'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_readme_default_command(tmp_path):
+    """The README's command, unchanged except for where the checkpoint goes (about a minute on 2 cores)."""
+    r = run_cli([TINY, f"save_folder={tmp_path}/ck"], timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert glob.glob(str(tmp_path / "ck" / "ep*-ba120-rank0.pt"))
+    assert "metrics/eval/LanguagePerplexity" in r.stdout + r.stderr
