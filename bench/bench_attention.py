@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
+import time
 from pathlib import Path
 
 import torch
@@ -126,6 +126,23 @@ def bench_decode(B, H, Hkv, Sk, D, dtype, dev):
           f"ours {t_ours * 1e3:.1f} us")
 
 
+def bench_host_overhead(dev, n=200):
+    """Host time per call at a tiny shape, where the GPU work is negligible (Python + launch overhead)."""
+    q, k, v = (torch.randn(1, 2, 256, 64, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do, slopes = torch.randn_like(q), alibi_slopes(2).to(dev)
+
+    def fwd_bwd():
+        q.grad = k.grad = v.grad = None
+        flash_alibi.flash_alibi_attention(q, k, v, slopes).backward(do)
+    fwd_bwd()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fwd_bwd()
+    torch.cuda.synchronize()
+    print(f"\nhost time per fwd+bwd call of ours (B1 H2 S256 D64): {(time.perf_counter() - t0) / n * 1e6:.0f} us")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
@@ -138,6 +155,7 @@ def main():
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     for D in args.dims:
         bench_shape(args.batch, args.heads, args.seq, D, getattr(torch, args.dtype), dev)
+    bench_host_overhead(dev)
     bench_decode(args.batch, args.heads, args.heads // 4, 4096, 128, getattr(torch, args.dtype), dev)
     for kind, tuned in flash_alibi._TUNED.items():
         for key, cfg in getattr(tuned, "cache", {}).items():

@@ -8,8 +8,8 @@ A random-init model with the config of ``--config`` (default yamls/mpt-125m.yaml
 ``save_pretrained`` and loaded by both sides from that directory. Every run decodes exactly ``--new_tokens``
 tokens after a ``--prompt_len``-token prompt (random ids, same for both, no padding; EOS disabled). Times are the
 median of ``--repeats`` timed runs after one warm-up run, wall clock with CUDA synchronization; tokens/s =
-batch x new_tokens / time. The last column counts how many of the first 32 greedy tokens of row 0 equal transformers' (bf16 rounding
-may let long greedy runs diverge; the first tokens should agree).
+batch x new_tokens / time. The last column counts how many of the first 32 greedy tokens of row 0 equal
+transformers' (bf16 rounding may let long greedy runs diverge; the first tokens should agree).
 """
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ Public functions:
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -174,12 +175,16 @@ def _read_dcp(folder: str) -> dict:
     if not tensors:
         raise CheckpointError(f"sharded checkpoint {folder} holds no model tensors (no 'state.model.*' keys); is it "
                               "a composer checkpoint?")
+    def load(sd):  # in this process only, even inside a distributed job
+        kwargs = {"no_dist": True} if "no_dist" in inspect.signature(dcp.load).parameters else {}
+        dcp.load(sd, storage_reader=dcp.FileSystemReader(folder), **kwargs)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process": intended
-        dcp.load(tensors, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
+        load(tensors)
         if objects:
             try:
-                dcp.load(objects, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
+                load(objects)
             except Exception as e:  # callback state is optional: the config can come from elsewhere
                 log.warning("could not read callback state from %s: %s", folder, e)
                 objects = {}
@@ -204,8 +209,11 @@ def read_checkpoint(local_path: str) -> dict:
         if os.path.isfile(os.path.join(local_path, "config.json")):
             raise CheckpointError(f"{local_path} is a Hugging Face model directory, not a composer checkpoint; "
                                   "load it with MPTForCausalLM.from_pretrained / load_model (hf_path)")
+        inside = sorted(p.name for p in Path(local_path).iterdir() if p.name.endswith(".pt") or _is_dcp_folder(str(p)))
+        hint = f" (it holds: {', '.join(inside[:5])})" if inside else ""
         raise CheckpointError(f"{local_path} is a folder without .metadata: not a sharded composer checkpoint; pass "
-                              "the checkpoint file (.pt) or the folder of one sharded checkpoint (e.g. .../ep0-ba100)")
+                              f"the checkpoint file (.pt) or the folder of one sharded checkpoint (e.g. .../ep0-ba100)"
+                              f"{hint}")
     try:
         return torch.load(local_path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -439,11 +447,13 @@ def load_model(path: str, *, model_config=None, overrides: Optional[Mapping[str,
 # ----------------------------------------------------------------------------------------------------------------
 # Hugging Face format
 
-def _require_tokenizer(name: Optional[str]):
+def require_tokenizer(name: Optional[str]):
+    """The tokenizer ``name`` (see ``load_tokenizer``), or a ``CheckpointError`` saying how to name one."""
     from llmfoundry.data.tokenizer import load_tokenizer
     if not name:
-        raise CheckpointError("no tokenizer known for this checkpoint; pass --tokenizer (a tokenizer directory, "
-                              "'bundled', or a hub name)")
+        raise CheckpointError("no tokenizer known for this model (none recorded with the checkpoint, no tokenizer "
+                              "files in the directory); set 'tokenizer:' (eval YAML) or --tokenizer (scripts) to a "
+                              "tokenizer directory, 'bundled', or a hub name")
     try:
         return load_tokenizer(name)
     except Exception as e:
@@ -456,7 +466,7 @@ def convert_composer_to_hf(path: str, out_dir: str, *, tokenizer: Optional[str] 
     ``transformers.MptForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``. ``tokenizer``
     defaults to the one the run trained with (recorded in the checkpoint or its config.yaml)."""
     state_dict, cfg, recorded_tok = load_composer_checkpoint(path, model_config)
-    tok = _require_tokenizer(tokenizer or recorded_tok)  # before writing anything
+    tok = require_tokenizer(tokenizer or recorded_tok)  # before writing anything
     if len(tok) > cfg.vocab_size:
         raise CheckpointError(f"tokenizer '{tokenizer or recorded_tok}' has {len(tok)} tokens but the model's "
                               f"vocab_size is {cfg.vocab_size}; pass the tokenizer the run was trained with")
@@ -538,11 +548,16 @@ def save_composer_weights(state_dict: Mapping[str, torch.Tensor], cfg, path: str
     return path
 
 
-def convert_hf_to_composer(hf_dir: str, path: str) -> str:
-    """An HF MPT directory as a weights-only composer checkpoint (see ``save_composer_weights``)."""
+def convert_hf_to_composer(hf_dir: str, path: str, model_config=None) -> str:
+    """An HF MPT directory as a weights-only composer checkpoint (see ``save_composer_weights``). With
+    ``model_config`` (the training run's ``MPTConfig``, a dict or a training YAML path) the weights are checked
+    against it first, so a mismatch is reported here, naming the tensor and both shapes."""
     cfg = hf_config(hf_dir)
     state_dict = hf_to_mpt_state_dict(read_hf_state_dict(hf_dir), cfg)
     check_state_dict(state_dict, cfg, f"Hugging Face weights {hf_dir}")
+    if model_config is not None:
+        target = _as_config(model_config)[0]
+        check_state_dict(hf_to_mpt_state_dict(state_dict, target), target, f"Hugging Face weights {hf_dir}")
     tok = hf_dir if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else None
     return save_composer_weights(state_dict, cfg, path, tokenizer=tok)
 
@@ -550,4 +565,5 @@ def convert_hf_to_composer(hf_dir: str, path: str) -> str:
 __all__ = ["CheckpointError", "ModelConfigRecorder", "fetch_checkpoint", "read_checkpoint",
            "extract_model_state_dict", "load_composer_checkpoint", "check_state_dict", "load_model",
            "model_from_state_dict", "convert_composer_to_hf", "load_hf_weights", "read_hf_state_dict",
-           "save_composer_weights", "convert_hf_to_composer", "read_config_file", "to_dtype", "is_hf_dir"]
+           "save_composer_weights", "convert_hf_to_composer", "read_config_file", "to_dtype", "is_hf_dir",
+           "require_tokenizer"]

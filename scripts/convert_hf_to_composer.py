@@ -1,6 +1,6 @@
 """An HF MPT directory as the starting weights of a training run.
 
-    python scripts/convert_hf_to_composer.py hf/mpt-7b init/mpt-7b.pt
+    python scripts/convert_hf_to_composer.py hf/mpt-7b init/mpt-7b.pt --model_config yamls/mpt-7b.yaml
     python scripts/train.py yamls/mpt-7b.yaml load_path=init/mpt-7b.pt load_weights_only=true
 
 The output is a weights-only composer checkpoint (``state['state']['model']`` with ``model.``-prefixed keys, plus
@@ -17,9 +17,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("hf_dir", help="directory with config.json + model.safetensors (or pytorch_model.bin)")
     p.add_argument("out", help="output .pt file")
+    p.add_argument("--model_config", default=None,
+                   help="the training YAML: check that the weights fit its model: section before writing")
     args = p.parse_args(argv)
     try:
-        out = convert_hf_to_composer(args.hf_dir, args.out)
+        out = convert_hf_to_composer(args.hf_dir, args.out, model_config=args.model_config)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

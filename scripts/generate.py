@@ -34,7 +34,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from llmfoundry.checkpoint import CheckpointError, _require_tokenizer, load_model
+    from llmfoundry.checkpoint import CheckpointError, load_model, require_tokenizer
     from llmfoundry.generate import SamplingConfig, generate_texts, read_prompts
 
     try:
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
             overrides["attn_config"] = {"attn_impl": args.attn_impl}
         model, recorded_tok = load_model(args.model, model_config=args.model_config, overrides=overrides,
                                          device="cuda" if on_gpu else "cpu", dtype=dtype)
-        tokenizer = _require_tokenizer(args.tokenizer or recorded_tok)
+        tokenizer = require_tokenizer(args.tokenizer or recorded_tok)
         t0 = time.perf_counter()
         outputs = generate_texts(model, tokenizer, prompts, sampling, batch_size=args.batch_size)
         elapsed = time.perf_counter() - t0

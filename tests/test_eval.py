@@ -224,7 +224,7 @@ def test_evaluate_hf_directory_gives_same_numbers(model, ckpt, tmp_path):
     assert theirs[0]["predictions"] == a["icl"][0]["predictions"]
 
 
-def test_eval_config_and_cli_errors(ckpt, tmp_path, capsys):
+def test_eval_config_and_cli_errors(model, ckpt, tmp_path, capsys):
     with pytest.raises(ConfigError, match="exactly one of 'load_path'"):
         from_dict(EvalConfig, {"icl_tasks": [{"label": "a", "path": "p", "type": "multiple_choice"}]})
     with pytest.raises(ConfigError, match="nothing to evaluate"):
@@ -240,6 +240,9 @@ def test_eval_config_and_cli_errors(ckpt, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main([str(REPO / "yamls/eval/tiny-cpu.yaml"), f"load_path={ckpt}", "tokenizer=/no/such/dir"]) == 1
     assert "tokenizer '/no/such/dir' cannot be loaded" in capsys.readouterr().err
+    model.save_pretrained(str(tmp_path / "hf_no_tokenizer"))
+    assert main([str(REPO / "yamls/eval/tiny-cpu.yaml"), "load_path=null", f"hf_path={tmp_path}/hf_no_tokenizer"]) == 1
+    assert "no tokenizer known for this model" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

@@ -42,7 +42,8 @@ def run(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("export")
     cfg = load_config(REPO / "yamls" / "tiny-cpu.yaml", [
-        f"save_folder={d}/ckpt", "max_duration=2ba", "save_interval=2ba", "eval_loader=null", "autoresume=false",
+        f"save_folder={d}/ckpt", "max_duration=2ba", "save_interval=2ba", "eval_interval=2ba",
+        "eval_subset_num_batches=1", "device_eval_batch_size=4", "autoresume=false",
         "run_name=export-test", "model.d_model=64", "global_train_batch_size=4", "device_train_microbatch_size=4",
         "callbacks.speed_monitor=null", "callbacks.runtime_estimator=false", "log_to_console=false",
         "python_log_level=null"])
@@ -55,10 +56,12 @@ def run(tmp_path_factory):
         dcp.save({"state": trainer.state.state_dict(), "rng": reproducibility.get_rng_state()},
                  storage_writer=dcp.FileSystemWriter(str(alone / "ep0-ba2")), no_dist=True)
         weights = {k: v.detach().clone() for k, v in trainer.state.model.model.state_dict().items()}
+        trainer_ppl = float(trainer.state.eval_metrics["eval"]["LanguagePerplexity"].compute())
     finally:
         trainer.close()
     return {"dir": d, "cfg": cfg, "whole": str(d / "ckpt" / "ep0-ba2-rank0.pt"),
-            "recorded": str(alone / "recorded.pt"), "sharded": str(alone / "ep0-ba2"), "weights": weights}
+            "recorded": str(alone / "recorded.pt"), "sharded": str(alone / "ep0-ba2"), "weights": weights,
+            "trainer_perplexity": trainer_ppl}
 
 
 def _logits(model, ids):
@@ -103,6 +106,15 @@ def test_recorded_config_and_sharded_checkpoint(run, tmp_path):
     ids = torch.randint(0, 4096, (2, 40))
     torch.testing.assert_close(_logits(MptForCausalLM.from_pretrained(out).eval(), ids),
                                _logits(model_from_state_dict(run["weights"], cfg), ids), rtol=0, atol=1e-5)
+
+
+def test_eval_perplexity_matches_the_trainers(run):
+    """scripts/eval.py's perplexity over the trainer's eval batches equals the trainer's own eval metric."""
+    from llmfoundry.eval.perplexity import build_eval_batches, evaluate_perplexity
+    model, _ = load_model(run["sharded"])
+    result = evaluate_perplexity(model, build_eval_batches(run["cfg"].eval_loader, 4), max_batches=1)
+    assert result["tokens"] == 4 * 255
+    assert result["perplexity"] == pytest.approx(run["trainer_perplexity"], rel=1e-5)
 
 
 SAVE_SHARDED = textwrap.dedent("""
@@ -208,7 +220,8 @@ def test_shape_mismatch_errors_name_tensor_and_shapes(run):
     with pytest.raises(CheckpointError, match=r"tensor 'transformer\.wte\.weight' has shape \(4096, 64\), but the "
                                               r"model config .* expects \(4096, 128\)"):
         load_composer_checkpoint(run["recorded"], model_config=cfg.replace(d_model=128))
-    with pytest.raises(CheckpointError, match=r"lacks 6 tensor\(s\) the model config \(.*n_layers=3.*'transformer\.blocks\.2\.norm_1\.weight'"):
+    with pytest.raises(CheckpointError, match=r"lacks 6 tensor\(s\) the model config \(.*n_layers=3.*"
+                                              r"'transformer\.blocks\.2\.norm_1\.weight'"):
         load_composer_checkpoint(run["recorded"], model_config=cfg.replace(n_layers=3))
     with pytest.raises(CheckpointError, match=r"'lm_head\.weight'.*tie_word_embeddings: false"):
         load_composer_checkpoint(run["recorded"], model_config=cfg.replace(tie_word_embeddings=False))
@@ -253,7 +266,9 @@ def test_hf_weights_start_a_training_run(run, tmp_path):
     from llmfoundry.train import build_trainer, load_config
     from llmfoundry.train.composer_model import ComposerMPT
     hf_dir = convert_composer_to_hf(run["recorded"], str(tmp_path / "hf"))
-    init = convert_hf_to_composer(hf_dir, str(tmp_path / "init.pt"))
+    init = convert_hf_to_composer(hf_dir, str(tmp_path / "init.pt"), model_config=run["cfg"].model)
+    with pytest.raises(CheckpointError, match=r"'transformer\.wte\.weight' has shape \(4096, 64\).*\(4096, 128\)"):
+        convert_hf_to_composer(hf_dir, str(tmp_path / "x.pt"), model_config=str(REPO / "yamls/tiny-cpu.yaml"))
 
     composer_model = ComposerMPT(run["cfg"].model)
     load_hf_weights(composer_model, hf_dir)

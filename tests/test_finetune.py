@@ -233,8 +233,8 @@ def test_too_long_modes(tmp_path, tok):
     conv = {"messages": [{"role": "user", "content": long_prompt}, {"role": "assistant", "content": "ok"},
                          {"role": "user", "content": long_prompt}, {"role": "assistant", "content": "fine"}]}
     path = jsonl(tmp_path / "c.jsonl", [{"messages": [USER, ASSISTANT]}, conv])
-    with pytest.warns(UserWarning, match=r"1 of 2 .*could not keep min_response_tokens = 8.*c\.jsonl, line 2"):
-        ds = build_finetune_dataset(make(path, max_seq_len=40, min_prompt_tokens=30), tok)
+    with pytest.warns(UserWarning, match=r"1 of 2 .*could not keep min_response_tokens = 12.*c\.jsonl, line 2"):
+        ds = build_finetune_dataset(make(path, max_seq_len=40, min_prompt_tokens=24, min_response_tokens=12), tok)
     assert len(ds) == 1
 
 
@@ -300,17 +300,21 @@ def test_config_errors(tmp_path):
         make(path, prompt_template="Q: {promt}")
     with pytest.raises(ConfigError, match="columns: unknown field 'answer'"):
         make(path, columns={"answer": "output"})
-    with pytest.raises(ConfigError, match="train_loader.packing_ratio"):
+    with pytest.raises(ConfigError, match="packing_ratio = 'atuo' must be .*did you mean 'auto'"):
         make(path, packing_ratio="atuo")
+    with pytest.raises(ConfigError, match="packing_ratio = 0.5 must be a number >= 1"):
+        make(path, packing_ratio=0.5)
+    with pytest.raises(ConfigError, match="min_prompt_tokens \\+ min_response_tokens = 16 exceeds max_seq_len = 12"):
+        make(path, max_seq_len=12)
     with pytest.raises(DataError, match="does not exist"):
         build_finetune_dataset(make(str(tmp_path / "missing.jsonl")), "bundled")
     # the trainer's dispatch on train_loader.name
     assert isinstance(loader_config_from_dict({"local": "x", "max_seq_len": 8}), TextLoaderConfig)
     assert isinstance(loader_config_from_dict({"name": "text", "local": "x", "max_seq_len": 8}), TextLoaderConfig)
-    cfg = loader_config_from_dict({"name": "finetune", "data_files": path, "max_seq_len": 8})
+    cfg = loader_config_from_dict({"name": "finetune", "data_files": path, "max_seq_len": 32})
     assert isinstance(cfg, FinetuneLoaderConfig) and cfg.data_files == [path]
     with pytest.raises(ConfigError, match=r"unknown config key 'train_loader.pakcing_ratio'.*packing_ratio"):
-        loader_config_from_dict({"name": "finetune", "data_files": path, "max_seq_len": 8, "pakcing_ratio": 2})
+        loader_config_from_dict({"name": "finetune", "data_files": path, "max_seq_len": 32, "pakcing_ratio": 2})
     with pytest.raises(ConfigError, match=r"'eval_loader.name' = 'finetuning'.*did you mean 'finetune'"):
         loader_config_from_dict({"name": "finetuning"}, "eval_loader")
 
@@ -380,13 +384,14 @@ def test_tiny_finetune_lowers_loss_on_the_bundled_instruct_examples(tok):
         return sum(losses) / len(losses)
 
     before = mean_loss()
-    trainer = Trainer(model=model, train_dataloader=loader, max_duration="8ep", device="cpu", precision="fp32",
+    trainer = Trainer(model=model, train_dataloader=loader, max_duration="5ep", device="cpu", precision="fp32",
                       optimizers=builders.build_optimizer(OptimizerConfig(lr=2e-3), model.parameters()),
                       schedulers=builders.build_scheduler(SchedulerConfig(name="constant", t_warmup="2ba")),
                       progress_bar=False, log_to_console=False, seed=0)
     trainer.fit()
     trainer.close()
     after = mean_loss()
+    print(f"loss before {before:.3f}, after {after:.3f}")
     assert after < before - 1.0, (before, after)
 
 
@@ -405,11 +410,12 @@ def test_tiny_instruct_yaml_trains_through_the_trainer(tmp_path):
 
     cfg = _trainer_accepts_finetune_yaml(str(REPO / "yamls/finetune/tiny-instruct-cpu.yaml"), [
         "load_path=null", f"save_folder={tmp_path}/ck", "autoresume=false", "max_duration=4ep",
-        "eval_interval=2ep", "save_interval=4ep", "callbacks.speed_monitor=null"])
+        "eval_interval=2ep", "save_interval=4ep", "callbacks.speed_monitor=null", "optimizer.lr=2e-3"])
     trainer = train(cfg)
-    losses = [float(v) for k, v in trainer.state.eval_metrics["eval"].items() if k == "LanguageCrossEntropy"]
+    loss = float(trainer.state.eval_metrics["eval"]["LanguageCrossEntropy"].compute())
     trainer.close()
-    assert losses and losses[0] < 8.0  # ln(4096) = 8.3 at random init
+    print(f"held-out response loss after 4 epochs: {loss:.3f}")
+    assert loss < 7.0  # ln(4096) = 8.3 for a uniform guess; about 9.3 at random init
     chat = _trainer_accepts_finetune_yaml(str(REPO / "yamls/finetune/tiny-chat-cpu.yaml"), ["load_path=null"])
     assert isinstance(chat.train_loader, FinetuneLoaderConfig) and chat.train_loader.format == "chat"
 

@@ -198,7 +198,7 @@ def _shm_names(prefix: int) -> list[str]:
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm to inspect shared memory")
-def test_loaders_release_shared_memory_and_temporary_cache(data):
+def test_loaders_release_shared_memory_and_temporary_cache(data, tmp_path):
     cfg = make(None, streams={"a": {"remote": data["a"]}}, num_workers=1)  # remote set, local not: auto cache
     prefixes, caches = [], []
     for _ in range(3):
@@ -214,7 +214,7 @@ def test_loaders_release_shared_memory_and_temporary_cache(data):
     assert not any(os.path.exists(c) for c in caches)  # ... removed with it
     assert not any(_shm_names(p) for p in prefixes)  # shared memory unlinked when the loader is freed
 
-    explicit = make(None, streams={"a": {"remote": data["a"], "local": caches[0]}})
+    explicit = make(None, streams={"a": {"remote": data["a"], "local": str(tmp_path / "cache")}})
     for _ in range(3):  # the same explicit local dir, one loader after another: no "Reused local directory"
         assert len(take(build_text_dataloader(explicit, 8), 2)) == 2
 

@@ -60,16 +60,21 @@ class ConvertSummary:
     shards: int
     seconds: float
     processes: int
+    cpu_seconds: float = 0.0  # CPU time of reading, tokenizing, packing and writing, summed over processes
 
     @property
     def tokens_per_second(self) -> float:
         return (self.tokens + self.dropped_tokens) / max(self.seconds, 1e-9)
 
+    @property
+    def tokens_per_cpu_second(self) -> float:
+        return (self.tokens + self.dropped_tokens) / max(self.cpu_seconds, 1e-9)
+
     def __str__(self) -> str:
         return (f"converted {self.documents:,} documents into {self.samples:,} samples "
                 f"({self.tokens:,} tokens; {self.dropped_tokens:,} dropped in the final partial sample)\n"
                 f"  shards {self.shards}  processes {self.processes}  {self.seconds:.1f} s  "
-                f"{self.tokens_per_second:,.0f} tokens/s\n  output {self.out_root}")
+                f"{self.tokens_per_second:,.0f} tokens/s  ({self.cpu_seconds:.1f} CPU s)\n  output {self.out_root}")
 
 
 # -------------------------------------------------------------------------------------------------- packing
@@ -217,6 +222,7 @@ class _Part:
     tokens: int = 0
     samples: int = 0
     shards: int = 0
+    cpu_seconds: float = 0.0
     tails: dict[int, np.ndarray] = field(default_factory=dict)
 
 
@@ -239,6 +245,7 @@ def _pack_units(source: Source, units: list[tuple[int, Unit]], cfg: ConvertConfi
     """Read, tokenize and pack each unit on its own into ``writer``; keep each unit's tail."""
     from llmfoundry.data.tokenizer import load_tokenizer
 
+    cpu0 = time.process_time()
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
     bos, eos = separator_ids(tokenizer, cfg)
     part = _Part()
@@ -254,6 +261,7 @@ def _pack_units(source: Source, units: list[tuple[int, Unit]], cfg: ConvertConfi
             report(len(batch), packer.tokens - before)
         part.tokens += packer.tokens
         part.tails[index] = packer.tail
+    part.cpu_seconds = time.process_time() - cpu0
     return part
 
 
@@ -426,7 +434,8 @@ def convert(source: Source, cfg: ConvertConfig) -> ConvertSummary:
         close()
     summary = ConvertSummary(out_root=cfg.out_root, documents=documents, tokens=samples * cfg.concat_tokens,
                              dropped_tokens=len(rest), samples=samples, shards=sum(p.shards for p in parts),
-                             seconds=time.perf_counter() - t0, processes=processes)
+                             seconds=time.perf_counter() - t0, processes=processes,
+                             cpu_seconds=sum(p.cpu_seconds for p in parts))
     if cfg.progress:
         print(summary, file=sys.stderr)
     return summary

@@ -129,7 +129,7 @@ class FinetuneLoaderConfig:
     too_long: Literal["truncate", "skip", "error"] = "truncate"
     min_prompt_tokens: int = 8
     min_response_tokens: int = 8
-    packing_ratio: float | Literal["auto"] | None = None
+    packing_ratio: Any = None  # null, a number >= 1, or 'auto' (checked in __post_init__)
     shuffle: bool = True
     shuffle_seed: int = 17
     num_workers: int = 0
@@ -163,12 +163,14 @@ class FinetuneLoaderConfig:
             raise ValueError(f"min_prompt_tokens must be >= 0, got {self.min_prompt_tokens}")
         if self.min_response_tokens < 1:
             raise ValueError(f"min_response_tokens must be >= 1, got {self.min_response_tokens}")
-        if self.min_prompt_tokens + self.min_response_tokens > self.max_seq_len:
+        if self.too_long == "truncate" and self.min_prompt_tokens + self.min_response_tokens > self.max_seq_len:
             raise ValueError(f"min_prompt_tokens + min_response_tokens = "
                              f"{self.min_prompt_tokens + self.min_response_tokens} exceeds max_seq_len = "
                              f"{self.max_seq_len}; lower them")
-        if isinstance(self.packing_ratio, float) and self.packing_ratio < 1:
-            raise ValueError(f"packing_ratio = {self.packing_ratio} must be >= 1, 'auto', or null (no packing)")
+        r = self.packing_ratio
+        if r is not None and r != "auto" and (isinstance(r, bool) or not isinstance(r, (int, float)) or r < 1):
+            raise ValueError(f"packing_ratio = {r!r} must be a number >= 1 (at most that many examples per row), "
+                             f"'auto' (as many as fit), or null (no packing){closest(str(r), ['auto'])}")
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"max_examples must be >= 1 (or null for all), got {self.max_examples}")
         if self.num_workers < 0:

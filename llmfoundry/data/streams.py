@@ -66,10 +66,11 @@ def endpoint_description(remote: str | None, s3_endpoint_url: str | None) -> str
 
 
 class _S3Downloader(S3Downloader):
-    """streaming's S3 downloader with an explicit endpoint and a bounded connect time.
+    """streaming's S3 downloader with an explicit endpoint and bounded waits.
 
     streaming only applies `download_timeout` to reads; a host that does not answer would take botocore's
-    60 s connect timeout per attempt, so the connect timeout gets the same bound.
+    60 s connect timeout per attempt, so the connect timeout gets the same bound. botocore makes at most 2
+    attempts per call; streaming repeats the call `download_retry` times with 1, 2, 4 ... s of backoff.
     """
 
     def __init__(self, endpoint_url: str | None):

@@ -19,13 +19,17 @@ with B the device batch size and S = `max_seq_len`.
 * Every rank calls the builder (streaming reads RANK / WORLD_SIZE / LOCAL_WORLD_SIZE from the environment)
   and gets a disjoint share of each global batch.
 * Resumption: `loader.state_dict()` (or composer's `dataset.state_dict(samples_seen, True)`) and
-  `load_state_dict` on a freshly built loader continue at the exact next sample, also at another world
-  size when `num_canonical_nodes` is unchanged (it is stored in the state and restored from it).
+  `load_state_dict` on a freshly built loader continue at the exact next sample. The global sample order
+  depends neither on `num_workers` nor on the number of ranks per node: resuming with another world size
+  and the same global batch (device batch x ranks) continues the same sequence, sample j of each global
+  batch going to rank j % world_size. `num_canonical_nodes` is stored in the state; to also change the
+  number of nodes, set it to a multiple of every node count you will use.
 """
 from __future__ import annotations
 
 import atexit
 import gc
+import os
 import shutil
 import warnings
 import weakref
@@ -53,8 +57,8 @@ class TextLoaderConfig:
     `split`: subdirectory of every source (e.g. 'train', 'val'), unless a stream sets its own.
     `epoch_size`: samples per epoch when streams are weighted by proportion (default: all samples).
     Shuffling (streaming semantics): `shuffle`, `shuffle_algo`, `shuffle_seed`, `shuffle_block_size`.
-    `num_canonical_nodes`: fixes the sample order independently of the number of nodes; keep it when
-        resuming at another world size (default: streaming's, i.e. the initial number of nodes for py1e).
+    `num_canonical_nodes`: fixes the sample order independently of the number of nodes (default: streaming's,
+        the initial number of nodes for py1e; a resumed run takes it from the checkpoint).
     Downloads: `predownload` (samples per worker fetched ahead; default 8 x batch), `download_retry` (total
         attempts per file, >= 1), `download_timeout` (seconds per attempt, also the S3 connect timeout),
         `cache_limit` (bytes or '10gb'; least recently used shards are evicted above it),
@@ -262,8 +266,10 @@ class TextCollator:
 
 @dataclass
 class _Owned:
+    pid: int  # forked DataLoader workers inherit the finalizer; only the process that built the loader releases
     shms: list = field(default_factory=list)
     dirs: list = field(default_factory=list)
+    loader: Any = None  # weakref to the StreamingDataLoader, to stop its workers before removing their cache
 
 
 _owned: dict[int, _Owned] = {}
@@ -275,9 +281,13 @@ def _track(dataset: StreamingDataset, shm) -> None:
 
 
 def _release(key: int) -> None:
+    """Unlink a dataset's shared memory and remove its temporary cache (when collected, or at exit)."""
     owned = _owned.pop(key, None)
-    if owned is None:
+    if owned is None or owned.pid != os.getpid():
         return
+    loader = owned.loader() if owned.loader is not None else None
+    if loader is not None and loader._iterator is not None:  # at interpreter exit: stop workers first
+        loader._iterator._shutdown_workers()
     for shm in owned.shms:
         atexit.unregister(shm.cleanup)
         try:
@@ -288,12 +298,12 @@ def _release(key: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _own(dataset: TextStreamingDataset, auto_dirs: list[str]) -> None:
+def _own(dataset: TextStreamingDataset, auto_dirs: list[str], loader: StreamingDataLoader) -> None:
     shms = [dataset._locals_shm, dataset._shared_barrier._arr.shm, dataset._next_epoch.arr.shm,
             dataset._cache_usage.arr.shm, dataset._shard_states.shm, dataset._shard_access_times.shm,
             dataset._event.shm]
-    is_local_leader = World.detect().is_local_leader
-    _owned[id(dataset)] = _Owned(shms=shms, dirs=auto_dirs if is_local_leader else [])
+    dirs = auto_dirs if World.detect().is_local_leader else []
+    _owned[id(dataset)] = _Owned(os.getpid(), shms, dirs, weakref.ref(loader))
     weakref.finalize(dataset, _release, id(dataset))
 
 
@@ -309,16 +319,23 @@ def build_text_dataloader(cfg: TextLoaderConfig, device_batch_size: int,
     streams, auto_dirs = build_streams(cfg.named_streams(), default_split=cfg.split,
                                        download_retry=cfg.download_retry, download_timeout=cfg.download_timeout,
                                        s3_endpoint_url=cfg.s3_endpoint_url)
-    dataset = TextStreamingDataset(
-        max_seq_len=cfg.max_seq_len, streams=streams, split=cfg.split, epoch_size=cfg.epoch_size,
-        batch_size=device_batch_size, shuffle=cfg.shuffle, shuffle_algo=cfg.shuffle_algo,
-        shuffle_seed=cfg.shuffle_seed, shuffle_block_size=cfg.shuffle_block_size,
-        num_canonical_nodes=cfg.num_canonical_nodes, predownload=cfg.predownload,
-        download_retry=cfg.download_retry, download_timeout=cfg.download_timeout, cache_limit=cfg.cache_limit)
-    _own(dataset, auto_dirs)
+    try:
+        dataset = TextStreamingDataset(
+            max_seq_len=cfg.max_seq_len, streams=streams, split=cfg.split, epoch_size=cfg.epoch_size,
+            batch_size=device_batch_size, shuffle=cfg.shuffle, shuffle_algo=cfg.shuffle_algo,
+            shuffle_seed=cfg.shuffle_seed, shuffle_block_size=cfg.shuffle_block_size,
+            num_canonical_nodes=cfg.num_canonical_nodes, predownload=cfg.predownload,
+            download_retry=cfg.download_retry, download_timeout=cfg.download_timeout, cache_limit=cfg.cache_limit)
+    except BaseException:
+        if World.detect().is_local_leader:
+            for d in auto_dirs:
+                shutil.rmtree(d, ignore_errors=True)
+        raise
     workers = cfg.num_workers > 0
-    return StreamingDataLoader(
+    loader = StreamingDataLoader(
         dataset, batch_size=device_batch_size, collate_fn=TextCollator(eos_token_id),
         num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor if workers else None,
         persistent_workers=cfg.persistent_workers and workers, drop_last=cfg.drop_last,
         pin_memory=cfg.pin_memory and torch.cuda.is_available())
+    _own(dataset, auto_dirs, loader)
+    return loader

@@ -128,7 +128,7 @@ def _autocast(device: str, precision: str):
 
 def load_eval_model(cfg: EvalConfig, device: str, precision: str):
     """``(model, tokenizer)`` for ``cfg``."""
-    from llmfoundry.checkpoint import _require_tokenizer, load_model
+    from llmfoundry.checkpoint import load_model, require_tokenizer
     weights_dtype = {"fp32": torch.float32, "amp_bf16": torch.float32, "bf16": torch.bfloat16,
                      "fp16": torch.float16}[precision]
     source = cfg.load_path or cfg.hf_path
@@ -136,7 +136,7 @@ def load_eval_model(cfg: EvalConfig, device: str, precision: str):
         raise ConfigError(f"hf_path {cfg.hf_path} is not a directory; pass a Hugging Face MPT model directory")
     model, recorded_tok = load_model(source, model_config=cfg.model_config, overrides=cfg.model_overrides,
                                      device=device, dtype=weights_dtype)
-    tokenizer = _require_tokenizer(cfg.tokenizer or recorded_tok)
+    tokenizer = require_tokenizer(cfg.tokenizer or recorded_tok)
     return model, tokenizer
 
 

@@ -151,6 +151,50 @@ def no_space_message(save_folder: str | None, needed: int) -> str:
             f"continue from the latest checkpoint")
 
 
+def checkpoint_param_shapes(path: str) -> dict[str, tuple] | None:
+    """Model parameter shapes stored in a local composer checkpoint (whole ``.pt`` file or sharded folder), read
+    without loading the tensors; None when ``path`` is not a local checkpoint."""
+    import torch
+    if os.path.isdir(path):  # sharded: torch.distributed.checkpoint folder, shapes are in .metadata
+        from torch.distributed.checkpoint import FileSystemReader
+        try:
+            meta = FileSystemReader(path).read_metadata()
+        except Exception:  # noqa: BLE001 - not a DCP folder
+            return None
+        prefix = "state.model."
+        return {k[len(prefix):]: tuple(v.size) for k, v in meta.state_dict_metadata.items()
+                if k.startswith(prefix) and hasattr(v, "size")}
+    if os.path.isfile(path):
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except Exception:  # noqa: BLE001 - unreadable here; composer reports it
+            return None
+        model = (state.get("state") or {}).get("model") or {}
+        return {k: tuple(v.shape) for k, v in model.items() if hasattr(v, "shape")}
+    return None
+
+
+def shape_problem(checkpoint_shapes: dict[str, tuple], model_shapes: dict[str, tuple]) -> str | None:
+    """The first difference between a checkpoint's parameters and the model's, in words; None if they match."""
+    for k, shape in model_shapes.items():
+        if k in checkpoint_shapes and tuple(checkpoint_shapes[k]) != tuple(shape):
+            return (f"parameter '{k}' has shape {list(checkpoint_shapes[k])} in the checkpoint but {list(shape)} "
+                    f"in this model")
+    missing = [k for k in model_shapes if k not in checkpoint_shapes]
+    unexpected = [k for k in checkpoint_shapes if k not in model_shapes]
+    if missing:
+        return (f"{len(missing)} parameters of this model are not in the checkpoint, e.g. '{missing[0]}'")
+    if unexpected:
+        return (f"{len(unexpected)} parameters in the checkpoint do not exist in this model, e.g. '{unexpected[0]}'")
+    return None
+
+
+def mismatch_message(checkpoint: str, detail: str, model_desc: str) -> str:
+    return (f"checkpoint {checkpoint} does not fit this model ({model_desc}): {detail}. Fix: load a checkpoint "
+            f"saved with the same model.* settings, or change model.* to the shape it was trained with "
+            f"(and use a new save_folder/run_name when starting a different model)")
+
+
 def is_shape_mismatch(e: BaseException) -> bool:
     text = str(e)
     return any(s in text for s in ("size mismatch", "Size mismatch", "Missing key(s)", "Unexpected key(s)",
@@ -175,6 +219,4 @@ def shape_mismatch_message(e: BaseException, checkpoint: str, model_desc: str) -
         else:
             detail = next((ln.strip() for ln in text.splitlines() if "ize mismatch" in ln or "shape" in ln),
                           text.strip().splitlines()[0] if text.strip() else type(e).__name__)
-    return (f"checkpoint {checkpoint} does not fit this model ({model_desc}): {detail}. Fix: load a checkpoint "
-            f"saved with the same model.* settings, or change model.* to the shape it was trained with "
-            f"(and use a new save_folder/run_name when starting a different model)")
+    return mismatch_message(checkpoint, detail, model_desc)

@@ -103,16 +103,29 @@ def _preflight(cfg: TrainConfig) -> None:
         raise TrainError("; ".join(dict.fromkeys(found)))
 
 
-def _checkpoint_being_loaded(cfg: TrainConfig) -> str:
-    """Best description of which checkpoint a failed load came from (for the error message)."""
+def _local_checkpoint(cfg: TrainConfig, loaded: str | None = None) -> str | None:
+    """The local checkpoint (file or sharded folder) composer loads or loaded, for shape checks and messages."""
+    candidates = [loaded] if loaded else []
     if cfg.autoresume and cfg.save_folder and not checks.is_remote(cfg.save_folder):
         folder = cfg.save_folder.replace("{run_name}", cfg.run_name or "")
-        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            if name.startswith("latest-rank0"):
-                return os.path.realpath(os.path.join(folder, name))
-    if cfg.autoresume:
-        return f"(latest in {cfg.save_folder})"
-    return str(cfg.load_path)
+        candidates.append(os.path.join(folder, "latest-rank0.pt"))
+    if cfg.load_path and not checks.is_remote(cfg.load_path):
+        candidates.append(cfg.load_path.replace("{rank}", "0").replace("{run_name}", cfg.run_name or ""))
+    for path in candidates:
+        if path and os.path.exists(path):
+            return os.path.realpath(path)
+    return None
+
+
+def _check_loaded_shapes(cfg: TrainConfig, model_shapes: dict, checkpoint: str | None, error=None) -> None:
+    """Raise a TrainError naming the parameter/shape and checkpoint when they differ from the model."""
+    ckpt_shapes = checks.checkpoint_param_shapes(checkpoint) if checkpoint else None
+    problem = checks.shape_problem(ckpt_shapes, model_shapes) if ckpt_shapes else None
+    if problem:
+        raise TrainError(checks.mismatch_message(checkpoint, problem, _model_description(cfg))) from error
+    if error is not None and checks.is_shape_mismatch(error):
+        where = checkpoint or cfg.load_path or f"the latest checkpoint in {cfg.save_folder}"
+        raise TrainError(checks.shape_mismatch_message(error, where, _model_description(cfg))) from error
 
 
 def _model_description(cfg: TrainConfig) -> str:
@@ -185,6 +198,7 @@ def build_trainer(cfg: TrainConfig):
     hparams = to_dict(cfg)
     loggers = builders.build_loggers(cfg.loggers, cfg.run_name, hparams)
     parallelism = builders.build_parallelism(cfg.fsdp, world_size, dist.get_local_world_size())
+    model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # before FSDP shards them
 
     try:
         trainer = Trainer(
@@ -221,10 +235,11 @@ def build_trainer(cfg: TrainConfig):
             compile_config=cfg.compile_config,
         )
     except Exception as e:
-        if (cfg.load_path or cfg.autoresume) and checks.is_shape_mismatch(e):
-            raise TrainError(checks.shape_mismatch_message(e, _checkpoint_being_loaded(cfg),
-                                                           _model_description(cfg))) from e
+        if cfg.load_path or cfg.autoresume:
+            _check_loaded_shapes(cfg, model_shapes, _local_checkpoint(cfg), error=e)
         raise
+    if trainer.state.load_path is not None:  # composer may load some mismatches non-strictly: check them all
+        _check_loaded_shapes(cfg, model_shapes, _local_checkpoint(cfg, trainer.state.load_path))
 
     peak = builders.peak_flops_used(callbacks)
     if peak:
