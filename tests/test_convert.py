@@ -170,6 +170,7 @@ def test_two_processes_give_the_same_samples_and_one_merged_index(tmp_path):
     two = convert(source, cfg(tmp_path / "two", processes=2))
     assert one.documents == two.documents == 79 and one.samples == two.samples
     assert one.dropped_tokens == two.dropped_tokens and two.processes == 2 and two.shards == 3
+    assert one.cpu_seconds > 0 and two.cpu_seconds > 0 and one.tokens_per_second > 0
     assert sorted(os.listdir(tmp_path / "two")) == ["index.json", "part-00000", "part-00001", "part-tail"]
     assert as_multiset(read_mds(tmp_path / "one")) == as_multiset(read_mds(tmp_path / "two"))
 

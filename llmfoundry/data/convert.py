@@ -402,6 +402,8 @@ def convert(source: Source, cfg: ConvertConfig) -> ConvertSummary:
     """Convert every document of ``source`` into MDS shards at ``cfg.out_root``; print and return a summary.
 
     A conversion that fails (bad input, interrupted) removes what it wrote, so it can simply be run again.
+    With ``processes > 1`` the workers are fresh processes (forkserver/spawn): a script that calls this must
+    do so under ``if __name__ == "__main__":``.
     """
     from llmfoundry.data.tokenizer import load_tokenizer
 

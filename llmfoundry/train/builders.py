@@ -176,11 +176,23 @@ def peak_flops_used(callbacks: list) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------------- loggers
+def _wandb_compat() -> None:
+    """composer 0.32.1's WandBLogger calls ``wandb.run.get_url()``, which newer wandb releases dropped in favour
+    of the ``url`` property; give ``Run`` the old name back so both work."""
+    try:
+        from wandb.sdk.wandb_run import Run
+    except ImportError:  # composer raises its own clear error for a missing wandb
+        return
+    if not hasattr(Run, "get_url"):
+        Run.get_url = lambda self: self.url
+
+
 def build_loggers(cfg: LoggersConfig, run_name: str | None, hparams: dict | None = None) -> list:
     """composer ``LoggerDestination`` objects. Console/progress output is configured on ``Trainer`` itself."""
     loggers = []
     if cfg.wandb is not None:
         from composer.loggers import WandBLogger
+        _wandb_compat()
         w = cfg.wandb
         loggers.append(WandBLogger(project=w.project, entity=w.entity, group=w.group, name=w.name or run_name,
                                    tags=list(w.tags) or None, init_kwargs={"config": hparams or {}}))
