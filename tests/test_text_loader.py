@@ -241,6 +241,8 @@ RANK_SCRIPT = textwrap.dedent("""
         if len(ids) == n:
             break
     json.dump({"ids": ids, "saved": saved, "state": loader.state_dict()}, open(out, "w"))
+    if dist.is_initialized():
+        dist.barrier()  # a rank's exit frees the shared memory it created (as streaming's atexit does)
 """)
 
 

@@ -29,10 +29,11 @@ def fast(save_folder, *extra) -> list[str]:
             "callbacks.speed_monitor.window_size=2", "scheduler.t_warmup=2ba", *extra]
 
 
-def run_cli(args: list[str], script: str = "scripts/train.py", timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], script: str = str(REPO / "scripts" / "train.py"), timeout: int = 300,
+            cwd=REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RUN_NAME", None)
-    return subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, script, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -223,20 +224,25 @@ def test_wandb_offline(tmp_path, monkeypatch):
     assert runs, os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_s3_checkpoints_and_autoresume(s3_bucket, tmp_path):
-    """Checkpoints go to s3://, and the same command continues from the latest one there."""
+    """Checkpoints go to s3://, and the same command continues from the newest one there, every time."""
     folder = f"{s3_bucket}/runs/{{run_name}}"
-    args = fast(folder, f"scheduler.t_max={N}ba", "eval_loader=null")
-    first = run_cli([TINY, *args, "max_duration=3ba"])
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run_cli([TINY, *args, "max_duration=4ba"])
-    assert second.returncode == 0, second.stderr[-3000:]
-    out = second.stdout + second.stderr
-    assert "Autoresuming training from checkpoint" in out and "[batch=4/4]" in out and "[batch=3/4]" not in out
+    args = fast(folder, f"scheduler.t_max={N}ba", "eval_loader=null", "save_interval=1ba")
+    outputs = []
+    for batches in (2, 3, 4):  # three launches: each must continue from the previous one's last checkpoint
+        r = run_cli([TINY, *args, f"max_duration={batches}ba"], cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outputs.append(r.stdout + r.stderr)
+    assert "autoresume: continuing from" not in outputs[0]
+    assert f"autoresume: continuing from {s3_bucket}/runs/tiny-cpu/ep0-ba2-rank0.pt" in outputs[1]
+    assert f"autoresume: continuing from {s3_bucket}/runs/tiny-cpu/ep0-ba3-rank0.pt" in outputs[2]
+    assert "[batch=4/4]" in outputs[2] and "[batch=3/4]" not in outputs[2]
+    assert os.listdir(tmp_path) == []  # nothing copied into the working directory
     import boto3
     s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket[5:])["Contents"]]
-    assert "runs/tiny-cpu/ep0-ba3-rank0.pt" in keys and "runs/tiny-cpu/ep0-ba4-rank0.pt" in keys, keys
+    assert {f"runs/tiny-cpu/ep0-ba{b}-rank0.pt" for b in (1, 2, 3, 4)} <= set(keys), keys
 
 
 def test_cli_user_error_is_one_line(tmp_path):

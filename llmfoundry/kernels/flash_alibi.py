@@ -263,7 +263,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Slopes, SeqId,
     if HAS_SEQ:
         k_seq = tl.load(seq_base + offs_n * stride_sn, mask=col_ok, other=-2)
 
-    # query blocks [lo, full) straddle the diagonal (masked), [full, Sq) see the whole key block
+    # query blocks [lo, mid) straddle the diagonal or need id checks (masked); [full, hi) see the whole key block
     if CAUSAL:
         lo = (tl.maximum(n0 - off, 0) // BLOCK_M) * BLOCK_M
         full = tl.maximum(((tl.maximum(n0 + BLOCK_N - 1 - off, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo)
@@ -420,7 +420,8 @@ def _fixed_config(kind: str, Sq: int, D: int):
     """The launch config when not autotuning, or None to autotune.
 
     Fixed configs: small unequal blocks under the interpreter (so block edges get exercised), 16-row query blocks
-    for KV-cache decode (Sq <= 16), small tiles for D > 128, and a default per head dim when LLMFOUNDRY_FLASH_ALIBI_AUTOTUNE=0.
+    for KV-cache decode (Sq <= 16), small tiles for D > 128, and a default per head dim when
+    LLMFOUNDRY_FLASH_ALIBI_AUTOTUNE=0.
     """
     if _INTERPRET:
         return {"fwd": dict(BLOCK_M=32, BLOCK_N=16), "dq": dict(BLOCK_M=32, BLOCK_N=16),
@@ -527,10 +528,12 @@ def flash_alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Fused attention ``softmax(scale * q k^T + slope_h * (k_pos - q_pos) + mask) v`` (differentiable).
 
     q: ``(B, H, Sq, D)``; k, v: ``(B, Hkv, Sk, D)`` with ``H % Hkv == 0`` (grouped-query heads); queries are the
-    LAST ``Sq`` positions of the keys (KV-cache decode: ``Sq < Sk``; with ``Sq > Sk`` the first rows see no key). ``alibi_slopes``: ``(H,)`` (fp32),
-    None for no bias. ``sequence_id``: int ``(B, S)`` with ``Sq == Sk == S``; a query only attends keys of the
-    same id (packed documents). ``D`` must be a power of two in [16, 256]; fp16/bf16 (fp32 accepted, mostly
-    for tests). A query row with no visible key returns zeros. Returns ``(B, H, Sq, D)`` in q's dtype.
+    LAST ``Sq`` positions of the keys (KV-cache decode: ``Sq < Sk``; with ``Sq > Sk`` the first rows see no key).
+    ``alibi_slopes``: ``(H,)`` (fp32), None for no bias. ``sequence_id``: int ``(B, S)`` with ``Sq == Sk == S``;
+    a query only attends keys of the same id (packed documents). ``D`` must be a power of two in [16, 256];
+    fp16/bf16 (fp32 accepted, mostly for tests). A query row with no visible key returns zeros. Returns
+    ``(B, H, Sq, D)`` in q's dtype (a view of a ``(B, Sq, H, D)`` buffer, so ``.transpose(1, 2)`` to the
+    ``(B, S, H*D)`` layout of an attention layer is free).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be 4-D (B, H, S, D)")

@@ -89,6 +89,24 @@ def check_remote(uri: str, key: str, write: bool) -> str | None:
     return None
 
 
+def latest_s3_checkpoint(save_folder: str) -> str | None:
+    """``s3://bucket/key`` of the newest whole-file checkpoint composer uploaded to ``save_folder`` (it writes the
+    key into ``<save_folder>/latest-rank0.pt.symlink``), or None when there is none yet."""
+    parsed = urllib.parse.urlparse(save_folder)
+    prefix = parsed.path.strip("/")
+    key = f"{prefix}/latest-rank0.pt.symlink" if prefix else "latest-rank0.pt.symlink"
+    client = _s3_client()
+    try:
+        body = client.get_object(Bucket=parsed.netloc, Key=key)["Body"].read().decode().strip()
+    except client.exceptions.NoSuchKey:
+        return None
+    except Exception as e:  # noqa: BLE001
+        if getattr(e, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+            return None
+        raise
+    return f"s3://{parsed.netloc}/{body}"
+
+
 # ------------------------------------------------------------------------------------------------ disk space
 def checkpoint_bytes(num_params: int, optimizer: str, weights_only: bool = False) -> int:
     """Rough size of one checkpoint: fp32 weights + optimizer state (LION: 1 fp32 buffer, AdamW: 2)."""

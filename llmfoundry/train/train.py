@@ -134,6 +134,30 @@ def _model_description(cfg: TrainConfig) -> str:
             f"expansion_ratio={m.expansion_ratio}")
 
 
+def _resume_point(cfg: TrainConfig, sharded: bool) -> tuple[str | None, bool, bool]:
+    """(load_path, load_weights_only, autoresume) to give composer.
+
+    For an ``s3://`` save folder with whole-file checkpoints, the latest checkpoint is looked up on the bucket
+    here (composer uploads ``latest-rank0.pt.symlink`` naming it). composer 0.32.1 would instead copy it to
+    ``./s3:/<bucket>/...`` under the working directory and, on later restarts, reuse that stale copy rather
+    than the newest checkpoint in the bucket.
+    """
+    if not (cfg.autoresume and checks.is_remote(cfg.save_folder) and not sharded
+            and cfg.save_folder.startswith("s3://")):
+        return cfg.load_path, cfg.load_weights_only, cfg.autoresume
+    from composer.utils import dist
+    found = [None]
+    if dist.get_global_rank() == 0:
+        found[0] = checks.latest_s3_checkpoint(cfg.save_folder.replace("{run_name}", cfg.run_name or ""))
+    dist.broadcast_object_list(found)
+    if found[0]:
+        log.info("autoresume: continuing from %s", found[0])
+        return found[0], False, False
+    log.info("autoresume: no checkpoint in %s yet; starting %s", cfg.save_folder,
+             f"from load_path {cfg.load_path}" if cfg.load_path else "from scratch")
+    return cfg.load_path, cfg.load_weights_only, False
+
+
 def _check_init_device(cfg: TrainConfig, device: str) -> None:
     init = cfg.model.init_device
     if init in ("meta", "mixed") and (cfg.fsdp is None or device != "gpu"):
@@ -199,6 +223,8 @@ def build_trainer(cfg: TrainConfig):
     loggers = builders.build_loggers(cfg.loggers, cfg.run_name, hparams)
     parallelism = builders.build_parallelism(cfg.fsdp, world_size, dist.get_local_world_size())
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # before FSDP shards them
+    sharded = cfg.fsdp is not None and cfg.fsdp.state_dict_type == "sharded"
+    load_path, load_weights_only, autoresume = _resume_point(cfg, sharded)
 
     try:
         trainer = Trainer(
@@ -223,9 +249,9 @@ def build_trainer(cfg: TrainConfig):
             save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
             save_overwrite=cfg.save_overwrite,
             save_weights_only=cfg.save_weights_only,
-            load_path=cfg.load_path,
-            load_weights_only=cfg.load_weights_only,
-            autoresume=cfg.autoresume,
+            load_path=load_path,
+            load_weights_only=load_weights_only,
+            autoresume=autoresume,
             parallelism_config=parallelism,
             device=device,
             precision=precision,
