@@ -162,6 +162,13 @@ def test_packed_loss_equals_loss_of_the_examples_alone(tmp_path, tok):
         assert na == np_
         if uses_sequence_id:
             torch.testing.assert_close(lp, la, rtol=1e-5, atol=1e-4)
+            # right padding needs no attention mask: causal attention never reaches it
+            with torch.no_grad():
+                masked = model(packed["input_ids"], attention_mask=packed["attention_mask"],
+                               sequence_id=packed["sequence_id"]).logits
+                unmasked = model(packed["input_ids"], sequence_id=packed["sequence_id"]).logits
+            real = packed["attention_mask"].bool()
+            torch.testing.assert_close(masked[real], unmasked[real])
         else:  # without sequence ids the packed examples see each other: the loss changes
             assert abs(float(lp - la)) > 1e-3
 
@@ -343,6 +350,35 @@ def test_hf_dataset_saved_to_disk_with_column_mapping(tmp_path, tok):
     got = build_finetune_dataset(make(str(tmp_path / "chat"), hf=True, role_names={"human": "user", "gpt": "assistant"},
                                       columns={"messages": "conversations", "role": "from", "content": "value"}), tok)
     assert tok.decode(got[0]["labels"][got[0]["labels"] != IGNORE_INDEX]) == "Hello.<|im_end|><|endoftext|>"
+
+
+DDP_SCRIPT = """
+import json, sys
+import torch.distributed as dist
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=int(sys.argv[2]), world_size=2)
+from llmfoundry.data.finetune import FinetuneLoaderConfig, build_finetune_dataloader
+from llmfoundry.utils.config import from_dict
+loader = build_finetune_dataloader(from_dict(FinetuneLoaderConfig, json.loads(sys.argv[3])), "bundled", 2)
+loader.sampler.set_epoch(1)
+print(json.dumps([row[:8] for b in loader for row in b["input_ids"].tolist()]))
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_get_disjoint_shares_under_torch_distributed(tmp_path):
+    import subprocess
+    import sys
+
+    rows = [{"prompt": f"Question {i}?", "response": f"Answer {i}."} for i in range(12)]
+    cfg = json.dumps({"data_files": jsonl(tmp_path / "d.jsonl", rows), "max_seq_len": 32, "shuffle_seed": 5})
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, str(tmp_path / "store"), str(rank), cfg],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    shares = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert len(shares[0]) == len(shares[1]) == 6  # 3 batches of 2 per rank
+    firsts = [set(map(tuple, share)) for share in shares]
+    assert not firsts[0] & firsts[1] and len(firsts[0] | firsts[1]) == 12
 
 
 def test_order_is_seeded_and_changes_per_epoch(tmp_path, tok):

@@ -46,6 +46,8 @@ Too long examples (``too_long``; more than ``max_seq_len`` tokens)
     ``min_prompt_tokens``) to make room.
   An example that would keep fewer than ``min(min_response_tokens, its trained tokens)`` trained tokens is
   refused: never trained on, never silently: one warning counts them and names the first few (file:line).
+  (A prompt/response example is never refused: the config requires min_prompt_tokens + min_response_tokens
+  <= max_seq_len. A chat example is when its first answers are too short and its leading context too long.)
 * ``skip``: every too long example is left out (the same counted warning).
 * ``error``: the first too long example stops the build with a ``DataError`` naming its file and line.
 
@@ -62,7 +64,13 @@ Order, ranks, resumption
 Every rank reads and tokenizes the whole source (deterministically), then a ``DistributedSampler`` (world size 1
 without ``torch.distributed``) gives each rank a disjoint share of each epoch's rows, shuffled with
 ``shuffle_seed`` and the epoch. Resumption needs no loader state: composer calls ``sampler.set_epoch`` and skips
-the batches already seen in the epoch (``spin_dataloaders``), which reproduces the exact order.
+the batches already seen in the epoch (``spin_dataloaders``), which reproduces the exact order. With
+``drop_last: false`` (eval) the sampler repeats a few rows so that every rank gets as many: up to ranks - 1
+duplicated rows in the metrics. Composer counts tokens as batch x max_seq_len (padding included).
+
+``attention_mask`` marks padding; since padding only ever follows the real tokens of a row, causal attention
+never reaches it from a real token, so a consumer may drop the mask (keeping fused attention kernels) without
+changing any real token's output (see tests/test_finetune.py).
 
 Errors
 ------

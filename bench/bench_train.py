@@ -1,0 +1,192 @@
+"""Training throughput through the real entry: ``composer scripts/train.py yamls/mpt-*.yaml`` on GPUs.
+
+For each recipe x attn_impl x GPU count, this runs the training script as users do (composer Trainer, LION,
+FSDP, the recipe's YAML) on random-token MDS shards written locally (object storage is not needed to time a
+step), and reads the throughput the run itself logs. The peer, transformers' ``MptForCausalLM`` with the same
+shapes, runs in a bare PyTorch loop (bf16 autocast, fused AdamW) in this process: no trainer overhead at all.
+
+MFU = tokens/s/GPU x FLOPs per token / peak, with FLOPs per token = 6 N + 12 n_layers d_model seq_len
+(``MPTConfig.flops_per_token``: N all parameters, attention score and value products counted in full, causal
+masking not discounted) and peak = 989 TFLOP/s (H100/H200 SXM dense bf16) unless ``--peak_tflops`` says
+otherwise.
+
+    python bench/bench_train.py --models 125m,350m,1b --attn flex,triton --peer --json out.json
+    python bench/bench_train.py --models 1b --attn triton --gpus 1,2,4        # scaling
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MICRO_BATCH = {"125m": 16, "350m": 16, "760m": 12, "1b": 8, "3b": 8, "7b": 4, "13b": 2, "30b": 1}
+METRIC = re.compile(r"(throughput/device/[a-z_]+|memory/peak_allocated_mem|memory/peak_reserved_mem)"
+                    r"\s*:\s*([0-9.eE+-]+)")
+
+
+def write_random_mds(root: Path, n_samples: int, seq_len: int, vocab: int) -> Path:
+    """``n_samples`` random-token samples in the project's MDS format (``tokens`` ndarray:int32)."""
+    import numpy as np
+    from streaming import MDSWriter
+    out = root / "train"
+    if (out / "index.json").exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    with MDSWriter(out=str(out), columns={"tokens": "ndarray:int32"}, size_limit="64mb") as w:
+        for _ in range(n_samples):
+            w.write({"tokens": rng.integers(1, vocab, size=seq_len, dtype=np.int32)})
+    return root
+
+
+def composer_launcher() -> str:
+    for cand in (shutil.which("composer"), str(Path(sys.executable).parent / "composer"), "/tmp/site/bin/composer"):
+        if cand and Path(cand).exists():
+            return cand
+    raise SystemExit("composer launcher not found (pip install mosaicml)")
+
+
+def overrides_for(model: str, attn: str, gpus: int, steps: int, data: Path, extra: list[str]) -> list[str]:
+    mb = MICRO_BATCH[model]
+    return [
+        "tokenizer=bundled",  # only the EOS id is read; the data is random tokens below vocab_size
+        "train_loader.streams=null", f"train_loader.local={data}", "train_loader.split=train",
+        "train_loader.num_workers=2", "eval_loader=null",
+        f"max_duration={steps}ba", f"global_train_batch_size={mb * gpus}", f"device_train_microbatch_size={mb}",
+        "save_folder=null", "autoresume=false", "loggers={}", f"run_name=bench-{model}-{attn}-{gpus}gpu",
+        f"model.attn_config.attn_impl={attn}", "scheduler.t_warmup=0ba",
+        "callbacks.speed_monitor.window_size=5", "callbacks.speed_monitor.gpu_flops_available=989e12",
+        "console_log_interval=5ba", "progress_bar=false", *extra,
+    ]
+
+
+def run_recipe(model: str, attn: str, gpus: int, steps: int, data: Path, extra: list[str], log_dir: Path) -> dict:
+    cmd = [composer_launcher(), "-n", str(gpus), str(REPO / "scripts/train.py"), str(REPO / f"yamls/mpt-{model}.yaml"),
+           *overrides_for(model, attn, gpus, steps, data, extra)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    text = proc.stdout + proc.stderr
+    (log_dir / f"{model}-{attn}-{gpus}gpu.log").write_text(" ".join(cmd) + "\n\n" + text)
+    metrics: dict[str, list[float]] = {}
+    for key, val in METRIC.findall(text):
+        metrics.setdefault(key, []).append(float(val))
+    row = {"model": model, "attn": attn, "gpus": gpus, "ok": proc.returncode == 0, "wall_s": round(time.time() - t0, 1)}
+    if proc.returncode != 0:
+        row["error"] = text.strip().splitlines()[-1][:300] if text.strip() else f"exit {proc.returncode}"
+        return row
+    # the last window is the steadiest (compilation and autotuning are behind it)
+    for key, vals in metrics.items():
+        row[key.split("/")[-1]] = vals[-1]
+    return row
+
+
+def flops_per_token(model: str, seq_len: int = 2048) -> float:
+    from llmfoundry.train.config import load_config
+    cfg = load_config(REPO / f"yamls/mpt-{model}.yaml", ["tokenizer=bundled"])
+    return cfg.model.flops_per_token(seq_len)
+
+
+def run_hf_peer(model: str, steps: int, seq_len: int = 2048) -> dict:
+    """transformers' MptForCausalLM, same shapes, bare loop: bf16 autocast, fused AdamW, one GPU."""
+    import torch
+    from transformers import MptConfig, MptForCausalLM
+    from llmfoundry.train.config import load_config
+    cfg = load_config(REPO / f"yamls/mpt-{model}.yaml", ["tokenizer=bundled"]).model
+    hf_cfg = MptConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
+                       expansion_ratio=cfg.expansion_ratio, max_seq_len=seq_len, vocab_size=cfg.vocab_size,
+                       no_bias=True, attn_config={"alibi": True, "attn_impl": "torch"}, use_cache=False)
+    torch.manual_seed(0)
+    net = MptForCausalLM(hf_cfg).cuda()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
+    b = MICRO_BATCH[model]
+    x = torch.randint(1, cfg.vocab_size, (b, seq_len), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = net(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    row = {"model": model, "attn": "transformers-MPT", "gpus": 1, "ok": True,
+           "tokens_per_sec": b * seq_len / dt, "peak_allocated_mem": torch.cuda.max_memory_allocated() / 2**30}
+    del net, opt
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="125m,350m,1b")
+    p.add_argument("--attn", default="flex,triton")
+    p.add_argument("--gpus", default="1", help="comma-separated GPU counts, e.g. 1,2,4 for scaling")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--peer", action="store_true", help="also time transformers' MptForCausalLM (one GPU)")
+    p.add_argument("--peak_tflops", type=float, default=989.0)
+    p.add_argument("--data", default="/tmp/bench_mds")
+    p.add_argument("--logs", default="/tmp/bench_logs")
+    p.add_argument("--json", default=None)
+    p.add_argument("extra", nargs="*", help="more key=value overrides for every run (e.g. compile_config={})")
+    args = p.parse_args(argv)
+
+    models = args.models.split(",")
+    gpus = [int(g) for g in args.gpus.split(",")]
+    n = max(MICRO_BATCH[m] for m in models) * max(gpus) * (args.steps + 2) + 64
+    data = write_random_mds(Path(args.data), n, 2048, 50432)
+    logs = Path(args.logs)
+    logs.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    for model in models:
+        fpt = flops_per_token(model)
+        if args.peer:
+            rows.append(run_hf_peer(model, args.steps))
+        for attn in args.attn.split(","):
+            for g in gpus:
+                rows.append(run_recipe(model, attn, g, args.steps, data, args.extra, logs))
+        for r in rows:
+            if r["model"] == model and r.get("ok"):
+                tps = r.get("tokens_per_sec")
+                if tps is None and r.get("samples_per_sec"):
+                    tps = r["samples_per_sec"] * 2048
+                r["tokens_per_sec"] = tps
+                r["mfu_ours"] = tps * fpt / (args.peak_tflops * 1e12) if tps else None
+        print(json.dumps([r for r in rows if r["model"] == model], indent=1), flush=True)
+
+    print(f"\nMFU against {args.peak_tflops:.0f} TFLOP/s; FLOPs/token = 6N + 12*L*d*S")
+    print(f"{'model':6} {'attn':18} {'gpus':>4} {'tokens/s/GPU':>13} {'MFU':>6} {'peak mem GB':>11}  vs peer")
+    for r in rows:
+        if not r.get("ok"):
+            print(f"{r['model']:6} {r['attn']:18} {r['gpus']:>4}  FAILED: {r.get('error')}")
+            continue
+        peer = next((q for q in rows if q["model"] == r["model"] and q["attn"] == "transformers-MPT"), None)
+        ratio = f"{r['tokens_per_sec'] / peer['tokens_per_sec']:.2f}x" if peer and r["tokens_per_sec"] else ""
+        mem = r.get("peak_allocated_mem")
+        print(f"{r['model']:6} {r['attn']:18} {r['gpus']:>4} {r['tokens_per_sec'] or 0:13,.0f} "
+              f"{r.get('mfu_ours') or 0:6.3f} {mem if mem is not None else float('nan'):11.1f}  {ratio}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
