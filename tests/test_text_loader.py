@@ -19,6 +19,8 @@ from llmfoundry.data.text_loader import (StreamError, TextLoaderConfig, build_te
 from llmfoundry.utils.config import ConfigError, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
+# the fixtures store 12 tokens per sample and most tests read 8: truncation is intended here
+pytestmark = pytest.mark.filterwarnings("ignore:.*using the first max_seq_len")
 
 
 def write_mds(path, num_samples: int, seq_len: int, marker: int = 1, samples_per_shard: int = 50):
@@ -85,7 +87,8 @@ def test_config_is_strict(data):
 
 def test_batches_are_truncated_tokens_with_labels(data):
     loader = build_text_dataloader(make(data["a"], shuffle=False), device_batch_size=4)
-    batches = take(loader)
+    with pytest.warns(UserWarning, match=r"stream 'default'.*12 tokens; using the first max_seq_len=8"):
+        batches = take(loader)
     assert len(batches) == 300 // 4
     b = batches[0]
     assert set(b) == {"input_ids", "labels"}  # no eos_token_id -> no sequence_id
