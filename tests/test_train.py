@@ -176,6 +176,15 @@ def test_autoresume_from_other_shape_is_named(uninterrupted, n_layers):
         build_trainer(cfg)
 
 
+def test_existing_run_without_autoresume_is_refused(uninterrupted):
+    before = sorted(os.listdir(uninterrupted[0]))
+    cfg = load_config(TINY, fast(uninterrupted[0], "autoresume=false", "optimizer.lr=1e-4"))
+    with pytest.raises(TrainError, match="already holds checkpoints.*autoresume: true.*save_overwrite: true"):
+        train(cfg)
+    after = sorted(os.listdir(uninterrupted[0]))
+    assert set(before) <= set(after) and all(f.startswith("config-") for f in set(after) - set(before))
+
+
 def test_unreachable_bucket_stops_before_training(s3_server):
     cfg = load_config(TINY, fast("s3://no-such-bucket-abc/runs/{run_name}"))
     with pytest.raises(TrainError, match=r"save_folder = 's3://no-such-bucket-abc.*cannot write to bucket"):
@@ -243,6 +252,16 @@ def test_s3_checkpoints_and_autoresume(s3_bucket, tmp_path):
     s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket[5:])["Contents"]]
     assert {f"runs/tiny-cpu/ep0-ba{b}-rank0.pt" for b in (2, 3, 4)} <= set(keys), keys
+
+
+def test_compile_config_reaches_trainer(tmp_path):
+    cfg = load_config(TINY, fast(tmp_path / "ck", "compile_config={}", "autoresume=false"))
+    assert cfg.compile_config == {}
+    trainer = build_trainer(cfg)
+    try:
+        assert trainer.state.model.forward.__wrapped__.__func__ is ComposerMPT.forward  # wrapped by torch.compile
+    finally:
+        trainer.close()
 
 
 def test_cli_user_error_is_one_line(tmp_path):

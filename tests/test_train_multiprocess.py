@@ -21,7 +21,8 @@ N = 6
 
 def fast(save_folder, *extra) -> list[str]:
     """tiny-cpu as a short run: 4 samples per step over the ranks."""
-    return [f"save_folder={save_folder}", "global_train_batch_size=4", "device_eval_batch_size=2",
+    return [f"save_folder={save_folder}", "global_train_batch_size=4", "device_train_microbatch_size=1",
+            "device_eval_batch_size=2",
             f"max_duration={N}ba", "eval_interval=3ba", "eval_subset_num_batches=1", "save_interval=100ba",
             "save_num_checkpoints_to_keep=-1", "console_log_interval=1ba", "scheduler.t_warmup=2ba",
             f"scheduler.t_max={N}ba", "callbacks.speed_monitor.window_size=2", *extra]
@@ -104,7 +105,7 @@ def gpus(n: int):
     return pytest.mark.skipif(torch.cuda.device_count() < n, reason=f"needs {n} CUDA GPUs")
 
 
-GPU_FAST = ["precision=amp_bf16", "model.attn_config.attn_impl=flex"]
+GPU_FAST = ["precision=amp_bf16"]  # attn_impl: torch (SDPA) from tiny-cpu.yaml
 
 
 @pytest.mark.gpu
@@ -114,6 +115,7 @@ def test_gpu_single_bf16_mfu(tmp_path):
     assert r.returncode == 0, explain(r, tmp_path / "logs")
     out = r.stdout + r.stderr
     assert "throughput/device/mfu" in out and "MFU is measured against a peak of" in out
+    assert "memory/peak_allocated_mem" in out and "Precision.AMP_BF16" in out
 
 
 @pytest.mark.gpu

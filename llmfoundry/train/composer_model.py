@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
 from composer.models import ComposerModel
 
-from llmfoundry.models.mpt.config import MPTConfig
-from llmfoundry.models.mpt.model import MPTForCausalLM
+from llmfoundry.models.mpt import MPTConfig, MPTForCausalLM
 
 IGNORE_INDEX = -100
 

@@ -14,7 +14,7 @@ YAML key                       used by
                                (``${bundled:mds}`` / ``${bundled:tokenizer}`` name the assets shipped in the package)
 ``run_name``                   ``Trainer(run_name=...)``; names the checkpoint folder via ``{run_name}``;
                                default: ``$RUN_NAME`` or the YAML file's stem (so the same command resumes)
-``seed``                       ``Trainer(seed=...)`` (weights init, data order shuffles use ``train_loader``'s seed)
+``seed``                       initial weights and ``Trainer(seed=...)``; the data order is ``train_loader.shuffle_seed``
 ``model.*``                    ``MPTConfig`` -> ``MPTForCausalLM`` inside ``ComposerMPT`` (composer_model.py)
 ``model.init_device``          where the weights are created: ``cpu``, or ``meta`` with FSDP (materialized shard by
                                shard on the GPUs through the model's ``param_init_fn``)
@@ -32,9 +32,10 @@ YAML key                       used by
 ``precision``                  ``Trainer(precision=...)``; ``auto`` = ``amp_bf16`` on GPU, ``fp32`` on CPU
 ``device``                     ``Trainer(device=...)``; ``auto`` = ``gpu`` when CUDA is available
 ``fsdp.*``                     builders.build_parallelism -> composer ``FSDP2Config`` (default) or ``FSDPConfig``;
-                               ``fsdp: null`` = plain DDP (CPU, or one GPU)
+                               ``fsdp: null`` = plain DDP (CPU, or one GPU); FSDP2 also runs on CPU (gloo, tests)
 ``save_*``, ``load_*``,        ``Trainer(save_folder=..., save_interval=..., save_num_checkpoints_to_keep=...,
-``autoresume``                 load_path=..., autoresume=...)``; checked for reachability and disk space first
+``autoresume``,                load_path=..., autoresume=...)``; ``s3://`` folders are checked for reachability and
+``check_free_disk``            the disk for room for one checkpoint before training (train.py ``_preflight``)
 ``callbacks.*``                builders.build_callbacks: SpeedMonitor (throughput, MFU), LRMonitor, MemoryMonitor,
                                RuntimeEstimator
 ``loggers.wandb``              composer ``WandBLogger`` (``WANDB_MODE=offline`` works)
@@ -51,7 +52,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmfoundry.data.text_loader import TextLoaderConfig
-from llmfoundry.models.mpt.config import MPTConfig
+from llmfoundry.models.mpt import MPTConfig
 from llmfoundry.utils.config import ConfigError, closest, from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,8 @@ class FSDPConfig:
       1 = the classic ``FullyShardedDataParallel`` wrapper (needed for ``device_train_microbatch_size: auto``).
     - ``sharding_strategy``: ``FULL_SHARD`` (params, grads, optimizer state sharded over all ranks),
       ``SHARD_GRAD_OP`` (params kept gathered between forward and backward), ``HYBRID_SHARD`` (full shard inside
-      each group of ``shard_degree`` ranks, replicated across groups: FSDP inside a node, DDP across nodes).
+      each group of ``shard_degree`` ranks, replicated across groups: FSDP inside a node, DDP across nodes;
+      needs NCCL, i.e. GPUs). FSDP2 runs on CPU too (gloo; FULL_SHARD / SHARD_GRAD_OP), which the tests use.
     - ``shard_degree``: ranks per shard group for ``HYBRID_SHARD``; default = GPUs per node (``LOCAL_WORLD_SIZE``).
     - ``mixed_precision``: ``PURE`` (params and gradient reduction in the ``precision`` dtype, bf16), ``DEFAULT``
       (bf16 compute, fp32 gradient reduction), ``FULL`` (fp32 everywhere).

@@ -185,6 +185,9 @@ def build_trainer(cfg: TrainConfig):
     if cfg.fsdp is not None and device != "gpu" and cfg.fsdp.version != 2:
         raise ConfigError("fsdp.version: 1 needs GPUs; on CPU use fsdp: null (several processes then use DDP) or "
                           "fsdp.version: 2 (FSDP2 over gloo: slow, for testing sharded checkpoints)")
+    if cfg.fsdp is not None and device != "gpu" and cfg.fsdp.sharding_strategy == "HYBRID_SHARD":
+        raise ConfigError("fsdp.sharding_strategy: HYBRID_SHARD needs GPUs (NCCL; gloo cannot average gradients "
+                          "across replicas); use FULL_SHARD on CPU")
     world_size = dist.get_world_size()
     if world_size > 1 or cfg.fsdp is not None:
         if device == "gpu":
@@ -260,6 +263,8 @@ def build_trainer(cfg: TrainConfig):
             python_log_level=cfg.python_log_level,
             compile_config=cfg.compile_config,
         )
+    except FileExistsError as e:
+        raise TrainError(_save_conflict_message(cfg, e)) from e
     except Exception as e:
         if cfg.load_path or cfg.autoresume:
             _check_loaded_shapes(cfg, model_shapes, _local_checkpoint(cfg), error=e)
@@ -274,21 +279,37 @@ def build_trainer(cfg: TrainConfig):
     elif cfg.callbacks.speed_monitor is not None:
         log.info("MFU is not reported: no peak FLOP/s known for this device (set "
                  "callbacks.speed_monitor.gpu_flops_available)")
-    trainer.logger.log_hyperparameters({**hparams, "mfu_peak_flops_per_device": peak or 0,
+    # the full config went to the log above and to wandb's run config; record what was resolved at run time
+    trainer.logger.log_hyperparameters({"mfu_peak_flops_per_device": peak or 0, "resolved_device": device,
                                         "resolved_precision": precision, "world_size": world_size})
     _save_config_copy(cfg)
     return trainer
 
 
+def _save_conflict_message(cfg: TrainConfig, e: FileExistsError) -> str:
+    return (f"save_folder {cfg.save_folder!r} already holds checkpoints of a run ({e}). Fix: set autoresume: true to "
+            f"continue that run, save_overwrite: true to overwrite it, or pick another save_folder / run_name")
+
+
 def _save_config_copy(cfg: TrainConfig) -> None:
-    """Write the resolved config next to the checkpoints (local save folders, rank 0)."""
+    """Write the resolved config next to the checkpoints (local save folders, rank 0): ``config.yaml``, or a
+    time-stamped name when an earlier launch left a different one (nothing is overwritten)."""
+    import time
+
     from composer.utils import dist
     if not cfg.save_folder or checks.is_remote(cfg.save_folder) or dist.get_global_rank() != 0:
         return
     folder = cfg.save_folder.replace("{run_name}", cfg.run_name or "")
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.yaml"), "w") as f:
-        f.write(config_to_yaml(cfg))
+    text = config_to_yaml(cfg)
+    path = os.path.join(folder, "config.yaml")
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+        path = os.path.join(folder, f"config-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def train(cfg: TrainConfig):
@@ -296,6 +317,8 @@ def train(cfg: TrainConfig):
     trainer = build_trainer(cfg)
     try:
         trainer.fit()
+    except FileExistsError as e:  # raised at fit start, before any batch, by composer's checkpoint saver
+        raise TrainError(_save_conflict_message(cfg, e)) from e
     except Exception as e:
         if checks.is_no_space(e):
             needed = checks.checkpoint_bytes(cfg.model.num_params(), cfg.optimizer.name, cfg.save_weights_only)

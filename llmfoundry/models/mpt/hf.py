@@ -124,7 +124,7 @@ def config_to_hf_dict(cfg: MPTConfig) -> dict:
     a, h, kv = cfg.attn_config, cfg.n_heads, cfg.kv_n_heads
     attn_type = ("multihead_attention" if kv == h else "multiquery_attention" if kv == 1
                  else "grouped_query_attention")
-    attn = {"attn_type": attn_type, "attn_pdrop": a.attn_pdrop, "attn_impl": a.attn_impl, "qk_ln": a.qk_ln,
+    attn = {"attn_type": attn_type, "attn_pdrop": _num(a.attn_pdrop), "attn_impl": a.attn_impl, "qk_ln": a.qk_ln,
             "clip_qkv": a.clip_qkv, "softmax_scale": a.softmax_scale, "prefix_lm": False,
             "attn_uses_sequence_id": a.attn_uses_sequence_id, "alibi": a.alibi,
             "alibi_bias_max": _num(a.alibi_bias_max)}

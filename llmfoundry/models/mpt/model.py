@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
-from typing import Any, Mapping, Optional, Union
+from dataclasses import replace
+from typing import Any, Mapping, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,9 @@ from llmfoundry.models.mpt.init import init_module
 from llmfoundry.models.mpt.norm import build_norm
 
 
-@dataclass
-class MPTOutput:
+class MPTOutput(NamedTuple):
+    """A NamedTuple, so that FSDP2 (which walks outputs as pytrees) sees the logits and re-gathers the root's
+    parameters (the tied embedding) for backward; a plain dataclass would hide them."""
     logits: Optional[torch.Tensor]
     past_key_values: Optional[KVCache] = None
     hidden_states: Optional[torch.Tensor] = None  # final (post-norm_f) hidden states, with return_hidden=True
