@@ -416,11 +416,14 @@ def test_gpu_kernels_match_torch_in_bf16(impl, seq_ids):
     other.load_state_dict(ref.state_dict())
     x = torch.randint(0, 128, (2, 256), device="cuda")
     sid = (torch.arange(256, device="cuda") // 100).expand(2, -1) if seq_ids else None
+    exact = ref(x, sequence_id=sid).logits.float()  # fp32 reference
     with torch.autocast("cuda", dtype=torch.bfloat16):
         a = ref(x, sequence_id=sid).logits.float()
         b = other(x, sequence_id=sid).logits.float()
         b.sum().backward()
-    torch.testing.assert_close(b, a, rtol=3e-2, atol=3e-2)
+    # bf16 rounding differs per kernel: the kernel must be about as close to fp32 as the 'torch' path in bf16
+    err_torch, err_impl = (a - exact).abs().max().item(), (b - exact).abs().max().item()
+    assert err_impl <= 2 * err_torch + 1e-2, (err_impl, err_torch)
     assert all(p.grad is not None for p in other.parameters())
     with torch.autocast("cuda", dtype=torch.bfloat16):  # decode with a KV cache through the same kernel
         g_ref, g = ref.generate(x[:, :50], 8), other.generate(x[:, :50], 8)

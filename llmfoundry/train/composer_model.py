@@ -51,8 +51,10 @@ class ComposerMPT(ComposerModel):
         self.eval_metrics = _metrics()
 
     def forward(self, batch: dict) -> torch.Tensor:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                         sequence_id=batch.get("sequence_id"))
+        mask = batch.get("attention_mask")
+        if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()):
+            mask = None  # right padding only: causal attention never reaches it (keeps flash/triton kernels)
+        out = self.model(input_ids=batch["input_ids"], attention_mask=mask, sequence_id=batch.get("sequence_id"))
         return out.logits
 
     def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:

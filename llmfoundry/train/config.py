@@ -11,7 +11,8 @@ or a value of the wrong type stops here with a ``ConfigError`` naming the key (a
 YAML key                       used by
 =============================  ==================================================================================
 ``variables``                  nothing: free-form values for ``${variables.x}`` interpolation elsewhere in the YAML
-                               (``${bundled:mds}`` / ``${bundled:tokenizer}`` name the assets shipped in the package)
+                               (``${bundled:mds}`` / ``${bundled:tokenizer}`` / ``${bundled:finetune}`` name the
+                               assets shipped in the package)
 ``run_name``                   ``Trainer(run_name=...)``; names the checkpoint folder via ``{run_name}``;
                                default: ``$RUN_NAME`` or the YAML file's stem (so the same command resumes)
 ``seed``                       initial weights and ``Trainer(seed=...)``; the data order is ``train_loader.shuffle_seed``
@@ -19,7 +20,9 @@ YAML key                       used by
 ``model.init_device``          where the weights are created: ``cpu``, or ``meta`` with FSDP (materialized shard by
                                shard on the GPUs through the model's ``param_init_fn``)
 ``tokenizer``                  ``load_tokenizer(name)``: EOS id for the loader, vocab-size check against the model
-``train_loader.*``             ``TextLoaderConfig`` -> ``build_text_dataloader`` (data/text_loader.py)
+``train_loader.*``             by ``train_loader.name``: ``text`` (default) ``TextLoaderConfig`` ->
+                               ``build_text_dataloader`` (data/text_loader.py); ``finetune``
+                               ``FinetuneLoaderConfig`` -> ``build_finetune_dataloader`` (data/finetune.py)
 ``eval_loader.*``              same, wrapped in a composer ``Evaluator`` (loss, perplexity, accuracy)
 ``global_train_batch_size``    split over ranks: ``global // world_size`` samples per device per step
 ``device_train_microbatch_size``  ``Trainer(device_train_microbatch_size=...)``: int or ``auto`` (GPU, FSDP1 only)
@@ -51,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from llmfoundry.data.text_loader import TextLoaderConfig
+from llmfoundry.data.finetune import loader_config_from_dict
 from llmfoundry.models.mpt import MPTConfig
 from llmfoundry.utils.config import ConfigError, closest, from_dict, to_dict
 
@@ -206,7 +209,7 @@ class LoggersConfig:
 class TrainConfig:
     """The whole run. See the module docstring for where each key goes."""
     model: MPTConfig
-    train_loader: TextLoaderConfig
+    train_loader: Any  # TextLoaderConfig (name: text, the default) or FinetuneLoaderConfig (name: finetune)
     max_duration: str
     global_train_batch_size: int
 
@@ -215,7 +218,7 @@ class TrainConfig:
     seed: int = 17
     tokenizer: str = "bundled"
 
-    eval_loader: TextLoaderConfig | None = None
+    eval_loader: Any = None  # likewise, or null
     eval_interval: str = "1000ba"
     eval_subset_num_batches: int = -1
     device_eval_batch_size: int | None = None
@@ -257,6 +260,8 @@ class TrainConfig:
             raise ConfigError(str(e)) from None
 
     def _check(self):
+        self.train_loader = loader_config_from_dict(self.train_loader, "train_loader")
+        self.eval_loader = loader_config_from_dict(self.eval_loader, "eval_loader")
         max_duration = parse_time(self.max_duration, "max_duration", allow_dur=False)
         parse_time(self.eval_interval, "eval_interval", allow_dur=False)
         parse_time(self.save_interval, "save_interval", allow_dur=False)
@@ -294,12 +299,14 @@ def _check_schedule_units(sched: SchedulerConfig, max_duration) -> None:
 
 
 def _register_resolvers() -> None:
-    """``${bundled:mds}`` / ``${bundled:tokenizer}``: paths of the assets shipped inside the package."""
+    """``${bundled:mds}`` / ``${bundled:tokenizer}`` / ``${bundled:finetune}``: paths of the assets shipped inside
+    the package."""
     from omegaconf import OmegaConf
 
     def bundled(what: str) -> str:
         from llmfoundry.data import BUNDLED_MDS, BUNDLED_TOKENIZER
-        paths = {"mds": BUNDLED_MDS, "tokenizer": BUNDLED_TOKENIZER}
+        from llmfoundry.data.finetune import BUNDLED_FINETUNE
+        paths = {"mds": BUNDLED_MDS, "tokenizer": BUNDLED_TOKENIZER, "finetune": BUNDLED_FINETUNE}
         if what not in paths:
             raise ConfigError(f"${{bundled:{what}}}: unknown bundled asset{closest(what, paths)}; "
                               f"one of {', '.join(paths)}")

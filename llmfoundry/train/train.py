@@ -170,13 +170,22 @@ def _check_init_device(cfg: TrainConfig, device: str) -> None:
         raise ConfigError("model.init_device: cuda needs a GPU; use model.init_device: cpu")
 
 
+def _build_loader(cfg: TrainConfig, loader_cfg, batch_size: int, tokenizer, eos_for_sequence_id):
+    """``train_loader`` / ``eval_loader`` by type: finetuning examples or pretraining MDS streams."""
+    from llmfoundry.data.finetune import FinetuneLoaderConfig, build_finetune_dataloader
+    from llmfoundry.data.text_loader import build_text_dataloader
+    if isinstance(loader_cfg, FinetuneLoaderConfig):
+        return build_finetune_dataloader(loader_cfg, tokenizer, batch_size,
+                                         attn_uses_sequence_id=cfg.model.attn_config.attn_uses_sequence_id)
+    return build_text_dataloader(loader_cfg, batch_size, eos_for_sequence_id)
+
+
 def build_trainer(cfg: TrainConfig):
     """Everything up to (not including) ``fit``: see the module docstring for the steps."""
     from composer import Trainer
     from composer.core import Evaluator
     from composer.utils import dist, reproducibility
 
-    from llmfoundry.data.text_loader import build_text_dataloader
     from llmfoundry.data.tokenizer import load_tokenizer
 
     _setup_logging(cfg.python_log_level)
@@ -213,11 +222,11 @@ def build_trainer(cfg: TrainConfig):
     model = ComposerMPT(cfg.model)  # MPTForCausalLM creates the weights on cfg.model.init_device
     optimizer = builders.build_optimizer(cfg.optimizer, model.parameters())
 
-    train_loader = build_text_dataloader(cfg.train_loader, device_batch, eos_for_sequence_id)
+    train_loader = _build_loader(cfg, cfg.train_loader, device_batch, tokenizer, eos_for_sequence_id)
     evaluators = []
     if cfg.eval_loader is not None:
         eval_batch = cfg.device_eval_batch_size or (microbatch if isinstance(microbatch, int) else device_batch)
-        eval_loader = build_text_dataloader(cfg.eval_loader, eval_batch, eos_for_sequence_id)
+        eval_loader = _build_loader(cfg, cfg.eval_loader, eval_batch, tokenizer, eos_for_sequence_id)
         evaluators.append(Evaluator(label="eval", dataloader=eval_loader,
                                     metric_names=list(model.get_metrics(is_train=False))))
 
