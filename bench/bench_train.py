@@ -104,7 +104,7 @@ def run_hf_peer(model: str, steps: int, seq_len: int = 2048) -> dict:
     from llmfoundry.train.config import load_config
     cfg = load_config(REPO / f"yamls/mpt-{model}.yaml", ["tokenizer=bundled"]).model
     hf_cfg = MptConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
-                       expansion_ratio=cfg.expansion_ratio, max_seq_len=seq_len, vocab_size=cfg.vocab_size,
+                       expansion_ratio=int(cfg.expansion_ratio), max_seq_len=seq_len, vocab_size=cfg.vocab_size,
                        no_bias=True, attn_config={"alibi": True, "attn_impl": "torch"}, use_cache=False)
     torch.manual_seed(0)
     net = MptForCausalLM(hf_cfg).cuda()
