@@ -87,3 +87,20 @@ def s3_server():
 def s3_bucket(s3_server) -> str:
     """A fresh empty bucket on the test server, as ``s3://name``."""
     return f"s3://{s3_server.make_bucket()}"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tests use tiny tensors: one intra-op thread is as fast, and far faster when processes share the cores."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The bundled 4096-token byte-level BPE tokenizer."""
+    from llmfoundry.data.tokenizer import load_tokenizer
+    return load_tokenizer("bundled")

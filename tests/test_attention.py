@@ -13,15 +13,6 @@ from llmfoundry.models.mpt.config import MPTConfig
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cfg(impl="torch", alibi=True, n_heads=4, kv=None, d_model=32, seq_id=False, **kw) -> MPTConfig:
     return MPTConfig(d_model=d_model, n_heads=n_heads, n_layers=2, max_seq_len=64, vocab_size=50,
                      attn_config=dict(attn_impl=impl, alibi=alibi, kv_n_heads=kv, attn_uses_sequence_id=seq_id),

@@ -16,16 +16,10 @@ from llmfoundry.data import BUNDLED_CORPUS, BUNDLED_MDS, DataError
 from llmfoundry.data.convert import ConvertConfig, Packer, convert, pack, run_cli
 from llmfoundry.data.readers import (HFDataset, JsonFiles, ParquetFiles, TextFiles, TextList, bundled_documents,
                                      find_files, iter_documents)
-from llmfoundry.data.tokenizer import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROSE = os.path.join(BUNDLED_CORPUS, "python_reference.jsonl")
 CODE = os.path.join(BUNDLED_CORPUS, "code")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("bundled")
 
 
 def cfg(out, **kw) -> ConvertConfig:

@@ -23,20 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 ICL = REPO / "llmfoundry" / "assets" / "icl"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("bundled")
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

@@ -21,15 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A real 2-batch training run of a tiny MPT with the trainer (whole-file checkpoint + its config.yaml), plus

@@ -16,24 +16,10 @@ from llmfoundry.data.finetune import (BUNDLED_FINETUNE, IGNORE_INDEX, FinetuneLo
                                       build_finetune_dataloader, build_finetune_dataset, format_chat_prompt,
                                       loader_config_from_dict, pack_rows, truncation_window)
 from llmfoundry.data.text_loader import TextLoaderConfig
-from llmfoundry.data.tokenizer import load_tokenizer
 from llmfoundry.utils.config import ConfigError, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "Q: {prompt}\nA: "
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("bundled")
 
 
 def ids(tok, text: str) -> list[int]:

@@ -8,26 +8,11 @@ import pytest
 import torch
 
 from llmfoundry.checkpoint import load_model, save_composer_weights
-from llmfoundry.data.tokenizer import load_tokenizer
 from llmfoundry.generate import SamplingConfig, generate_ids, generate_texts, left_pad, read_prompts
 from llmfoundry.models.mpt import MPTConfig, MPTForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["def main(", "import os\nimport sys\n\nclass Config:\n    name", "The Python", "x"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("bundled")
 
 
 @pytest.fixture(scope="module")

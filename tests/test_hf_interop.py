@@ -12,15 +12,6 @@ from llmfoundry.models.mpt import MPTConfig, MPTForCausalLM
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def hf_model(seed=0, **kw):
     from transformers import MptConfig, MptForCausalLM
     base = dict(d_model=48, n_heads=4, n_layers=2, max_seq_len=16, vocab_size=80)

@@ -26,15 +26,6 @@ MPT_7B_CONFIG_JSON = {  # mosaicml/mpt-7b config.json, verbatim
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw) -> MPTConfig:
     attn = kw.pop("attn_config", {})
     base = dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=16, vocab_size=64)
