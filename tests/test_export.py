@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmfoundry.checkpoint import (CheckpointError, ModelConfigRecorder, convert_composer_to_hf,
+from llmfoundry.checkpoint import (CheckpointError, convert_composer_to_hf,
                                    convert_hf_to_composer, load_composer_checkpoint, load_hf_weights, load_model,
                                    model_from_state_dict)
 
@@ -41,7 +41,6 @@ def run(tmp_path_factory):
     trainer = train(cfg)
     try:
         alone = d / "alone"
-        trainer.state.callbacks.append(ModelConfigRecorder(cfg.model, cfg.tokenizer))
         trainer.save_checkpoint(str(alone / "recorded.pt"))
         # composer's sharded save (checkpoint._save_checkpoint) is exactly dcp.save of this dict into the folder
         dcp.save({"state": trainer.state.state_dict(), "rng": reproducibility.get_rng_state()},
@@ -224,7 +223,13 @@ def test_shape_mismatch_errors_name_tensor_and_shapes(run):
 def test_other_errors(run, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
-    shutil.copy(run["whole"], bare / "ckpt.pt")  # no recorded config, no config.yaml
+    # the trainer records the model config in every checkpoint ...
+    _, recorded_cfg, recorded_tok = load_composer_checkpoint(str(run["whole"]))
+    assert recorded_cfg == run["cfg"].model and recorded_tok == "bundled"
+    # ... a checkpoint without it (and without a config.yaml beside it) needs --model_config
+    ckpt = torch.load(run["whole"], map_location="cpu", weights_only=False)
+    ckpt["state"].get("callbacks", {}).pop("ModelConfigRecorder", None)
+    torch.save(ckpt, bare / "ckpt.pt")
     with pytest.raises(CheckpointError, match=r"records no model config.*--model_config"):
         load_composer_checkpoint(str(bare / "ckpt.pt"))
     sd, cfg, tok = load_composer_checkpoint(str(bare / "ckpt.pt"), model_config=str(run["dir"] / "ckpt/config.yaml"))

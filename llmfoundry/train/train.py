@@ -31,6 +31,7 @@ import sys
 
 import torch
 
+from llmfoundry.checkpoint import ModelConfigRecorder
 from llmfoundry.train import builders, checks
 from llmfoundry.train.checks import TrainError
 from llmfoundry.train.composer_model import ComposerMPT
@@ -231,6 +232,8 @@ def build_trainer(cfg: TrainConfig):
                                     metric_names=list(model.get_metrics(is_train=False))))
 
     callbacks = builders.build_callbacks(cfg.callbacks, on_gpu=device == "gpu")
+    # the model config and tokenizer travel inside every checkpoint (s3 ones too): eval/export need nothing else
+    callbacks.append(ModelConfigRecorder(cfg.model, cfg.tokenizer))
     hparams = to_dict(cfg)
     loggers = builders.build_loggers(cfg.loggers, cfg.run_name, hparams)
     parallelism = builders.build_parallelism(cfg.fsdp, world_size, dist.get_local_world_size())
