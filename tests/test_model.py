@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llmfoundry.models.mpt import KVCache, MPTBlock, MPTConfig, MPTForCausalLM, build_meta
 from llmfoundry.utils.config import ConfigError
@@ -419,3 +420,26 @@ def test_gpu_kernels_match_torch_in_bf16(impl, seq_ids):
     with torch.autocast("cuda", dtype=torch.bfloat16):  # decode with a KV cache through the same kernel
         g_ref, g = ref.generate(x[:, :50], 8), other.generate(x[:, :50], 8)
     assert g.shape == g_ref.shape
+
+
+@pytest.mark.parametrize("chunk_tokens", [7, 8192])
+def test_chunked_loss_equals_full_cross_entropy_with_gradients(chunk_tokens):
+    from llmfoundry.models.mpt.loss import chunked_causal_lm_loss
+    torch.manual_seed(0)
+    m = MPTForCausalLM(MPTConfig.from_dict(dict(d_model=32, n_heads=2, n_layers=1, max_seq_len=32,
+                                                vocab_size=64)))
+    ids = torch.randint(0, 64, (3, 20))
+    labels = ids.clone()
+    labels[1, 3:11] = -100
+    logits = m(ids).logits
+    full = F.cross_entropy(logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), ignore_index=-100)
+    full_grads = torch.autograd.grad(full, list(m.parameters()))
+    h = m(ids, return_hidden=True).hidden_states
+    chunked = chunked_causal_lm_loss(m.logits, h, labels, chunk_tokens=chunk_tokens)
+    chunked_grads = torch.autograd.grad(chunked, list(m.parameters()))
+    torch.testing.assert_close(chunked, full)
+    for a, b in zip(chunked_grads, full_grads):
+        torch.testing.assert_close(a, b)
+    out = m(ids, labels=labels)  # the same loss through forward(labels=...), without logits
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, full)

@@ -69,11 +69,20 @@ def test_composer_mpt_loss_metrics_flops():
     labels = ids.clone()
     labels[0, 5:9] = -100
     batch = {"input_ids": ids, "labels": labels}
+    model.train()  # training without train metrics: the model returns its (chunked) loss, no logits
+    train_out = model(batch)
+    assert train_out.logits is None
+    train_loss = model.loss(train_out, batch)
+    model.eval()
     logits = model(batch)
     assert logits.shape == (2, 16, cfg.vocab_size)
     want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, cfg.vocab_size), labels[:, 1:].reshape(-1),
                                              ignore_index=-100)
     assert torch.allclose(model.loss(logits, batch), want)
+    assert torch.allclose(train_loss, want, atol=1e-6)
+    assert ComposerMPT(cfg).get_metrics(is_train=True) == {}
+    assert set(ComposerMPT(cfg, train_metrics=True).get_metrics(is_train=True)) == {
+        "LanguageCrossEntropy", "LanguagePerplexity", "TokenAccuracy"}
     assert torch.allclose(causal_lm_loss(logits, batch["labels"]), want)
     metrics = model.get_metrics(is_train=False)
     for m in metrics.values():

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
 from composer.models import ComposerModel
 
-from llmfoundry.models.mpt import MPTConfig, MPTForCausalLM
+from llmfoundry.models.mpt import MPTConfig, MPTForCausalLM, MPTOutput
 
-IGNORE_INDEX = -100
+from llmfoundry.models.mpt.loss import IGNORE_INDEX
 
 
 def shift_labels(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,25 +43,32 @@ class ComposerMPT(ComposerModel):
     materializes them shard by shard with the model's ``param_init_fn`` (GPU only).
     """
 
-    def __init__(self, config: MPTConfig):
+    def __init__(self, config: MPTConfig, train_metrics: bool = False):
         super().__init__()
         self.config = config
         self.model = MPTForCausalLM(config)
-        self.train_metrics = _metrics()  # plain dicts: metrics must not become children (see module docstring)
+        # plain dicts: metrics must not become children (see module docstring). Composer computes train metrics
+        # from full logits on every micro-batch; without them training never materializes the fp32 logits.
+        self.train_metrics = _metrics() if train_metrics else {}
         self.eval_metrics = _metrics()
 
     def forward(self, batch: dict) -> torch.Tensor:
         mask = batch.get("attention_mask")
         if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()):
             mask = None  # right padding only: causal attention never reaches it (keeps flash/triton kernels)
-        out = self.model(input_ids=batch["input_ids"], attention_mask=mask, sequence_id=batch.get("sequence_id"))
-        return out.logits
+        # training without train metrics: the model computes the loss itself, chunked (see models/mpt/loss.py)
+        labels = batch["labels"] if self.training and not self.train_metrics else None
+        out = self.model(input_ids=batch["input_ids"], attention_mask=mask, sequence_id=batch.get("sequence_id"),
+                         labels=labels)
+        return out if labels is not None else out.logits
 
-    def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+    def loss(self, outputs, batch: dict) -> torch.Tensor:
+        if isinstance(outputs, MPTOutput):
+            return outputs.loss
         return causal_lm_loss(outputs, batch["labels"])
 
     def eval_forward(self, batch: dict, outputs: torch.Tensor | None = None) -> torch.Tensor:
-        return outputs if outputs is not None else self.forward(batch)
+        return outputs if isinstance(outputs, torch.Tensor) else self.forward(batch)
 
     def get_metrics(self, is_train: bool = False) -> dict:
         return self.train_metrics if is_train else self.eval_metrics

@@ -39,6 +39,8 @@ YAML key                       used by
 ``save_*``, ``load_*``,        ``Trainer(save_folder=..., save_interval=..., save_num_checkpoints_to_keep=...,
 ``autoresume``,                load_path=..., autoresume=...)``; ``s3://`` folders are checked for reachability and
 ``check_free_disk``            the disk for room for one checkpoint before training (train.py ``_preflight``)
+``train_metrics``              ``ComposerMPT(train_metrics=...)``: composer's train metrics from full logits on every
+                               micro-batch; off (default) = the loss is computed in chunks inside the model
 ``callbacks.*``                builders.build_callbacks: SpeedMonitor (throughput, MFU), LRMonitor, MemoryMonitor,
                                RuntimeEstimator
 ``loggers.wandb``              composer ``WandBLogger`` (``WANDB_MODE=offline`` works)
@@ -244,6 +246,7 @@ class TrainConfig:
     autoresume: bool = False
     check_free_disk: bool = True
 
+    train_metrics: bool = False  # loss/perplexity/accuracy of each training batch from full logits (slower)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     loggers: LoggersConfig = field(default_factory=LoggersConfig)
     log_to_console: bool = True

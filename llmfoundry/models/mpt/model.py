@@ -20,6 +20,7 @@ from torch import nn
 from llmfoundry.models.mpt.attention import KVCache, MPTAttention, build_attn_context
 from llmfoundry.models.mpt.config import MPTConfig
 from llmfoundry.models.mpt.init import init_module
+from llmfoundry.models.mpt.loss import chunked_causal_lm_loss
 from llmfoundry.models.mpt.norm import build_norm
 
 
@@ -29,6 +30,7 @@ class MPTOutput(NamedTuple):
     logits: Optional[torch.Tensor]
     past_key_values: Optional[KVCache] = None
     hidden_states: Optional[torch.Tensor] = None  # final (post-norm_f) hidden states, with return_hidden=True
+    loss: Optional[torch.Tensor] = None  # next-token cross-entropy, when ``labels`` are given
 
 
 class MPTMLP(nn.Module):
@@ -153,15 +155,19 @@ class MPTForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
                 sequence_id: Optional[torch.LongTensor] = None, past_key_values=None, use_cache: bool = False,
-                return_hidden: bool = False) -> MPTOutput:
+                return_hidden: bool = False, labels: Optional[torch.LongTensor] = None) -> MPTOutput:
         """Logits ``(B, S, vocab)``. With ``use_cache`` a ``KVCache`` is created (or the given one extended in
-        place) and returned. ``return_hidden`` returns ``hidden_states`` and no logits (chunked losses)."""
+        place) and returned. ``return_hidden`` returns ``hidden_states`` and no logits. With ``labels`` (B, S)
+        it returns the shifted cross-entropy as ``loss`` and no logits: the loss is computed here, inside the
+        forward (so FSDP still holds the tied embedding), in chunks that never hold all fp32 logits at once."""
         if past_key_values is not None:
             past_key_values = KVCache.from_legacy(past_key_values)
         elif use_cache:
             past_key_values = KVCache(self.config.n_layers)
         h = self.transformer(input_ids, attention_mask, sequence_id, past_key_values)
         cache = past_key_values if use_cache else None
+        if labels is not None:
+            return MPTOutput(logits=None, past_key_values=cache, loss=chunked_causal_lm_loss(self.logits, h, labels))
         if return_hidden:
             return MPTOutput(logits=None, past_key_values=cache, hidden_states=h)
         return MPTOutput(logits=self.logits(h), past_key_values=cache)
