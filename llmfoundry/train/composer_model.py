@@ -37,7 +37,8 @@ def _metrics() -> dict:
 
 
 class ComposerMPT(ComposerModel):
-    """``forward(batch) -> logits``; ``loss`` = shifted cross-entropy; train/eval metrics; ``flops_per_batch``.
+    """``forward(batch)``: logits (eval, or training with ``train_metrics``), else an ``MPTOutput`` carrying the
+    loss the model computed in chunks; ``loss`` = shifted cross-entropy; metrics; ``flops_per_batch``.
 
     ``config.init_device`` decides where the weights are created: ``meta`` creates them without memory and FSDP
     materializes them shard by shard with the model's ``param_init_fn`` (GPU only).
