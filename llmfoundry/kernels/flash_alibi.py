@@ -46,6 +46,27 @@ _SCAN = 16 if _INTERPRET else 1024  # ids read per step when looking for a block
 
 # --------------------------------------------------------------------------------------------------- forward
 @triton.jit
+def _scores(q, k, kn, start_n, q_abs, col_bias, q_seq, seq_k_base, stride_sn, Sk, slope2, qk_scale2,
+            MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Scaled (log2-domain) scores of a query block against key block ``kn`` with the ALiBi bias, and -inf where
+    a key is out of bounds, in the future, or in another document. Shared by the forward and the dq pass, which
+    must see exactly the same scores (dq reuses the forward's log-sum-exp)."""
+    t = tl.dot(q, tl.trans(k)) * qk_scale2
+    if HAS_ALIBI:
+        row_bias = slope2 * (start_n - q_abs).to(tl.float32)
+        t += row_bias[:, None] + col_bias[None, :]
+    if MASKED:
+        visible = kn[None, :] < Sk
+        if CAUSAL:
+            visible = visible & (kn[None, :] <= q_abs[:, None])
+        if HAS_SEQ:
+            k_seq = tl.load(seq_k_base + kn * stride_sn, mask=kn < Sk, other=-2)
+            visible = visible & (q_seq[:, None] == k_seq[None, :])
+        t = tl.where(visible, t, float("-inf"))
+    return t
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, seq_k_base, stride_sn,
                offs_m, q_seq, lo, hi, Sk, off, slope2, qk_scale2,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
@@ -63,18 +84,8 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, seq_k_bas
             k = tl.load(k_ptrs, mask=kn[:, None] < Sk, other=0.0)
         else:
             k = tl.load(k_ptrs)
-        t = tl.dot(q, tl.trans(k)) * qk_scale2
-        if HAS_ALIBI:
-            row_bias = slope2 * (start_n - q_abs).to(tl.float32)
-            t += row_bias[:, None] + col_bias[None, :]
-        if MASKED:
-            visible = kn[None, :] < Sk
-            if CAUSAL:
-                visible = visible & (kn[None, :] <= q_abs[:, None])
-            if HAS_SEQ:
-                k_seq = tl.load(seq_k_base + kn * stride_sn, mask=kn < Sk, other=-2)
-                visible = visible & (q_seq[:, None] == k_seq[None, :])
-            t = tl.where(visible, t, float("-inf"))
+        t = _scores(q, k, kn, start_n, q_abs, col_bias, q_seq, seq_k_base, stride_sn, Sk, slope2, qk_scale2,
+                    MASKED, CAUSAL, HAS_ALIBI, HAS_SEQ)
         m_new = tl.maximum(m_i, tl.max(t, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep exp2 finite
         p = tl.exp2(t - m_use[:, None])
@@ -320,18 +331,8 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, seq_
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
-        t = tl.dot(q, tl.trans(k)) * qk_scale2
-        if HAS_ALIBI:
-            row_bias = slope2 * (start_n - q_abs).to(tl.float32)
-            t += row_bias[:, None] + col_bias[None, :]
-        if MASKED:
-            visible = kn[None, :] < Sk
-            if CAUSAL:
-                visible = visible & (kn[None, :] <= q_abs[:, None])
-            if HAS_SEQ:
-                k_seq = tl.load(seq_k_base + kn * stride_sn, mask=kn < Sk, other=-2)
-                visible = visible & (q_seq[:, None] == k_seq[None, :])
-            t = tl.where(visible, t, float("-inf"))
+        t = _scores(q, k, kn, start_n, q_abs, col_bias, q_seq, seq_k_base, stride_sn, Sk, slope2, qk_scale2,
+                    MASKED, CAUSAL, HAS_ALIBI, HAS_SEQ)
         p = tl.exp2(t - lse2[:, None])
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
