@@ -93,6 +93,7 @@ import numpy as np
 import torch
 
 from llmfoundry.data import ASSETS, DataError
+from llmfoundry.data.readers import is_saved_dataset
 from llmfoundry.utils.config import ConfigError, closest, from_dict
 
 log = logging.getLogger(__name__)
@@ -266,8 +267,7 @@ def _open_hf(cfg: FinetuneLoaderConfig):
     label = f"Hugging Face dataset '{cfg.hf_dataset}'" + (f" ({cfg.hf_subset})" if cfg.hf_subset else "")
     local = os.path.expanduser(cfg.hf_dataset)
     try:
-        if os.path.isdir(local) and (os.path.isfile(os.path.join(local, "dataset_dict.json"))
-                                     or os.path.isfile(os.path.join(local, "state.json"))):
+        if os.path.isdir(local) and is_saved_dataset(local):
             ds = datasets.load_from_disk(local)
             if isinstance(ds, datasets.DatasetDict):
                 if cfg.split not in ds:

@@ -274,7 +274,7 @@ class TextList:
         yield from self.texts[unit.start:unit.stop]
 
 
-def _is_saved_dataset(path: str) -> bool:
+def is_saved_dataset(path: str) -> bool:
     """True for a folder written by ``datasets.Dataset(Dict).save_to_disk``."""
     return os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json"))
 
@@ -302,7 +302,7 @@ class HFDataset:
 
         local = os.path.expanduser(self.path)
         try:
-            if os.path.isdir(local) and _is_saved_dataset(local):
+            if os.path.isdir(local) and is_saved_dataset(local):
                 ds = datasets.load_from_disk(local)
                 if isinstance(ds, datasets.DatasetDict):
                     if self.split not in ds:
