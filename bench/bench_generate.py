@@ -112,6 +112,7 @@ def main(argv=None) -> int:
                 rows.append({"impl": name, "batch": b, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                              "seconds": secs, "tokens_per_s": b * args.new_tokens / secs,
                              "ms_per_step": 1000 * secs / args.new_tokens, "greedy_match": match})
+                print(json.dumps(rows[-1]), flush=True)  # as it goes: a run cut short still reports
                 if dev == "cuda":
                     torch.cuda.empty_cache()
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["impl"] == "transformers"}

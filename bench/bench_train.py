@@ -12,6 +12,7 @@ otherwise.
 
     python bench/bench_train.py --models 125m,350m,1b --attn flex,triton --peer --json out.json
     python bench/bench_train.py --models 1b --attn triton --gpus 1,2,4        # scaling
+    python bench/bench_train.py --models 1b --attn triton --variant "base:" --variant "compiled: compile_config={}"
 """
 from __future__ import annotations
 
@@ -55,33 +56,37 @@ def composer_launcher() -> str:
     raise SystemExit("composer launcher not found (pip install mosaicml)")
 
 
-def overrides_for(model: str, attn: str, gpus: int, steps: int, data: Path, extra: list[str]) -> list[str]:
-    mb = MICRO_BATCH[model]
+def overrides_for(model: str, attn: str, gpus: int, steps: int, data: Path, extra: list[str],
+                  variant: str = "base", accum: int = 1, mb: int | None = None) -> list[str]:
+    mb = mb or MICRO_BATCH[model]
     return [
         "tokenizer=bundled",  # only the EOS id is read; the data is random tokens below vocab_size
         "train_loader.streams=null", f"train_loader.local={data}", "train_loader.split=train",
         "train_loader.num_workers=2", "eval_loader=null",
-        f"max_duration={steps}ba", f"global_train_batch_size={mb * gpus}", f"device_train_microbatch_size={mb}",
-        "save_folder=null", "autoresume=false", "loggers={}", f"run_name=bench-{model}-{attn}-{gpus}gpu",
+        f"max_duration={steps}ba", f"global_train_batch_size={mb * accum * gpus}", f"device_train_microbatch_size={mb}",
+        "save_folder=null", "autoresume=false", "loggers={}", f"run_name=bench-{model}-{attn}-{variant}-{gpus}gpu",
         f"model.attn_config.attn_impl={attn}", "scheduler.t_warmup=0ba",
         "callbacks.speed_monitor.window_size=5", "callbacks.speed_monitor.gpu_flops_available=989e12",
         "console_log_interval=5ba", "progress_bar=false", *extra,
     ]
 
 
-def run_recipe(model: str, attn: str, gpus: int, steps: int, data: Path, extra: list[str], log_dir: Path) -> dict:
+def run_recipe(model: str, attn: str, gpus: int, steps: int, data: Path, extra: list[str], log_dir: Path,
+               variant: str = "base", accum: int = 1, mb: int | None = None) -> dict:
     cmd = [composer_launcher(), "-n", str(gpus), str(REPO / "scripts/train.py"), str(REPO / f"yamls/mpt-{model}.yaml"),
-           *overrides_for(model, attn, gpus, steps, data, extra)]
+           *overrides_for(model, attn, gpus, steps, data, extra, variant, accum, mb)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     text = proc.stdout + proc.stderr
-    (log_dir / f"{model}-{attn}-{gpus}gpu.log").write_text(" ".join(cmd) + "\n\n" + text)
+    (log_dir / f"{model}-{attn}-{variant}-{gpus}gpu.log").write_text(" ".join(cmd) + "\n\n" + text)
     metrics: dict[str, list[float]] = {}
     for key, val in METRIC.findall(text):
         metrics.setdefault(key, []).append(float(val))
-    row = {"model": model, "attn": attn, "gpus": gpus, "ok": proc.returncode == 0, "wall_s": round(time.time() - t0, 1)}
+    row = {"model": model, "attn": attn, "variant": variant, "extra": " ".join(extra), "gpus": gpus,
+           "micro_batch": mb or MICRO_BATCH[model], "accum": accum,
+           "ok": proc.returncode == 0, "wall_s": round(time.time() - t0, 1)}
     if proc.returncode != 0:
         row["error"] = text.strip().splitlines()[-1][:300] if text.strip() else f"exit {proc.returncode}"
         return row
@@ -97,7 +102,7 @@ def flops_per_token(model: str, seq_len: int = 2048) -> float:
     return cfg.model.flops_per_token(seq_len)
 
 
-def run_hf_peer(model: str, steps: int, seq_len: int = 2048) -> dict:
+def run_hf_peer(model: str, steps: int, seq_len: int = 2048, accum: int = 1) -> dict:
     """transformers' MptForCausalLM, same shapes, bare loop: bf16 autocast, fused AdamW, one GPU."""
     import torch
     from transformers import MptConfig, MptForCausalLM
@@ -114,9 +119,10 @@ def run_hf_peer(model: str, steps: int, seq_len: int = 2048) -> dict:
     torch.cuda.reset_peak_memory_stats()
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = net(input_ids=x, labels=x).loss
-        loss.backward()
+        for _ in range(accum):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = net(input_ids=x, labels=x).loss
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -127,8 +133,8 @@ def run_hf_peer(model: str, steps: int, seq_len: int = 2048) -> dict:
     for _ in range(steps):
         step()
     torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
-    row = {"model": model, "attn": "transformers-MPT", "gpus": 1, "ok": True,
+    dt = (time.perf_counter() - t0) / (steps * accum)
+    row = {"model": model, "attn": "transformers-MPT", "gpus": 1, "ok": True, "micro_batch": b, "accum": accum,
            "tokens_per_sec": b * seq_len / dt, "peak_allocated_mem": torch.cuda.max_memory_allocated() / 2**30}
     net = opt = None  # free the GPU memory before the trainer runs
     torch.cuda.empty_cache()
@@ -140,18 +146,27 @@ def main(argv=None) -> None:
     p.add_argument("--models", default="125m,350m,1b")
     p.add_argument("--attn", default="flex,triton")
     p.add_argument("--gpus", default="1", help="comma-separated GPU counts, e.g. 1,2,4 for scaling")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+    p.add_argument("--accum", type=int, default=1,
+                   help="micro-batches per optimizer step per GPU (the recipes' 512 over 8 GPUs at micro-batch 16 "
+                        "is 4); 1 steps the optimizer after every micro-batch, the worst case")
+    p.add_argument("--mb", type=int, default=None, help="micro-batch per GPU (default: MICRO_BATCH[model])")
     p.add_argument("--peer", action="store_true", help="also time transformers' MptForCausalLM (one GPU)")
     p.add_argument("--peak_tflops", type=float, default=989.0)
     p.add_argument("--data", default="/tmp/bench_mds")
     p.add_argument("--logs", default="/tmp/bench_logs")
     p.add_argument("--json", default=None)
+    p.add_argument("--variant", action="append", default=None,
+                   help="'NAME: key=value ...': a named set of overrides; each attn x gpus runs once per variant "
+                        "(default: one variant 'base' with none)")
     p.add_argument("extra", nargs="*", help="more key=value overrides for every run (e.g. compile_config={})")
     args = p.parse_args(argv)
 
+    variants = [(v.split(":", 1)[0].strip(), v.split(":", 1)[1].split() if ":" in v else [])
+                for v in (args.variant or ["base:"])]
     models = args.models.split(",")
     gpus = [int(g) for g in args.gpus.split(",")]
-    n = max(MICRO_BATCH[m] for m in models) * max(gpus) * (args.steps + 2) + 64
+    n = max(args.mb or MICRO_BATCH[m] for m in models) * max(gpus) * args.accum * (args.steps + 2) + 64
     data = write_random_mds(Path(args.data), n, 2048, 50432)
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
@@ -160,10 +175,13 @@ def main(argv=None) -> None:
     for model in models:
         fpt = flops_per_token(model)
         if args.peer:
-            rows.append(run_hf_peer(model, args.steps))
+            rows.append(run_hf_peer(model, args.steps, accum=args.accum))
         for attn in args.attn.split(","):
             for g in gpus:
-                rows.append(run_recipe(model, attn, g, args.steps, data, args.extra, logs))
+                for name, overrides in variants:
+                    rows.append(run_recipe(model, attn, g, args.steps, data, [*args.extra, *overrides], logs, name,
+                                           args.accum, args.mb))
+                    print(json.dumps(rows[-1]), flush=True)
         for r in rows:
             if r["model"] == model and r.get("ok"):
                 tps = r.get("tokens_per_sec")
@@ -174,15 +192,16 @@ def main(argv=None) -> None:
         print(json.dumps([r for r in rows if r["model"] == model], indent=1), flush=True)
 
     print(f"\nMFU against {args.peak_tflops:.0f} TFLOP/s; FLOPs/token = 6N + 12*L*d*S")
-    print(f"{'model':6} {'attn':18} {'gpus':>4} {'tokens/s/GPU':>13} {'MFU':>6} {'peak mem GB':>11}  vs peer")
+    print(f"{'model':6} {'attn':18} {'variant':10} {'gpus':>4} {'tokens/s/GPU':>13} {'MFU':>6} {'peak mem GB':>11}"
+          "  vs peer")
     for r in rows:
         if not r.get("ok"):
-            print(f"{r['model']:6} {r['attn']:18} {r['gpus']:>4}  FAILED: {r.get('error')}")
+            print(f"{r['model']:6} {r['attn']:18} {r.get('variant', ''):10} {r['gpus']:>4}  FAILED: {r.get('error')}")
             continue
         peer = next((q for q in rows if q["model"] == r["model"] and q["attn"] == "transformers-MPT"), None)
         ratio = f"{r['tokens_per_sec'] / peer['tokens_per_sec']:.2f}x" if peer and r["tokens_per_sec"] else ""
         mem = r.get("peak_allocated_mem")
-        print(f"{r['model']:6} {r['attn']:18} {r['gpus']:>4} {r['tokens_per_sec'] or 0:13,.0f} "
+        print(f"{r['model']:6} {r['attn']:18} {r.get('variant', ''):10} {r['gpus']:>4} {r['tokens_per_sec'] or 0:13,.0f} "
               f"{r.get('mfu_ours') or 0:6.3f} {mem if mem is not None else float('nan'):11.1f}  {ratio}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -163,6 +163,37 @@ def test_lion_update_is_sign_times_lr():
     assert torch.allclose(p.detach(), torch.tensor([-0.01, 0.01, 0.0]))
 
 
+def test_lion_matches_lion_pytorch_over_steps():
+    """Our multi-tensor LION = lion-pytorch's per-parameter one (decoupled decay), with the lr changing per step,
+    mixed dtypes and a parameter without gradient; its state dict loads into lion-pytorch and back."""
+    from lion_pytorch import Lion as RefLion
+    torch.manual_seed(0)
+    shapes = [(5, 3), (7,), (2, 2, 2)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes] + [torch.nn.Parameter(torch.randn(4).double())]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = builders.build_optimizer(OptimizerConfig(name="lion", lr=kw["lr"], betas=[0.9, 0.95],
+                                                   weight_decay=0.1), ours + [torch.nn.Parameter(torch.ones(2))])
+    ref_opt = RefLion(ref + [torch.nn.Parameter(torch.ones(2))], decoupled_weight_decay=True, **kw)
+    for step in range(6):
+        for a, b in zip(ours, ref):
+            g = torch.randn_like(a)
+            a.grad, b.grad = g.clone(), g.clone()
+        for o in (opt, ref_opt):
+            for group in o.param_groups:
+                group["lr"] = kw["lr"] * (1.0 - step / 10)
+        opt.step()
+        ref_opt.step()
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-6)
+    moms = [opt.state[p]["exp_avg"] for p in ours]
+    for m, p in zip(moms, ref):
+        torch.testing.assert_close(m, ref_opt.state[p]["exp_avg"], rtol=0, atol=1e-6)
+    ref_opt.load_state_dict(opt.state_dict())  # the momentum is named as lion-pytorch names it
+    opt.load_state_dict(RefLion(ref + [torch.nn.Parameter(torch.ones(2))], **kw).state_dict())  # no peak_lr in lion-pytorch's groups: still steps
+    opt.step()
+
+
 def test_schedulers():
     from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler,
                                 LinearWithWarmupScheduler)
@@ -214,6 +245,9 @@ def test_fsdp1_selectable():
     assert f.sync_module_states and f.activation_checkpointing and f.use_orig_params
     assert (f.data_parallel_replicate_degree, f.data_parallel_shard_degree) == (2, 8)
     assert builders.build_parallelism(None, 2, 2) is None
+    # one GPU per node: FSDP1 would replicate without averaging gradients, so the config is refused
+    with pytest.raises(ConfigError, match="would not average gradients"):
+        builders.build_parallelism(cfg, world_size=4, local_world_size=1)
 
 
 def test_callbacks_and_loggers():

@@ -116,10 +116,30 @@ def _rel_err(x, ref):
     return ((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1.0)).item()
 
 
+def _compiled_case():
+    """The kernel inside torch.compile(fullgraph=True) (a custom op: no graph break) = the eager call."""
+    from llmfoundry.kernels.flash_alibi import flash_alibi_attention
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 4, 40, 16, generator=gen).requires_grad_() for _ in range(3))
+    slopes = alibi_slopes(4)
+
+    def layer(q, k, v):
+        return (flash_alibi_attention(q * 1.5, k, v, slopes) * 2.0).sum(-1)
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    eager_out, c_out = layer(q, k, v), compiled(q, k, v)
+    eager_g = torch.autograd.grad(eager_out.sum(), (q, k, v))
+    c_g = torch.autograd.grad(c_out.sum(), (q, k, v))
+    return {"out": (eager_out - c_out).abs().max().item(),
+            "grads": max((a - b).abs().max().item() for a, b in zip(eager_g, c_g))}
+
+
 def _worker():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     torch.set_num_threads(1)
-    print(json.dumps({name: _run_case(name, spec) for name, spec in CPU_CASES.items()}))
+    results = {name: _run_case(name, spec) for name, spec in CPU_CASES.items()}
+    results["compiled_fullgraph"] = _compiled_case()
+    print(json.dumps(results))
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +161,10 @@ def test_interpreter_matches_float64_reference(interpreter_results, name):
             assert err < tol, (key, res)
     if "empty_rows_max" in res:
         assert res["empty_rows_max"] == 0.0
+
+
+def test_compiles_without_graph_break(interpreter_results):
+    assert interpreter_results["compiled_fullgraph"] == {"out": 0.0, "grads": 0.0}
 
 
 def test_input_validation():

@@ -31,6 +31,7 @@ The ALiBi term is formed per block as ``slope*(start_n - i - off)`` (per row, fr
 from __future__ import annotations
 
 import math
+from typing import Optional
 import os
 
 import torch
@@ -507,19 +508,47 @@ def _backward(do, q, k, v, o, lse, slopes, causal, scale, seq_id):
     return dq, dk, dv
 
 
-class _FlashAlibiFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, slopes, causal, scale, seq_id):
-        o, lse = _forward(q, k, v, slopes, causal, scale, seq_id)
-        ctx.save_for_backward(q, k, v, o, lse, slopes, seq_id)
-        ctx.causal, ctx.scale = causal, scale
-        return o
+# Registered as torch custom ops (with autograd) so that torch.compile treats the kernels as opaque calls inside
+# a compiled block instead of breaking the graph around them (or tracing into the launch code).
+@torch.library.custom_op("llmfoundry::flash_alibi_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: Optional[torch.Tensor], causal: bool,
+            scale: float, seq_id: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, slopes, causal, scale, seq_id)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, slopes, seq_id = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, slopes, ctx.causal, ctx.scale, seq_id)
-        return dq, dk, dv, None, None, None, None
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, slopes, causal, scale, seq_id):
+    B, H, Sq, D = q.shape
+    return q.new_empty((B, Sq, H, D)).transpose(1, 2), q.new_empty((B, H, Sq), dtype=torch.float32)
+
+
+@torch.library.custom_op("llmfoundry::flash_alibi_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+            lse: torch.Tensor, slopes: Optional[torch.Tensor], causal: bool, scale: float,
+            seq_id: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, o, lse, slopes, causal, scale, seq_id)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(do, q, k, v, o, lse, slopes, causal, scale, seq_id):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, slopes, causal, scale, seq_id = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse, slopes, seq_id)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _fwd_backward(ctx, do, _dlse):
+    q, k, v, o, lse, slopes, seq_id = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, slopes, ctx.causal, ctx.scale, seq_id)
+    return dq, dk, dv, None, None, None, None
+
+
+_fwd_op.register_autograd(_fwd_backward, setup_context=_save_for_backward)
 
 
 def flash_alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -561,4 +590,4 @@ def flash_alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if sequence_id.dtype not in (torch.int32, torch.int64):
             sequence_id = sequence_id.to(torch.int32)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
-    return _FlashAlibiFn.apply(q, k, v, alibi_slopes, bool(causal), scale, sequence_id)
+    return _fwd_op(q, k, v, alibi_slopes, bool(causal), scale, sequence_id)[0]

@@ -27,11 +27,8 @@ def build_optimizer(cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter]) 
     """
     params = list(params)
     if cfg.name == "lion":
-        from lion_pytorch import Lion
-
-        # lion_pytorch with decoupled_weight_decay=True decays by lr_t * (weight_decay / lr): the rule above.
-        return Lion(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                    decoupled_weight_decay=True)
+        from llmfoundry.train.lion import Lion
+        return Lion(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
         from composer.optim import DecoupledAdamW
         return DecoupledAdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
@@ -95,6 +92,16 @@ def hybrid_degrees(cfg: FSDPConfig, world_size: int, local_world_size: int) -> t
     return world_size // shard, shard
 
 
+def check_fsdp1_hybrid(cfg: FSDPConfig, replicate: int, shard: int) -> None:
+    """torch's FSDP1 turns HYBRID_SHARD over shard groups of one rank into NO_SHARD within the group and then
+    never averages gradients across the replicas: each rank would train its own weights. Refuse it."""
+    if cfg.version == 1 and shard == 1 and replicate > 1:
+        raise ConfigError("fsdp.sharding_strategy: HYBRID_SHARD with fsdp.version: 1 needs at least 2 ranks per "
+                          f"shard group, got fsdp.shard_degree = 1 ({replicate} replicas of one GPU each): torch's "
+                          "FSDP1 would not average gradients across them. Use fsdp.version: 2 (which does), or "
+                          "FULL_SHARD, or a larger fsdp.shard_degree")
+
+
 def build_parallelism(cfg: FSDPConfig | None, world_size: int, local_world_size: int):
     """composer ``ParallelismConfig`` for ``fsdp:`` (``None`` -> no FSDP: DDP when world_size > 1).
 
@@ -108,6 +115,8 @@ def build_parallelism(cfg: FSDPConfig | None, world_size: int, local_world_size:
 
     hybrid = cfg.sharding_strategy == "HYBRID_SHARD"
     replicate, shard = hybrid_degrees(cfg, world_size, local_world_size) if hybrid else (None, -1)
+    if hybrid:
+        check_fsdp1_hybrid(cfg, replicate, shard)
     if cfg.version == 2:
         ignored = [k for k, default in (("limit_all_gathers", True), ("forward_prefetch", False),
                                         ("backward_prefetch", "BACKWARD_PRE"), ("sync_module_states", False),

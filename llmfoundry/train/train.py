@@ -63,8 +63,9 @@ def resolve_device(device: str) -> str:
 def resolve_precision(precision: str, device: str) -> str:
     if precision == "auto":
         return "amp_bf16" if device == "gpu" else "fp32"
-    if device == "cpu" and precision not in ("fp32", "amp_bf16"):
-        raise ConfigError(f"precision: {precision} needs a GPU; use fp32 (or amp_bf16) on CPU")
+    if device == "cpu" and precision != "fp32":
+        raise ConfigError(f"precision: {precision} needs a GPU (composer trains on CPU in fp32 only); use "
+                          "precision: fp32 or auto on CPU")
     return precision
 
 

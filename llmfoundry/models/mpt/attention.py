@@ -3,7 +3,7 @@
 attn_impl 'torch'  F.scaled_dot_product_attention with an additive ALiBi/causal/sequence-id/padding bias
                    (``is_causal`` fast path when there is no bias).
 attn_impl 'flex'   torch.nn.attention.flex_attention: ALiBi as a score_mod, causal/sequence-id/padding as a
-                   block mask (compiled on CUDA, eager elsewhere).
+                   block mask (compiled on CUDA, eager elsewhere); steps after a KV cache use 'torch'.
 attn_impl 'flash'  flash_attn's flash_attn_func / flash_attn_varlen_func (sequence_id) with alibi_slopes.
 attn_impl 'triton' llmfoundry.kernels.flash_alibi.flash_alibi_attention.
 
@@ -120,6 +120,8 @@ def build_attn_context(cfg: MPTConfig, batch: int, q_len: int, past_len: int, de
     impl = a.attn_impl
     if impl in ("flash", "triton") and key_valid is not None:
         impl = "torch"  # these kernels take no padding mask
+    if impl == "flex" and past_len > 0:
+        impl = "torch"  # decode steps: every new key length would recompile flex's kernel; SDPA needs no compile
     ctx = AttnContext(impl=impl, q_len=q_len, k_len=k_len, slopes=slopes)
     if impl == "torch":
         _prepare_torch(ctx, past_len, device, dtype, key_valid, sequence_id)

@@ -1,0 +1,120 @@
+"""Where a training step's time goes: our MPT in a bare loop (no trainer), timed by part and profiled by kernel.
+
+Complements bench_train.py (which times the real entry): the difference between the two is the trainer's share.
+Parts timed with CUDA events, each the median over ``--steps`` steps after warm-up: forward+backward of one
+micro-batch (bf16 autocast, fp32 weights, as composer's amp_bf16), gradient-norm clipping, the LION step. Then
+the CUDA kernels of two steps are listed by total time, and grouped (matmul, attention, loss, optimizer, other).
+
+    PYTHONPATH=$PWD python3 bench/profile_step.py --yaml yamls/mpt-1b.yaml --mb 8 [--compile] [--attn flex]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GROUPS = [("attention", ("_fwd_kernel", "_bwd_", "flex", "attention")),
+          ("matmul", ("gemm", "nvjet", "sm90_xmma", "cutlass", "matmul", "_mm_")),
+          ("optimizer", ("foreach", "multi_tensor")),
+          ("loss", ("log_softmax", "nll_loss", "cross_entropy"))]
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    for group, keys in GROUPS:
+        if any(k.lower() in low for k in keys):
+            return group
+    return "other"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--yaml", default=str(REPO / "yamls/mpt-1b.yaml"))
+    p.add_argument("--attn", default="triton")
+    p.add_argument("--mb", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--compile", action="store_true", help="torch.compile each block's forward")
+    p.add_argument("--peak_tflops", type=float, default=989.0)
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args(argv)
+
+    from llmfoundry.models.mpt import MPTForCausalLM
+    from llmfoundry.train.config import load_config
+    from llmfoundry.train.lion import Lion
+    cfg = load_config(args.yaml, ["tokenizer=bundled", f"model.attn_config.attn_impl={args.attn}",
+                                  "model.init_device=cuda"]).model
+    torch.manual_seed(0)
+    model = MPTForCausalLM(cfg).cuda().train()
+    if args.compile:
+        for block in model.transformer.blocks:
+            block.compile()
+    opt = Lion(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    x = torch.randint(1, cfg.vocab_size, (args.mb, args.seq), device="cuda")
+
+    def fwd_bwd():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+
+    def clip():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+    def step():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def timed(fn) -> float:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+
+    for _ in range(3):
+        fwd_bwd(), clip(), step()
+    times = {"fwd+bwd": [], "clip": [], "lion": []}
+    for _ in range(args.steps):
+        times["fwd+bwd"].append(timed(fwd_bwd))
+        times["clip"].append(timed(clip))
+        times["lion"].append(timed(step))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tokens = args.mb * args.seq
+    fpt = cfg.flops_per_token(args.seq)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {Path(args.yaml).name} attn={args.attn} "
+          f"mb={args.mb} seq={args.seq} compile={args.compile}; {model.num_params() / 1e9:.3f}B params")
+    for k, v in med.items():
+        print(f"  {k:8} {v:8.2f} ms")
+    total = sum(med.values())
+    print(f"  step     {total:8.2f} ms  -> {tokens / total * 1e3:,.0f} tokens/s, MFU "
+          f"{tokens * fpt / (total * 1e-3) / (args.peak_tflops * 1e12):.3f} (fwd+bwd alone: "
+          f"{tokens * fpt / (med['fwd+bwd'] * 1e-3) / (args.peak_tflops * 1e12):.3f})")
+    print(f"  peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            fwd_bwd(), clip(), step()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / 2e3, e.count // 2) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    by_group: dict[str, float] = {}
+    for name, ms, _ in rows:
+        by_group[group_of(name)] = by_group.get(group_of(name), 0.0) + ms
+    print("\nGPU time per step by group (ms): " + ", ".join(f"{g} {t:.1f}" for g, t in
+                                                         sorted(by_group.items(), key=lambda kv: -kv[1])))
+    print(f"\n{'ms/step':>8} {'calls':>6}  kernel")
+    for name, ms, n in rows[:args.top]:
+        print(f"{ms:8.2f} {n:6d}  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
