@@ -103,6 +103,20 @@ def flops_per_token(model: str, seq_len: int = 2048) -> float:
 
 
 def run_hf_peer(model: str, steps: int, seq_len: int = 2048, accum: int = 1) -> dict:
+    """The peer at MICRO_BATCH[model], halved until it fits (its eager attention holds S x S scores per head)."""
+    import torch
+    b = MICRO_BATCH[model]
+    while True:
+        try:
+            return _hf_peer_run(model, steps, seq_len, accum, b)
+        except torch.OutOfMemoryError:
+            if b == 1:
+                raise
+        torch.cuda.empty_cache()  # outside the except: its traceback would keep the failed model alive
+        b //= 2
+
+
+def _hf_peer_run(model: str, steps: int, seq_len: int, accum: int, b: int) -> dict:
     """transformers' MptForCausalLM, same shapes, bare loop: bf16 autocast, fused AdamW, one GPU."""
     import torch
     from transformers import MptConfig, MptForCausalLM
@@ -114,7 +128,6 @@ def run_hf_peer(model: str, steps: int, seq_len: int = 2048, accum: int = 1) -> 
     torch.manual_seed(0)
     net = MptForCausalLM(hf_cfg).cuda()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
-    b = MICRO_BATCH[model]
     x = torch.randint(1, cfg.vocab_size, (b, seq_len), device="cuda")
     torch.cuda.reset_peak_memory_stats()
 

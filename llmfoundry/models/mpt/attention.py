@@ -3,9 +3,11 @@
 attn_impl 'torch'  F.scaled_dot_product_attention with an additive ALiBi/causal/sequence-id/padding bias
                    (``is_causal`` fast path when there is no bias).
 attn_impl 'flex'   torch.nn.attention.flex_attention: ALiBi as a score_mod, causal/sequence-id/padding as a
-                   block mask (compiled on CUDA, eager elsewhere); steps after a KV cache use 'torch'.
+                   block mask (compiled on CUDA, eager elsewhere).
 attn_impl 'flash'  flash_attn's flash_attn_func / flash_attn_varlen_func (sequence_id) with alibi_slopes.
 attn_impl 'triton' llmfoundry.kernels.flash_alibi.flash_alibi_attention.
+
+'flex' and 'triton' hand the decode steps after a KV cache (past_len > 0) to 'torch'.
 
 Masks and biases are built once per forward (``build_attn_context``) and shared by every layer. Rules shared by
 all kernels: query i (absolute position past_len + i) sees key j iff j <= past_len + i, the key is not padding
@@ -120,8 +122,10 @@ def build_attn_context(cfg: MPTConfig, batch: int, q_len: int, past_len: int, de
     impl = a.attn_impl
     if impl in ("flash", "triton") and key_valid is not None:
         impl = "torch"  # these kernels take no padding mask
-    if impl == "flex" and past_len > 0:
-        impl = "torch"  # decode steps: every new key length would recompile flex's kernel; SDPA needs no compile
+    if impl in ("flex", "triton") and past_len > 0:
+        # decode steps: every new key length would recompile flex's kernel, and SDPA's kernels beat ours at a
+        # few queries (BENCHMARKS.md, generation); training and the prompt's forward keep the chosen kernel
+        impl = "torch"
     ctx = AttnContext(impl=impl, q_len=q_len, k_len=k_len, slopes=slopes)
     if impl == "torch":
         _prepare_torch(ctx, past_len, device, dtype, key_valid, sequence_id)
