@@ -194,6 +194,33 @@ def test_lion_matches_lion_pytorch_over_steps():
     opt.step()
 
 
+_DTENSOR_LION = """
+import os, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from llmfoundry.train.lion import Lion
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+p = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)]))
+p.grad = distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)])
+opt = Lion([p], lr=0.1)
+opt.step()
+assert type(opt.state[p]["exp_avg"]).__name__ == "DTensor"  # sharded like the parameter (DCP saves it so)
+print(p.to_local().sum().item(), opt.state[p]["exp_avg"].to_local().sum().item())
+"""
+
+
+def test_lion_updates_fsdp2_dtensor_shards_in_place():
+    """FSDP2 parameters are DTensors: the multi-tensor step works on their local shards, and the update must land
+    in the parameter (not in a copy). One gloo process, in a subprocess to keep this one free of a process group."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _DTENSOR_LION], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    p_sum, m_sum = map(float, r.stdout.split())
+    assert p_sum == pytest.approx(-0.1 * 12) and m_sum == pytest.approx(0.01 * 12)
+
+
 def test_schedulers():
     from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler,
                                 LinearWithWarmupScheduler)

@@ -29,7 +29,7 @@ YAML key                       used by
 ``device_eval_batch_size``     batch size of the eval loader
 ``max_duration``               ``Trainer(max_duration=...)``: ``'1000ba'``, ``'2000000tok'``, ``'1ep'``
 ``eval_interval``              ``Trainer(eval_interval=...)``; ``eval_subset_num_batches`` likewise
-``optimizer.*``                builders.build_optimizer: ``lion`` (lion_pytorch, decoupled wd) or ``adamw``
+``optimizer.*``                builders.build_optimizer: ``lion`` (train/lion.py, decoupled wd) or ``adamw``
 ``scheduler.*``                builders.build_scheduler: ``cosine`` / ``linear`` / ``constant`` with warmup
 ``max_grad_norm``              composer ``GradientClipping(clipping_type='norm')``; ``null`` disables
 ``precision``                  ``Trainer(precision=...)``; ``auto`` = ``amp_bf16`` on GPU, ``fp32`` on CPU
@@ -88,8 +88,9 @@ class OptimizerConfig:
     it is NOT multiplied by ``lr`` (unlike ``torch.optim.AdamW``, whose per-step shrink is ``lr_t * weight_decay``).
     For a ``torch.optim.AdamW``-style value ``wd_torch`` use ``weight_decay = lr * wd_torch``.
 
-    - ``lion``: ``lion_pytorch.Lion(decoupled_weight_decay=True)`` (its per-step decay is ``lr_t * wd / lr``, i.e.
-      the rule above). LION usually wants a 3-10x smaller ``lr`` than AdamW.
+    - ``lion``: ``llmfoundry.train.lion.Lion`` (multi-tensor; the same update as lion-pytorch's
+      ``Lion(decoupled_weight_decay=True)``, whose per-step decay ``lr_t * wd / lr`` is the rule above). LION
+      usually wants a 3-10x smaller ``lr`` than AdamW.
     - ``adamw``: composer's ``DecoupledAdamW`` (same decay rule; ``eps`` applies only here).
     """
     name: Literal["lion", "adamw"] = "lion"
