@@ -1,7 +1,7 @@
 """Long context on GPUs: training throughput at 2k-65k tokens per sample, and ALiBi length extrapolation.
 
-Run on the GPU machine (about 6 minutes on one H200 with the defaults, estimated from FLOPs, not yet measured;
-the log of every subprocess goes to --logs, the JSON is rewritten after every run):
+Run on the GPU machine (4 minutes on one H200 with the defaults, measured; results in BENCHMARKS.md; the log of
+every subprocess goes to --logs, the JSON is rewritten after every run):
 
     PYTHONPATH=$PWD python bench/bench_long_context.py --json $OUT/long_context.json --logs $OUT/long_logs
     PYTHONPATH=$PWD python bench/bench_long_context.py --parts train --gpus 2 --seq_lens 2048,65536   # one part
@@ -14,9 +14,8 @@ micro-batch constant (``--tokens_per_micro`` / seq_len sequences, at least 1); o
 Throughput, MFU and peak memory are what the run itself logs (composer's SpeedMonitor over the last half of the
 ``--steps`` batches, so the first steps with kernel autotuning are left out; MemoryMonitor). MFU counts
 ``MPTConfig.flops_per_token(seq_len)`` = 6 N + 12 n_layers d_model seq_len (attention in full, causal masking and
-activation recomputation not counted) against ``--peak_tflops``. Time per step at 65k on one GPU, MPT-1B:
-46.5 GFLOP/token x 65,536 tokens = 3.0 PFLOP, ~9 s at 350 TFLOP/s, ~12 s with the recomputation; 6 steps plus
-startup and autotuning ~2 min (2048 and 16384: ~1 min each).
+activation recomputation not counted) against ``--peak_tflops``. Measured on one H200, MPT-1B at 65k: 5.5 s per
+step (555 TFLOP/s), 74 s for the run with startup; 2048 and 16384: 38 s and 48 s.
 
 Part ``extrap``: train a small ALiBi MPT (``yamls/tiny-cpu.yaml`` with d_model 512, 8 layers, 8 heads, vocab 4096)
 at ``--extrap_seq`` (2048) on the train split of the bundled corpus through ``scripts/train.py``, save a
