@@ -13,6 +13,7 @@ otherwise.
     python bench/bench_train.py --models 125m,350m,1b --attn flex,triton --peer --json out.json
     python bench/bench_train.py --models 1b --attn triton --gpus 1,2,4        # scaling
     python bench/bench_train.py --models 1b --attn triton --variant "base:" --variant "compiled: compile_config={}"
+    python bench/bench_train.py --suite --accum 4 --steps 8 --peer     # the whole table (see plan_runs)
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-MICRO_BATCH = {"125m": 16, "350m": 16, "760m": 12, "1b": 8, "3b": 8, "7b": 4, "13b": 2, "30b": 1}
+# per-GPU micro-batches that fit an H200 (141 GB) with the recipes' settings (1b: 76 GB at 16)
+MICRO_BATCH = {"125m": 16, "350m": 16, "760m": 16, "1b": 16, "3b": 8, "7b": 4, "13b": 2, "30b": 1}
 METRIC = re.compile(r"(throughput/device/[a-z_]+|memory/peak_allocated_mem|memory/peak_reserved_mem)"
                     r"\s*:\s*([0-9.eE+-]+)")
 
@@ -154,6 +156,21 @@ def _hf_peer_run(model: str, steps: int, seq_len: int, accum: int, b: int) -> di
     return row
 
 
+def plan_runs(args) -> list[tuple[str, str, int]]:
+    """(model, attn_impl, GPUs) to run: ``--models x --attn x --gpus``, or with ``--suite`` the issue's table."""
+    attns = args.attn.split(",")
+    if not args.suite:
+        return [(m, a, int(g)) for m in args.models.split(",") for a in attns for g in args.gpus.split(",")]
+    import torch
+    have = torch.cuda.device_count()
+    plan = [(m, a, 1) for m in ("125m", "350m", "1b") for a in attns]
+    plan += [("1b", "triton", 2), ("1b", "triton", 4), ("7b", "triton", 4)]
+    for m, a, g in plan:
+        if g > have:
+            print(f"skipping MPT-{m} {a} on {g} GPUs: this machine has {have}", flush=True)
+    return [run for run in plan if run[2] <= have]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="125m,350m,1b")
@@ -172,14 +189,19 @@ def main(argv=None) -> None:
     p.add_argument("--variant", action="append", default=None,
                    help="'NAME: key=value ...': a named set of overrides; each attn x gpus runs once per variant "
                         "(default: one variant 'base' with none)")
+    p.add_argument("--suite", action="store_true",
+                   help="the speed issue's table: 125m/350m/1b x --attn on 1 GPU, 1b triton on 2 and 4 GPUs, 7b "
+                        "triton on 4 GPUs (runs needing more GPUs than this machine has are skipped, and said so)")
     p.add_argument("extra", nargs="*", help="more key=value overrides for every run (e.g. compile_config={})")
     args = p.parse_args(argv)
 
     variants = [(v.split(":", 1)[0].strip(), v.split(":", 1)[1].split() if ":" in v else [])
                 for v in (args.variant or ["base:"])]
-    models = args.models.split(",")
-    gpus = [int(g) for g in args.gpus.split(",")]
-    n = max(args.mb or MICRO_BATCH[m] for m in models) * max(gpus) * args.accum * (args.steps + 2) + 64
+    plan = plan_runs(args)
+    if not plan:
+        raise SystemExit("nothing to run: no run fits the GPUs of this machine")
+    models = list(dict.fromkeys(m for m, _, _ in plan))
+    n = max((args.mb or MICRO_BATCH[m]) * g for m, _, g in plan) * args.accum * (args.steps + 2) + 64
     data = write_random_mds(Path(args.data), n, 2048, 50432)
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
@@ -189,12 +211,11 @@ def main(argv=None) -> None:
         fpt = flops_per_token(model)
         if args.peer:
             rows.append(run_hf_peer(model, args.steps, accum=args.accum))
-        for attn in args.attn.split(","):
-            for g in gpus:
-                for name, overrides in variants:
-                    rows.append(run_recipe(model, attn, g, args.steps, data, [*args.extra, *overrides], logs, name,
-                                           args.accum, args.mb))
-                    print(json.dumps(rows[-1]), flush=True)
+        for _, attn, g in (run for run in plan if run[0] == model):
+            for name, overrides in variants:
+                rows.append(run_recipe(model, attn, g, args.steps, data, [*args.extra, *overrides], logs, name,
+                                       args.accum, args.mb))
+                print(json.dumps(rows[-1]), flush=True)
         for r in rows:
             if r["model"] == model and r.get("ok"):
                 tps = r.get("tokens_per_sec")

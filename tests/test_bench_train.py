@@ -1,0 +1,40 @@
+"""bench/bench_train.py's planning and overrides (the GPU runs themselves happen on the device machine)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import bench_train  # noqa: E402
+
+
+def _args(**kw):
+    base = dict(attn="flex,triton", suite=False, models="125m,1b", gpus="1,2")
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_plan_is_the_product_of_models_attn_gpus():
+    assert bench_train.plan_runs(_args()) == [("125m", "flex", 1), ("125m", "flex", 2), ("125m", "triton", 1),
+                                              ("125m", "triton", 2), ("1b", "flex", 1), ("1b", "flex", 2),
+                                              ("1b", "triton", 1), ("1b", "triton", 2)]
+
+
+def test_suite_skips_runs_needing_more_gpus(capsys):
+    plan = bench_train.plan_runs(_args(suite=True))
+    have = torch.cuda.device_count()
+    assert all(g <= have for _, _, g in plan)
+    if have == 0:
+        assert plan == [] and "skipping MPT-7b triton on 4 GPUs" in capsys.readouterr().out
+
+
+def test_overrides_split_the_global_batch():
+    o = bench_train.overrides_for("1b", "triton", 2, 8, Path("/tmp/d"), ["compile_config=null"], "eager", accum=4,
+                                  mb=16)
+    assert "global_train_batch_size=128" in o and "device_train_microbatch_size=16" in o
+    assert "model.attn_config.attn_impl=triton" in o and o[-1] == "compile_config=null"
+    assert "run_name=bench-1b-triton-eager-2gpu" in o
