@@ -31,8 +31,8 @@ The ALiBi term is formed per block as ``slope*(start_n - i - off)`` (per row, fr
 from __future__ import annotations
 
 import math
-from typing import Optional
 import os
+from typing import Optional
 
 import torch
 import triton
