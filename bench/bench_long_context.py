@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "data_prep"))
 
-from bench_train import METRIC, composer_launcher, write_random_mds  # noqa: E402
+from bench_train import METRIC, composer_launcher, timing_overrides, write_random_mds  # noqa: E402
 
 EVAL_CE = re.compile(r"metrics/eval/LanguageCrossEntropy\s*:\s*([0-9.eE+-]+)")
 TRAIN_LOSS = re.compile(r"loss/train/total\s*:\s*([0-9.eE+-]+)")
@@ -126,17 +126,10 @@ def micro_batch(seq_len: int, tokens_per_micro: int) -> int:
 
 
 def train_overrides(args, seq_len: int, mb: int, data: Path) -> list[str]:
-    o = ["tokenizer=bundled",  # only the EOS id is read; the data is random tokens below vocab_size
-         "train_loader.streams=null", f"train_loader.local={data}", "train_loader.split=train",
-         f"train_loader.max_seq_len={seq_len}", "train_loader.num_workers=2", "eval_loader=null",
-         f"variables.seq_len={seq_len}", f"model.max_seq_len={seq_len}", f"model.attn_config.attn_impl={args.attn}",
-         f"max_duration={args.steps}ba", f"global_train_batch_size={mb * args.gpus}",
-         f"device_train_microbatch_size={mb}", "scheduler.t_warmup=0ba",
-         "save_folder=null", "autoresume=false", "loggers={}", f"run_name=long-seq{seq_len}-{args.gpus}gpu",
-         f"callbacks.speed_monitor.window_size={max(1, args.steps // 2)}",
-         f"callbacks.speed_monitor.gpu_flops_available={args.peak_tflops * 1e12}",
-         "callbacks.memory_monitor=true", "callbacks.runtime_estimator=false",
-         "console_log_interval=1ba", "progress_bar=false"]
+    o = timing_overrides(data, args.attn, args.steps, mb, mb * args.gpus, f"long-seq{seq_len}-{args.gpus}gpu",
+                         window=max(1, args.steps // 2), peak_tflops=args.peak_tflops, log_interval=1)
+    o += [f"train_loader.max_seq_len={seq_len}", f"variables.seq_len={seq_len}", f"model.max_seq_len={seq_len}",
+          "callbacks.memory_monitor=true", "callbacks.runtime_estimator=false"]
     if args.fsdp == "none":
         o += ["fsdp=null", "model.init_device=cpu"]
     else:

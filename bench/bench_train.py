@@ -58,19 +58,28 @@ def composer_launcher() -> str:
     raise SystemExit("composer launcher not found (pip install mosaicml)")
 
 
-def overrides_for(model: str, attn: str, gpus: int, steps: int, data: Path, extra: list[str],
-                  variant: str = "base", accum: int = 1, mb: int | None = None) -> list[str]:
-    mb = mb or MICRO_BATCH[model]
+def timing_overrides(data: Path, attn: str, steps: int, mb: int, global_batch: int, run_name: str, window: int,
+                     peak_tflops: float, log_interval: int) -> list[str]:
+    """A recipe turned into a timing run: the random-token shards at ``data`` (local; no eval, checkpoints or
+    loggers), ``steps`` optimizer steps without warmup, composer's SpeedMonitor over the last ``window`` batches."""
     return [
         "tokenizer=bundled",  # only the EOS id is read; the data is random tokens below vocab_size
         "train_loader.streams=null", f"train_loader.local={data}", "train_loader.split=train",
         "train_loader.num_workers=2", "eval_loader=null",
-        f"max_duration={steps}ba", f"global_train_batch_size={mb * accum * gpus}", f"device_train_microbatch_size={mb}",
-        "save_folder=null", "autoresume=false", "loggers={}", f"run_name=bench-{model}-{attn}-{variant}-{gpus}gpu",
+        f"max_duration={steps}ba", f"global_train_batch_size={global_batch}", f"device_train_microbatch_size={mb}",
+        "save_folder=null", "autoresume=false", "loggers={}", f"run_name={run_name}",
         f"model.attn_config.attn_impl={attn}", "scheduler.t_warmup=0ba",
-        "callbacks.speed_monitor.window_size=5", "callbacks.speed_monitor.gpu_flops_available=989e12",
-        "console_log_interval=5ba", "progress_bar=false", *extra,
+        f"callbacks.speed_monitor.window_size={window}",
+        f"callbacks.speed_monitor.gpu_flops_available={peak_tflops * 1e12}",
+        f"console_log_interval={log_interval}ba", "progress_bar=false",
     ]
+
+
+def overrides_for(model: str, attn: str, gpus: int, steps: int, data: Path, extra: list[str],
+                  variant: str = "base", accum: int = 1, mb: int | None = None) -> list[str]:
+    mb = mb or MICRO_BATCH[model]
+    return [*timing_overrides(data, attn, steps, mb, mb * accum * gpus, f"bench-{model}-{attn}-{variant}-{gpus}gpu",
+                              window=5, peak_tflops=989.0, log_interval=5), *extra]
 
 
 def run_recipe(model: str, attn: str, gpus: int, steps: int, data: Path, extra: list[str], log_dir: Path,
