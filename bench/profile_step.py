@@ -5,7 +5,12 @@ Parts timed with CUDA events, each the median over ``--steps`` steps after warm-
 micro-batch (bf16 autocast, fp32 weights, as composer's amp_bf16), gradient-norm clipping, the LION step. Then
 the CUDA kernels of two steps are listed by total time, and grouped (matmul, attention, loss, optimizer, other).
 
-    PYTHONPATH=$PWD python3 bench/profile_step.py --yaml yamls/mpt-1b.yaml --mb 8 [--compile] [--attn flex]
+    PYTHONPATH=$PWD python3 bench/profile_step.py --yaml yamls/mpt-1b.yaml --mb 8 [--compile blocks|whole] \
+        [--attn flex] [--fsdp] [--set key=value ...]
+
+``--fsdp`` wraps each block and the root with FSDP2 (one rank, bf16 params and gradient reduction: the recipes'
+``mixed_precision: PURE``), and ``--compile whole`` compiles the wrapped model as composer's ``compile_config`` does,
+so that ``--fsdp --compile whole`` is the trainer's step without the trainer.
 """
 from __future__ import annotations
 
@@ -40,21 +45,36 @@ def main(argv=None) -> None:
     p.add_argument("--mb", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--compile", action="store_true", help="torch.compile each block's forward")
+    p.add_argument("--compile", choices=["none", "blocks", "whole"], default="none",
+                   help="torch.compile each block, or the whole (FSDP-wrapped) model")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 per block + root on one rank, bf16 params")
+    p.add_argument("--set", action="append", default=[], help="config override, e.g. model.n_layers=4")
     p.add_argument("--peak_tflops", type=float, default=989.0)
-    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--top", type=int, default=40)
     args = p.parse_args(argv)
 
     from llmfoundry.models.mpt import MPTForCausalLM
     from llmfoundry.train.config import load_config
     from llmfoundry.train.lion import Lion
     cfg = load_config(args.yaml, ["tokenizer=bundled", f"model.attn_config.attn_impl={args.attn}",
-                                  "model.init_device=cuda"]).model
+                                  "model.init_device=cuda", *args.set]).model
     torch.manual_seed(0)
     model = MPTForCausalLM(cfg).cuda().train()
-    if args.compile:
+    n_params = model.num_params()
+    if args.fsdp:
+        import torch.distributed as dist
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        if not dist.is_initialized():
+            dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29511", world_size=1, rank=0)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+        for block in model.transformer.blocks:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    if args.compile == "blocks":
         for block in model.transformer.blocks:
             block.compile()
+    elif args.compile == "whole":
+        model = torch.compile(model)
     opt = Lion(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     x = torch.randint(1, cfg.vocab_size, (args.mb, args.seq), device="cuda")
 
@@ -89,7 +109,8 @@ def main(argv=None) -> None:
     tokens = args.mb * args.seq
     fpt = cfg.flops_per_token(args.seq)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {Path(args.yaml).name} attn={args.attn} "
-          f"mb={args.mb} seq={args.seq} compile={args.compile}; {model.num_params() / 1e9:.3f}B params")
+          f"mb={args.mb} seq={args.seq} compile={args.compile} fsdp={args.fsdp} {' '.join(args.set)}; "
+          f"{n_params / 1e9:.3f}B params")
     for k, v in med.items():
         print(f"  {k:8} {v:8.2f} ms")
     total = sum(med.values())
