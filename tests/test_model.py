@@ -422,24 +422,22 @@ def test_gpu_kernels_match_torch_in_bf16(impl, seq_ids):
     assert g.shape == g_ref.shape
 
 
-@pytest.mark.parametrize("chunk_tokens", [7, 8192])
-def test_chunked_loss_equals_full_cross_entropy_with_gradients(chunk_tokens):
-    from llmfoundry.models.mpt.loss import chunked_causal_lm_loss
+@pytest.mark.parametrize("tied", [True, False])
+def test_forward_with_labels_equals_full_cross_entropy_with_gradients(tied):
+    """forward(labels=...) (the fused head + loss) = cross-entropy of the full logits, loss and every gradient."""
     torch.manual_seed(0)
     m = MPTForCausalLM(MPTConfig.from_dict(dict(d_model=32, n_heads=2, n_layers=1, max_seq_len=32,
-                                                vocab_size=64)))
+                                                vocab_size=64, tie_word_embeddings=tied,
+                                                logit_scale=None if tied else 0.5)))
     ids = torch.randint(0, 64, (3, 20))
     labels = ids.clone()
     labels[1, 3:11] = -100
     logits = m(ids).logits
     full = F.cross_entropy(logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), ignore_index=-100)
     full_grads = torch.autograd.grad(full, list(m.parameters()))
-    h = m(ids, return_hidden=True).hidden_states
-    chunked = chunked_causal_lm_loss(m.logits, h, labels, chunk_tokens=chunk_tokens)
-    chunked_grads = torch.autograd.grad(chunked, list(m.parameters()))
-    torch.testing.assert_close(chunked, full)
-    for a, b in zip(chunked_grads, full_grads):
-        torch.testing.assert_close(a, b)
-    out = m(ids, labels=labels)  # the same loss through forward(labels=...), without logits
+    out = m(ids, labels=labels)
     assert out.logits is None
+    fused_grads = torch.autograd.grad(out.loss, list(m.parameters()))
     torch.testing.assert_close(out.loss, full)
+    for a, b in zip(fused_grads, full_grads):
+        torch.testing.assert_close(a, b)

@@ -25,8 +25,10 @@ blocks that straddle it (or the sequence end, or any block when ``sequence_id`` 
 ``sequence_id``, each block first scans the ids for the span of positions that can share one of its ids and
 loops over that span only, so packed documents cost roughly the sum of their own squares.
 
-The ALiBi term is formed per block as ``slope*(start_n - i - off)`` (per row, from exact integers) plus
-``slope*jj`` (per column offset inside the block), so it stays accurate at long sequence lengths.
+The ALiBi term is split per block into ``slope*(start_n - i - off)`` (per row, from exact integers) and
+``slope*jj`` (per column offset inside the block), so it stays accurate at long sequence lengths. Only the column
+part is added to the scores; the row part is folded into the per-row quantity each score meets anyway (the running
+max in the forward, the log-sum-exp in the backward), one add per row instead of one per score.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["flash_alibi_attention"]
+__all__ = ["flash_alibi_attention", "flash_alibi_attention_qkv"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
@@ -47,15 +49,15 @@ _SCAN = 16 if _INTERPRET else 1024  # ids read per step when looking for a block
 
 # --------------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _scores(q, k, kn, start_n, q_abs, col_bias, q_seq, seq_k_base, stride_sn, Sk, slope2, qk_scale2,
+def _scores(q, k, kn, q_abs, col_bias, q_seq, seq_k_base, stride_sn, Sk, qk_scale2,
             MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """Scaled (log2-domain) scores of a query block against key block ``kn`` with the ALiBi bias, and -inf where
-    a key is out of bounds, in the future, or in another document. Shared by the forward and the dq pass, which
-    must see exactly the same scores (dq reuses the forward's log-sum-exp)."""
+    """Scaled (log2-domain) scores of a query block against key block ``kn`` plus the ALiBi term's per-column part
+    (``slope2 * (j - start_n)``: the callers fold the per-row part into the row's max / log-sum-exp, which saves
+    an add per score), and -inf where a key is out of bounds, in the future, or in another document. Shared by the
+    forward and the dq pass, which must see exactly the same scores (dq reuses the forward's log-sum-exp)."""
     t = tl.dot(q, tl.trans(k)) * qk_scale2
     if HAS_ALIBI:
-        row_bias = slope2 * (start_n - q_abs).to(tl.float32)
-        t += row_bias[:, None] + col_bias[None, :]
+        t += col_bias[None, :]
     if MASKED:
         visible = kn[None, :] < Sk
         if CAUSAL:
@@ -85,11 +87,12 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, seq_k_bas
             k = tl.load(k_ptrs, mask=kn[:, None] < Sk, other=0.0)
         else:
             k = tl.load(k_ptrs)
-        t = _scores(q, k, kn, start_n, q_abs, col_bias, q_seq, seq_k_base, stride_sn, Sk, slope2, qk_scale2,
+        t = _scores(q, k, kn, q_abs, col_bias, q_seq, seq_k_base, stride_sn, Sk, qk_scale2,
                     MASKED, CAUSAL, HAS_ALIBI, HAS_SEQ)
-        m_new = tl.maximum(m_i, tl.max(t, 1))
+        row_bias = slope2 * (start_n - q_abs).to(tl.float32)  # the ALiBi term's per-row part (0 without ALiBi)
+        m_new = tl.maximum(m_i, tl.max(t, 1) + row_bias)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep exp2 finite
-        p = tl.exp2(t - m_use[:, None])
+        p = tl.exp2(t - (m_use - row_bias)[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
@@ -231,9 +234,9 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, lse_base, 
         lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         tT = tl.dot(k, qT) * qk_scale2
-        if HAS_ALIBI:
-            q_bias = slope2 * (n0 - offs_m - off).to(tl.float32)
-            tT += col_bias[:, None] + q_bias[None, :]
+        if HAS_ALIBI:  # the per-query part of the ALiBi term goes into the log-sum-exp it is compared with
+            tT += col_bias[:, None]
+            lse2 -= slope2 * (n0 - offs_m - off).to(tl.float32)
         if MASKED:
             visible = offs_n[:, None] >= 0
             if CAUSAL:
@@ -332,9 +335,9 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, seq_
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
-        t = _scores(q, k, kn, start_n, q_abs, col_bias, q_seq, seq_k_base, stride_sn, Sk, slope2, qk_scale2,
+        t = _scores(q, k, kn, q_abs, col_bias, q_seq, seq_k_base, stride_sn, Sk, qk_scale2,
                     MASKED, CAUSAL, HAS_ALIBI, HAS_SEQ)
-        p = tl.exp2(t - lse2[:, None])
+        p = tl.exp2(t - (lse2 - slope2 * (start_n - q_abs).to(tl.float32))[:, None])
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
@@ -479,7 +482,8 @@ def _forward(q, k, v, slopes, causal, scale, seq_id):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, slopes, causal, scale, seq_id):
+def _backward(do, q, k, v, o, lse, slopes, causal, scale, seq_id, grads=None):
+    """dq, dk, dv (written into ``grads`` when given: views of one packed buffer, see ``_qkv_bwd_op``)."""
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     if do.stride(-1) != 1:
@@ -489,7 +493,7 @@ def _backward(do, q, k, v, o, lse, slopes, causal, scale, seq_id):
     _bwd_preprocess[(triton.cdiv(Sq, pre_bm), B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, Sq, HEAD_DIM=D, BLOCK_M=pre_bm)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     s_ptr, seq_ptr, (ssb, ssn) = _flags(slopes, seq_id, q)
     flags = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, HAS_SEQ=seq_id is not None, SCAN=_SCAN)
     buckets = (triton.next_power_of_2(Sq), triton.next_power_of_2(Sk))
@@ -551,6 +555,87 @@ def _fwd_backward(ctx, do, _dlse):
 _fwd_op.register_autograd(_fwd_backward, setup_context=_save_for_backward)
 
 
+# The same kernels on the packed (B, S, (H + 2 Hkv) * D) output of a fused QKV projection: q, k, v are strided
+# views of it, and the backward writes dq, dk, dv into views of ONE buffer of that shape, so autograd needs no
+# concatenation of the three gradients (a full extra pass over the projection's output per layer).
+def _split_qkv(qkv: torch.Tensor, n_heads: int, kv_heads: int):
+    B, S, F = qkv.shape
+    t = qkv.view(B, S, n_heads + 2 * kv_heads, F // (n_heads + 2 * kv_heads))
+    return tuple(x.transpose(1, 2) for x in t.split([n_heads, kv_heads, kv_heads], dim=2))
+
+
+@torch.library.custom_op("llmfoundry::flash_alibi_qkv_fwd", mutates_args=())
+def _qkv_fwd_op(qkv: torch.Tensor, n_heads: int, kv_heads: int, slopes: Optional[torch.Tensor], causal: bool,
+                scale: float, seq_id: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(*_split_qkv(qkv, n_heads, kv_heads), slopes, causal, scale, seq_id)
+
+
+@_qkv_fwd_op.register_fake
+def _qkv_fwd_fake(qkv, n_heads, kv_heads, slopes, causal, scale, seq_id):
+    return _fwd_fake(*_split_qkv(qkv, n_heads, kv_heads), slopes, causal, scale, seq_id)
+
+
+@torch.library.custom_op("llmfoundry::flash_alibi_qkv_bwd", mutates_args=())
+def _qkv_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, n_heads: int,
+                kv_heads: int, slopes: Optional[torch.Tensor], causal: bool, scale: float,
+                seq_id: Optional[torch.Tensor]) -> torch.Tensor:
+    dqkv = torch.empty_like(qkv)
+    _backward(do, *_split_qkv(qkv, n_heads, kv_heads), o, lse, slopes, causal, scale, seq_id,
+              grads=_split_qkv(dqkv, n_heads, kv_heads))
+    return dqkv
+
+
+@_qkv_bwd_op.register_fake
+def _qkv_bwd_fake(do, qkv, o, lse, n_heads, kv_heads, slopes, causal, scale, seq_id):
+    return torch.empty_like(qkv)
+
+
+def _qkv_save_for_backward(ctx, inputs, output):
+    qkv, n_heads, kv_heads, slopes, causal, scale, seq_id = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, o, lse, slopes, seq_id)
+    ctx.heads, ctx.causal, ctx.scale = (n_heads, kv_heads), causal, scale
+
+
+def _qkv_fwd_backward(ctx, do, _dlse):
+    qkv, o, lse, slopes, seq_id = ctx.saved_tensors
+    dqkv = _qkv_bwd_op(do, qkv, o, lse, *ctx.heads, slopes, ctx.causal, ctx.scale, seq_id)
+    return dqkv, None, None, None, None, None, None
+
+
+_qkv_fwd_op.register_autograd(_qkv_fwd_backward, setup_context=_qkv_save_for_backward)
+
+
+def _checked(q, k, v, alibi_slopes, softmax_scale, sequence_id):
+    """Validate shapes/dtypes; returns (slopes fp32 or None, sequence ids or None, scale)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be 4-D (B, H, S, D)")
+    B, H, Sq, D = q.shape
+    Bk, Hkv, Sk, Dk = k.shape
+    if v.shape != k.shape or Bk != B or Dk != D:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if H % Hkv != 0:
+        raise ValueError(f"number of query heads {H} is not a multiple of kv heads {Hkv}")
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"head dim {D} must be a power of two in [16, 256]")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
+        if alibi_slopes.shape != (H,):
+            raise ValueError(f"alibi_slopes must have shape ({H},), got {tuple(alibi_slopes.shape)}")
+    if sequence_id is not None:
+        if Sq != Sk or tuple(sequence_id.shape) != (B, Sq):
+            raise ValueError(f"sequence_id must be (B, S) = ({B}, {Sq}) with Sq == Sk, got "
+                             f"{tuple(sequence_id.shape)} (Sq={Sq}, Sk={Sk})")
+        sequence_id = sequence_id.to(device=q.device)
+        if sequence_id.dtype not in (torch.int32, torch.int64):
+            sequence_id = sequence_id.to(torch.int32)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    return alibi_slopes, sequence_id, scale
+
+
 def flash_alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           alibi_slopes: torch.Tensor | None = None, *, causal: bool = True,
                           softmax_scale: float | None = None,
@@ -565,29 +650,24 @@ def flash_alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``(B, H, Sq, D)`` in q's dtype (a view of a ``(B, Sq, H, D)`` buffer, so ``.transpose(1, 2)`` to the
     ``(B, S, H*D)`` layout of an attention layer is free).
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("q, k, v must be 4-D (B, H, S, D)")
-    B, H, Sq, D = q.shape
-    Bk, Hkv, Sk, Dk = k.shape
-    if v.shape != k.shape or Bk != B or Dk != D:
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if H % Hkv != 0:
-        raise ValueError(f"number of query heads {H} is not a multiple of kv heads {Hkv}")
-    if D < 16 or D > 256 or D & (D - 1):
-        raise ValueError(f"head dim {D} must be a power of two in [16, 256]")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    slopes, seq_id, scale = _checked(q, k, v, alibi_slopes, softmax_scale, sequence_id)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if alibi_slopes is not None:
-        alibi_slopes = alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
-        if alibi_slopes.shape != (H,):
-            raise ValueError(f"alibi_slopes must have shape ({H},), got {tuple(alibi_slopes.shape)}")
-    if sequence_id is not None:
-        if Sq != Sk or tuple(sequence_id.shape) != (B, Sq):
-            raise ValueError(f"sequence_id must be (B, S) = ({B}, {Sq}) with Sq == Sk, got "
-                             f"{tuple(sequence_id.shape)} (Sq={Sq}, Sk={Sk})")
-        sequence_id = sequence_id.to(device=q.device)
-        if sequence_id.dtype not in (torch.int32, torch.int64):
-            sequence_id = sequence_id.to(torch.int32)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
-    return _fwd_op(q, k, v, alibi_slopes, bool(causal), scale, sequence_id)[0]
+    return _fwd_op(q, k, v, slopes, bool(causal), scale, seq_id)[0]
+
+
+def flash_alibi_attention_qkv(qkv: torch.Tensor, n_heads: int, kv_n_heads: int,
+                              alibi_slopes: torch.Tensor | None = None, *, causal: bool = True,
+                              softmax_scale: float | None = None,
+                              sequence_id: torch.Tensor | None = None) -> torch.Tensor:
+    """``flash_alibi_attention`` on a fused projection's output ``qkv`` ``(B, S, (n_heads + 2 kv_n_heads) * D)``
+    (q heads, then k heads, then v heads, each ``D`` wide); returns ``(B, S, n_heads * D)``. Same result as
+    splitting ``qkv`` into q, k, v and calling ``flash_alibi_attention``, but the backward writes one packed
+    gradient for ``qkv`` instead of three that autograd would concatenate."""
+    if qkv.dim() != 3 or qkv.shape[-1] % (n_heads + 2 * kv_n_heads):
+        raise ValueError(f"qkv must be (B, S, (n_heads + 2 * kv_n_heads) * head_dim), got {tuple(qkv.shape)} "
+                         f"for n_heads={n_heads}, kv_n_heads={kv_n_heads}")
+    qkv = qkv.contiguous()
+    slopes, seq_id, scale = _checked(*_split_qkv(qkv, n_heads, kv_n_heads), alibi_slopes, softmax_scale,
+                                     sequence_id)
+    out = _qkv_fwd_op(qkv, n_heads, kv_n_heads, slopes, bool(causal), scale, seq_id)[0]
+    return out.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)

@@ -57,7 +57,7 @@ class ComposerMPT(ComposerModel):
         mask = batch.get("attention_mask")
         if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()):
             mask = None  # right padding only: causal attention never reaches it (keeps flash/triton kernels)
-        # training without train metrics: the model computes the loss itself, chunked (see models/mpt/loss.py)
+        # training without train metrics: the model computes the loss itself, fused with the head (models/mpt/loss.py)
         labels = batch["labels"] if self.training and not self.train_metrics else None
         out = self.model(input_ids=batch["input_ids"], attention_mask=mask, sequence_id=batch.get("sequence_id"),
                          labels=labels)

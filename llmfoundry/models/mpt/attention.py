@@ -264,14 +264,18 @@ def _flash_attend(q, k, v, ctx: AttnContext, dropout_p: float, scale: float) -> 
     return out.transpose(1, 2)
 
 
-def _triton_attend(q, k, v, ctx: AttnContext, dropout_p: float, scale: float) -> torch.Tensor:
+def _import_triton_kernel():
     try:
-        from llmfoundry.kernels.flash_alibi import flash_alibi_attention
+        from llmfoundry.kernels import flash_alibi
     except ImportError as e:
         raise ImportError("attn_config.attn_impl 'triton' needs llmfoundry.kernels.flash_alibi (and the triton "
                           f"package, with a CUDA GPU): {e}; use attn_impl 'torch' or 'flex' instead") from e
-    return flash_alibi_attention(q, k, v, ctx.slopes, causal=True, softmax_scale=scale,
-                                 sequence_id=ctx.sequence_id)
+    return flash_alibi
+
+
+def _triton_attend(q, k, v, ctx: AttnContext, dropout_p: float, scale: float) -> torch.Tensor:
+    return _import_triton_kernel().flash_alibi_attention(q, k, v, ctx.slopes, causal=True, softmax_scale=scale,
+                                                         sequence_id=ctx.sequence_id)
 
 
 KERNELS = {"torch": _torch_attend, "flex": _flex_attend, "flash": _flash_attend, "triton": _triton_attend}
@@ -303,6 +307,12 @@ class MPTAttention(nn.Module):
         qkv = self.Wqkv(x)
         if self.clip_qkv:
             qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        if ctx.impl == "triton" and cache is None and not hasattr(self, "q_ln"):
+            # training's path: the kernel reads q, k, v from qkv and writes their gradients into one buffer
+            out = _import_triton_kernel().flash_alibi_attention_qkv(
+                qkv, self.n_heads, self.kv_n_heads, ctx.slopes, softmax_scale=self.softmax_scale,
+                sequence_id=ctx.sequence_id)
+            return self.out_proj(out)
         q, k, v = qkv.split(self.split, dim=-1)
         if hasattr(self, "q_ln"):
             q, k = self.q_ln(q).to(v.dtype), self.k_ln(k).to(v.dtype)

@@ -20,7 +20,7 @@ from torch import nn
 from llmfoundry.models.mpt.attention import KVCache, MPTAttention, build_attn_context
 from llmfoundry.models.mpt.config import MPTConfig
 from llmfoundry.models.mpt.init import init_module
-from llmfoundry.models.mpt.loss import chunked_causal_lm_loss
+from llmfoundry.models.mpt.loss import fused_linear_cross_entropy
 from llmfoundry.models.mpt.norm import build_norm
 
 
@@ -146,10 +146,13 @@ class MPTForCausalLM(nn.Module):
             self.apply(self.param_init_fn)
 
     # ----- forward -----
+    def head_weight(self) -> torch.Tensor:
+        """The output head's (V, d) weight: the tied embedding or ``lm_head``."""
+        return self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Output head (tied embedding or ``lm_head``) and ``logit_scale`` applied to hidden states."""
-        w = self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        out = F.linear(hidden, w)
+        out = F.linear(hidden, self.head_weight())
         scale = self.config.logit_scale_value
         return out * scale if scale is not None else out
 
@@ -159,7 +162,8 @@ class MPTForCausalLM(nn.Module):
         """Logits ``(B, S, vocab)``. With ``use_cache`` a ``KVCache`` is created (or the given one extended in
         place) and returned. ``return_hidden`` returns ``hidden_states`` and no logits. With ``labels`` (B, S)
         it returns the shifted cross-entropy as ``loss`` and no logits: the loss is computed here, inside the
-        forward (so FSDP still holds the tied embedding), in chunks that never hold all fp32 logits at once."""
+        forward (so FSDP still holds the tied embedding), fused with the output head chunk by chunk
+        (``loss.fused_linear_cross_entropy``: no fp32 logits, no recomputation in backward)."""
         if past_key_values is not None:
             past_key_values = KVCache.from_legacy(past_key_values)
         elif use_cache:
@@ -167,7 +171,8 @@ class MPTForCausalLM(nn.Module):
         h = self.transformer(input_ids, attention_mask, sequence_id, past_key_values)
         cache = past_key_values if use_cache else None
         if labels is not None:
-            return MPTOutput(logits=None, past_key_values=cache, loss=chunked_causal_lm_loss(self.logits, h, labels))
+            loss = fused_linear_cross_entropy(h, self.head_weight(), labels, self.config.logit_scale_value)
+            return MPTOutput(logits=None, past_key_values=cache, loss=loss)
         if return_hidden:
             return MPTOutput(logits=None, past_key_values=cache, hidden_states=h)
         return MPTOutput(logits=self.logits(h), past_key_values=cache)
