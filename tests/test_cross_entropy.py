@@ -310,7 +310,7 @@ def test_gpu_fused_under_autocast_matches_reference():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_tokens=256)
     g = torch.autograd.grad(loss, (hidden, weight))
-    torch.testing.assert_close(loss.double(), ref, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(loss.double(), ref.double(), atol=2e-2, rtol=1e-2)
     for a, b in zip(g, ref_g):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), b, atol=2e-2 * b.abs().max().item(), rtol=5e-2)

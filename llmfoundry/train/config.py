@@ -88,7 +88,7 @@ class OptimizerConfig:
     it is NOT multiplied by ``lr`` (unlike ``torch.optim.AdamW``, whose per-step shrink is ``lr_t * weight_decay``).
     For a ``torch.optim.AdamW``-style value ``wd_torch`` use ``weight_decay = lr * wd_torch``.
 
-    - ``lion``: ``llmfoundry.train.lion.Lion`` (multi-tensor; the same update as lion-pytorch's
+    - ``lion``: ``llmfoundry.train.lion.Lion`` (a fused Triton kernel on GPUs, multi-tensor ops elsewhere; the same update as lion-pytorch's
       ``Lion(decoupled_weight_decay=True)``, whose per-step decay ``lr_t * wd / lr`` is the rule above). LION
       usually wants a 3-10x smaller ``lr`` than AdamW.
     - ``adamw``: composer's ``DecoupledAdamW`` (same decay rule; ``eps`` applies only here).

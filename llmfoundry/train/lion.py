@@ -1,9 +1,10 @@
 """LION (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms") with decoupled weight decay.
 
-One multi-tensor (``torch._foreach_*``) pass per group of parameters that share a device and dtype, on the local
-shards of FSDP2's DTensor parameters: a handful of kernel launches per step instead of eight per parameter,
-and none of DTensor's per-operation dispatch. Per step, for every parameter ``p`` with gradient ``g`` and
-momentum ``m`` (state ``exp_avg``, as in lion-pytorch, so its checkpoints load here and back):
+The step works on the local shards of FSDP2's DTensor parameters (none of DTensor's per-operation dispatch), per
+group of parameters that share a device and dtype, with one fused kernel launch per parameter on CUDA or a
+handful of multi-tensor (``torch._foreach_*``) launches per group elsewhere (below). Per step, for every
+parameter ``p`` with gradient ``g`` and momentum ``m`` (state ``exp_avg``, as in lion-pytorch, so its checkpoints
+load here and back):
 
     p <- p * (1 - lr_t * weight_decay / lr)                 decoupled decay, scaled by the schedule
     p <- p - lr_t * sign(beta1 * m + (1 - beta1) * g)
@@ -11,9 +12,20 @@ momentum ``m`` (state ``exp_avg``, as in lion-pytorch, so its checkpoints load h
 
 ``lr_t`` is the group's current (scheduled) learning rate and ``lr`` the configured peak, so a schedule scales
 the decay as it scales the step (composer's "decoupled" convention; lion-pytorch's ``decoupled_weight_decay``).
+
+What runs where (``use_fused_kernel``): on CUDA, when triton is installed and ``LLMFOUNDRY_FUSED_LION`` is not
+``"0"``, a fused Triton kernel (``llmfoundry.kernels.lion``) does the whole step in one pass per parameter (reads
+``p``, ``g``, ``m`` once, writes ``p``, ``m`` once; the grad is cast inside it; 5 passes over memory), bit for bit
+equal to the foreach path. Elsewhere (CPU; no triton; ``LLMFOUNDRY_FUSED_LION=0``), and for the tensors the kernel
+does not take (fp64, non-contiguous), the step is the foreach pass ``lion_update_foreach_``: ``mul`` (decay),
+``lerp``, ``sign``, ``add``, ``lerp``, about eleven passes over memory, with the grad first cast to the momentum's
+dtype and temporaries for a bounded number of elements at a time. Under ``TRITON_INTERPRET=1`` the kernel path is
+taken for CPU tensors too (tests).
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -50,6 +62,37 @@ def lion_update_(params: list[torch.Tensor], grads: list[torch.Tensor], moms: li
     torch._foreach_lerp_(moms, grads, 1.0 - beta2)
 
 
+def lion_update_foreach_(params: list[torch.Tensor], grads: list[torch.Tensor], moms: list[torch.Tensor], *,
+                         lr: float, decay: float, beta1: float, beta2: float) -> None:
+    """``lion_update_`` on tensors of one device and dtype whose grads may have another dtype (cast to the
+    momentum's), in chunks of at most ``_CHUNK_ELEMENTS`` elements of temporaries."""
+    grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, moms)]
+    for part in _chunks([t.numel() for t in params], _CHUNK_ELEMENTS):
+        lion_update_(params[part], grads[part], moms[part], lr=lr, decay=decay, beta1=beta1, beta2=beta2)
+
+
+_KERNELS = []  # [llmfoundry.kernels.lion or None], filled on first use
+
+
+def _fused_kernels():
+    """The fused kernel module, or None without triton (an installed triton's import errors are raised)."""
+    if not _KERNELS:
+        if importlib.util.find_spec("triton") is None:
+            _KERNELS.append(None)
+        else:
+            from llmfoundry.kernels import lion as kernels
+            _KERNELS.append(kernels)
+    return _KERNELS[0]
+
+
+def use_fused_kernel(device: torch.device) -> bool:
+    """Whether ``Lion.step`` updates tensors of ``device`` with the fused Triton kernel (see the module docstring)."""
+    if os.environ.get("LLMFOUNDRY_FUSED_LION", "1") == "0":
+        return False
+    kernels = _fused_kernels()
+    return kernels is not None and kernels.supports(device)
+
+
 class Lion(torch.optim.Optimizer):
     """LION over ``params`` (see the module docstring); ``lr`` is the peak the schedule multiplies."""
 
@@ -78,14 +121,12 @@ class Lion(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                lp, lg, lm = _local(p), _local(p.grad), _local(state["exp_avg"])
-                if lg.dtype != lm.dtype:
-                    lg = lg.to(lm.dtype)
+                lp = _local(p)
                 ps, gs, ms = buckets.setdefault((lp.device, lp.dtype), ([], [], []))
                 ps.append(lp)
-                gs.append(lg)
-                ms.append(lm)
-            for ps, gs, ms in buckets.values():
-                for part in _chunks([t.numel() for t in ps], _CHUNK_ELEMENTS):
-                    lion_update_(ps[part], gs[part], ms[part], lr=lr, decay=decay, beta1=beta1, beta2=beta2)
+                gs.append(_local(p.grad))
+                ms.append(_local(state["exp_avg"]))
+            for (device, _), (ps, gs, ms) in buckets.items():
+                update = _fused_kernels().lion_update_fused_ if use_fused_kernel(device) else lion_update_foreach_
+                update(ps, gs, ms, lr=lr, decay=decay, beta1=beta1, beta2=beta2)
         return loss
