@@ -313,7 +313,7 @@ def test_gpu_fused_under_autocast_matches_reference():
     torch.testing.assert_close(loss.double(), ref.double(), atol=2e-2, rtol=1e-2)
     for a, b in zip(g, ref_g):
         assert a.dtype == torch.float32
-        torch.testing.assert_close(a.double(), b, atol=2e-2 * b.abs().max().item(), rtol=5e-2)
+        torch.testing.assert_close(a.double(), b.double(), atol=2e-2 * b.abs().max().item(), rtol=5e-2)
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
