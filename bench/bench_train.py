@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# per-GPU micro-batches that fit an H200 (141 GB) with the recipes' settings (1b: 76 GB at 16)
+# per-GPU micro-batches that fit an H200 (141 GB) with the recipes' settings (1b: 70 GB at 16)
 MICRO_BATCH = {"125m": 16, "350m": 16, "760m": 16, "1b": 16, "3b": 8, "7b": 4, "13b": 2, "30b": 1}
 METRIC = re.compile(r"(throughput/device/[a-z_]+|memory/peak_allocated_mem|memory/peak_reserved_mem)"
                     r"\s*:\s*([0-9.eE+-]+)")
