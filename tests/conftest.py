@@ -1,6 +1,7 @@
 """Shared test fixtures: a real S3-compatible server on 127.0.0.1 and small helpers."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -12,6 +13,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def run_interpreter_worker(script: str, timeout: float, unset: tuple[str, ...] = ()) -> dict:
+    """Run ``script --worker`` with TRITON_INTERPRET=1 (it must be set before triton is imported, so a kernel test
+    file's interpreter cases run in one subprocess) and return the JSON dict its last stdout line prints."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    for name in unset:
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, script, "--worker"], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _free_port() -> int:

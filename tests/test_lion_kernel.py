@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_interpreter_worker
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [0, 1, 7, 2048, 2049, 5003]  # the kernel's block is 2048 elements
@@ -255,12 +255,7 @@ def _worker():
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    env.pop("LLMFOUNDRY_FUSED_LION", None)
-    proc = subprocess.run([sys.executable, __file__, "--worker"], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreter_worker(__file__, timeout=300, unset=("LLMFOUNDRY_FUSED_LION",))
 
 
 @pytest.mark.parametrize("name", list(CASES))
