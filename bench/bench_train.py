@@ -13,7 +13,10 @@ otherwise.
     python bench/bench_train.py --models 125m,350m,1b --attn flex,triton --peer --json out.json
     python bench/bench_train.py --models 1b --attn triton --gpus 1,2,4        # scaling
     python bench/bench_train.py --models 1b --attn triton --variant "base:" --variant "compiled: compile_config={}"
+    python bench/bench_train.py --models 1b --attn triton --variant "base:" --variant "noskip: env.LLMFOUNDRY_ALIBI_SKIP=0"
     python bench/bench_train.py --suite --accum 4 --steps 8 --peer     # the whole table (see plan_runs)
+    python bench/bench_train.py --models 1b --attn triton --variant "prof: callbacks.profiler.start_batch=5"
+        # the trainer's steps 5-6 profiled: the row gets callbacks.profiler's summary (GPU busy share, by kind)
 """
 from __future__ import annotations
 
@@ -84,9 +87,11 @@ def overrides_for(model: str, attn: str, gpus: int, steps: int, data: Path, extr
 
 def run_recipe(model: str, attn: str, gpus: int, steps: int, data: Path, extra: list[str], log_dir: Path,
                variant: str = "base", accum: int = 1, mb: int | None = None) -> dict:
+    env_items = dict(e[len("env."):].split("=", 1) for e in extra if e.startswith("env."))  # env.NAME=value
+    extra = [e for e in extra if not e.startswith("env.")]
     cmd = [composer_launcher(), "-n", str(gpus), str(REPO / "scripts/train.py"), str(REPO / f"yamls/mpt-{model}.yaml"),
            *overrides_for(model, attn, gpus, steps, data, extra, variant, accum, mb)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **env_items)
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
@@ -104,6 +109,9 @@ def run_recipe(model: str, attn: str, gpus: int, steps: int, data: Path, extra: 
     # the last window is the steadiest (compilation and autotuning are behind it)
     for key, vals in metrics.items():
         row[key.split("/")[-1]] = vals[-1]
+    profile = re.search(r"profiler: batches .*", text)  # callbacks.profiler's summary, when a variant sets it
+    if profile:
+        row["profile"] = profile.group(0)
     return row
 
 
@@ -196,8 +204,9 @@ def main(argv=None) -> None:
     p.add_argument("--logs", default="/tmp/bench_logs")
     p.add_argument("--json", default=None)
     p.add_argument("--variant", action="append", default=None,
-                   help="'NAME: key=value ...': a named set of overrides; each attn x gpus runs once per variant "
-                        "(default: one variant 'base' with none)")
+                   help="'NAME: key=value ...': a named set of overrides (env.NAME=value sets an environment "
+                        "variable of the run); each attn x gpus runs once per variant (default: one variant 'base' "
+                        "with none)")
     p.add_argument("--suite", action="store_true",
                    help="the speed issue's table: 125m/350m/1b x --attn on 1 GPU, 1b triton on 2 and 4 GPUs, 7b "
                         "triton on 4 GPUs (runs needing more GPUs than this machine has are skipped, and said so)")

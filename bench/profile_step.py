@@ -3,7 +3,8 @@
 Complements bench_train.py (which times the real entry): the difference between the two is the trainer's share.
 Parts timed with CUDA events, each the median over ``--steps`` steps after warm-up: forward+backward of one
 micro-batch (bf16 autocast, fp32 weights, as composer's amp_bf16), gradient-norm clipping, the LION step. Then
-the CUDA kernels of two steps are listed by total time, and grouped (matmul, attention, loss, optimizer, other).
+the CUDA kernels of two steps are listed by total time, and grouped (``llmfoundry.train.profiler.kernel_group``).
+The trainer's own step is profiled by ``callbacks.profiler`` (bench_train.py ``--profile``).
 
     PYTHONPATH=$PWD python3 bench/profile_step.py --yaml yamls/mpt-1b.yaml --mb 8 [--compile blocks|whole] \
         [--attn flex] [--fsdp] [--set key=value ...]
@@ -24,20 +25,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-GROUPS = [("attention", ("_fwd_kernel", "_bwd_", "flex", "attention")),
-          ("matmul", ("gemm", "nvjet", "sm90_xmma", "cutlass", "matmul", "_mm_")),
-          ("optimizer", ("foreach", "multi_tensor")),
-          ("loss", ("log_softmax", "nll_loss", "cross_entropy"))]
-
-
-def group_of(name: str) -> str:
-    low = name.lower()
-    for group, keys in GROUPS:
-        if any(k.lower() in low for k in keys):
-            return group
-    return "other"
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--yaml", default=str(REPO / "yamls/mpt-1b.yaml"))
@@ -56,6 +43,7 @@ def main(argv=None) -> None:
     from llmfoundry.models.mpt import MPTForCausalLM
     from llmfoundry.train.config import load_config
     from llmfoundry.train.lion import Lion
+    from llmfoundry.train.profiler import kernel_group
     cfg = load_config(args.yaml, ["tokenizer=bundled", f"model.attn_config.attn_impl={args.attn}",
                                   "model.init_device=cuda", *args.set]).model
     torch.manual_seed(0)
@@ -129,7 +117,7 @@ def main(argv=None) -> None:
     rows.sort(key=lambda r: -r[1])
     by_group: dict[str, float] = {}
     for name, ms, _ in rows:
-        by_group[group_of(name)] = by_group.get(group_of(name), 0.0) + ms
+        by_group[kernel_group(name)] = by_group.get(kernel_group(name), 0.0) + ms
     print("\nGPU time per step by group (ms): " + ", ".join(f"{g} {t:.1f}" for g, t in
                                                          sorted(by_group.items(), key=lambda kv: -kv[1])))
     print(f"\n{'ms/step':>8} {'calls':>6}  kernel")

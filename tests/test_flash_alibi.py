@@ -159,12 +159,45 @@ def _packed_qkv_case():
             "compiled": max((c_out - out).abs().max().item(), (c_grad - grad).abs().max().item())}
 
 
+def _skip_cases():
+    """Negligible far keys (causal ALiBi): the kernels skip them for steep heads (the per-head reach the forward
+    returns is shorter than the sequence) and still match the float64 reference; a far key made large enough to
+    dominate the late rows despite its bias is kept; LLMFOUNDRY_ALIBI_SKIP=0 turns skipping off."""
+    from llmfoundry.kernels import flash_alibi as fa
+    gen = torch.Generator().manual_seed(5)
+    B, H, S, D = 1, 4, 300, 32
+    slopes = torch.tensor([1.0, 0.5, 0.25, 0.01])
+    results = {}
+    for name in ("random", "outlier_key", "off"):
+        q, k, v = (torch.randn(B, H, S, D, generator=gen) for _ in range(3))
+        if name == "outlier_key":  # every query points at key 0, which is 40x longer than a unit vector
+            u = torch.nn.functional.normalize(torch.randn(D, generator=gen), dim=0)
+            q = 3 * u + 0.1 * q
+            k[:, :, 0] = 40 * u
+        os.environ["LLMFOUNDRY_ALIBI_SKIP"] = "0" if name == "off" else "1"
+        reach = fa._forward(q, k, v, slopes, True, D ** -0.5, None)[2][0].tolist()
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        out = fa.flash_alibi_attention(q, k, v, slopes)
+        os.environ.pop("LLMFOUNDRY_ALIBI_SKIP")
+        do = torch.randn(out.shape, generator=gen)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        ref = reference_attention(q, k, v, slopes)
+        ref_grads = torch.autograd.grad(ref, (q, k, v), do.double())
+        res = {"reach": reach, "out": _rel_err(out, ref)}
+        res.update({n: _rel_err(g, r) for n, g, r in zip(["dq", "dk", "dv"], grads, ref_grads)})
+        if name == "outlier_key":  # the shallow head's last row is mostly value 0
+            res["last_row_cos_v0"] = torch.cosine_similarity(ref[0, 3, -1], v[0, 3, 0].double(), dim=0).item()
+        results[name] = res
+    return results
+
+
 def _worker():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     torch.set_num_threads(1)
     results = {name: _run_case(name, spec) for name, spec in CPU_CASES.items()}
     results["compiled_fullgraph"] = _compiled_case()
     results["packed_qkv"] = _packed_qkv_case()
+    results["skip"] = _skip_cases()
     print(json.dumps(results))
 
 
@@ -193,6 +226,19 @@ def test_packed_qkv_matches_reference(interpreter_results):
     res = interpreter_results["packed_qkv"]
     assert res["shape_ok"] and res["compiled"] == 0.0, res
     assert res["out"] < 2e-5 and res["dqkv"] < 2e-5, res
+
+
+def test_far_keys_skipped_only_when_negligible(interpreter_results):
+    res = interpreter_results["skip"]
+    S = 300
+    for name in ("random", "outlier_key", "off"):
+        for key in ("out", "dq", "dk", "dv"):
+            assert res[name][key] < 2e-5, (name, key, res[name])
+    assert max(res["random"]["reach"][:2]) < S // 3, res["random"]  # the steep heads skip most of the triangle
+    assert res["random"]["reach"][3] >= S  # a shallow head skips nothing (reach: the whole row)
+    assert res["outlier_key"]["last_row_cos_v0"] > 0.9, res["outlier_key"]  # the far key matters...
+    assert res["outlier_key"]["reach"][3] >= S, res["outlier_key"]  # ...so it is not skipped
+    assert res["off"]["reach"] == [S + 1] * 4, res["off"]
 
 
 def test_input_validation():

@@ -29,6 +29,21 @@ The ALiBi term is split per block into ``slope*(start_n - i - off)`` (per row, f
 ``slope*jj`` (per column offset inside the block), so it stays accurate at long sequence lengths. Only the column
 part is added to the scores; the row part is folded into the per-row quantity each score meets anyway (the running
 max in the forward, the log-sum-exp in the backward), one add per row instead of one per score.
+
+Negligible keys (causal ALiBi without sequence ids): ALiBi makes a key's score fall linearly with its distance,
+so for steep heads most of the causal triangle holds probabilities far below anything fp32 can add to a row's
+sum. With ``|s_ij - bias_ij| <= scale * |q_i| * max_j |k_j|`` (Cauchy-Schwarz; ``max_j |k_j|`` per batch row and
+kv head from a small pre-pass) and the row max ``m_i`` known after the diagonal blocks, every key further than
+
+    reach_i = (scale2 * |q_i| * max|k| - m2_i + T) / slope2,   T = 24 + log2(Sk)   (log2 units)
+
+from query ``i`` has ``p_ij < 2**-T`` of the row's largest ``p``: all the keys a row skips weigh less than 2**-24 of
+its sum together (fp32's own rounding of that sum; the output is bf16). The forward starts its key loop at the
+first block any row of its block can still reach; the largest reach of each (batch, head) goes to the backward,
+whose passes skip the same far-away blocks. The bound holds for any inputs (large norms only shrink the skipped
+region), so results match the full computation to fp32 rounding; the work saved depends on the slopes and the
+norms (none for shallow heads, less when one key is much longer than the rest). ``LLMFOUNDRY_ALIBI_SKIP=0`` turns
+it off.
 """
 from __future__ import annotations
 
@@ -145,12 +160,37 @@ def _key_ranges(m0, Sk, off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSA
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, Slopes, SeqId,
+def _kmax_kernel(K, Kmax, stride_kb, stride_kh, stride_kn, Hkv, Sk, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """Kmax[b, hk] = max over keys of |k| (fp32; Kmax starts at zeros)."""
+    bhk = tl.program_id(1)
+    b = (bhk // Hkv).to(tl.int64)
+    hk = (bhk % Hkv).to(tl.int64)
+    offs_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=offs_n[:, None] < Sk, other=0.0).to(tl.float32)
+    tl.atomic_max(Kmax + bhk, tl.sqrt(tl.max(tl.sum(k * k, 1), 0)))
+
+
+@triton.jit
+def _reach(q, m_i, q_abs, row_ok, kmax, slope2, qk_scale2, negligible2):
+    """Per query row, the key distance beyond which every score is below 2**-negligible2 of the row max ``m_i``
+    (a lower bound of the final max), clamped to the row's position; 0 for rows out of range. NaN or an
+    unbounded reach (no visible key yet, zero slope) gives the whole row."""
+    qf = q.to(tl.float32)
+    reach = (qk_scale2 * tl.sqrt(tl.sum(qf * qf, 1)) * kmax - m_i + negligible2) / slope2
+    whole = q_abs.to(tl.float32)
+    reach = tl.where(reach < whole, reach, whole)
+    return tl.where(row_ok, reach.to(tl.int32) + 1, 0)
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, Slopes, SeqId, Kmax, Win,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_sb, stride_sn,
-                H, G, Sq, Sk, qk_scale2, Q_BUCKET, K_BUCKET,
+                H, G, Sq, Sk, qk_scale2, negligible2, Q_BUCKET, K_BUCKET,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr, SCAN: tl.constexpr):
+                HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr, SCAN: tl.constexpr, SKIP: tl.constexpr):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: start them first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -184,12 +224,20 @@ def _fwd_kernel(Q, K, V, O, LSE, Slopes, SeqId,
     if HAS_SEQ:
         q_min, q_max = _id_bounds(q_seq, row_ok, tl.load(seq_base + m0 * stride_sn))
         mid, hi = _id_span(seq_base, stride_sn, 0, hi, q_min, q_max, BLOCK_N, SCAN)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, seq_base, stride_sn,
-                               offs_m, q_seq, 0, full, Sk, off, slope2, qk_scale2,
-                               BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_ALIBI, HAS_SEQ)
+    # the masked (diagonal) blocks first: then each row's running max bounds which far keys are negligible
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, seq_base, stride_sn,
                                offs_m, q_seq, mid, hi, Sk, off, slope2, qk_scale2,
                                BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_ALIBI, HAS_SEQ)
+    lo = 0
+    if SKIP:
+        q_abs = offs_m + off
+        reach = _reach(q, m_i, q_abs, row_ok, tl.load(Kmax + b * (H // G) + hk), slope2, qk_scale2, negligible2)
+        first = tl.min(tl.where(row_ok, q_abs - reach, Sk), 0)  # the first key any row can still reach
+        lo = tl.minimum((tl.maximum(first, 0) // BLOCK_N) * BLOCK_N, full)
+        tl.atomic_max(Win + bh, tl.max(reach, 0))
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, seq_base, stride_sn,
+                               offs_m, q_seq, lo, full, Sk, off, slope2, qk_scale2,
+                               BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_ALIBI, HAS_SEQ)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -254,13 +302,13 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, lse_base, 
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Slopes, SeqId,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Slopes, SeqId, Win,
                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_sb, stride_sn,
                      H, Hkv, G, Sq, Sk, qk_scale2, sm_scale, Q_BUCKET, K_BUCKET,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                     HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr, SCAN: tl.constexpr):
+                     HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr, SCAN: tl.constexpr, SKIP: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     b = (bhk // Hkv).to(tl.int64)
@@ -302,11 +350,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Slopes, SeqId,
         slope2 = 0.0
         if HAS_ALIBI:
             slope2 = tl.load(Slopes + h) * 1.4426950408889634
+        hi_h = hi
+        if SKIP:  # queries further than the head's reach from every key of this block see it as negligible
+            hi_h = tl.minimum(hi, n0 + BLOCK_N + tl.load(Win + bh) - off)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE + bh * Sq, Delta + bh * Sq,
                              seq_base, stride_sn, n0, offs_n, k_seq, lo, mid, Sq, off, slope2, qk_scale2,
                              BLOCK_M, BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_ALIBI, HAS_SEQ)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE + bh * Sq, Delta + bh * Sq,
-                             seq_base, stride_sn, n0, offs_n, k_seq, full, hi, Sq, off, slope2, qk_scale2,
+                             seq_base, stride_sn, n0, offs_n, k_seq, full, hi_h, Sq, off, slope2, qk_scale2,
                              BLOCK_M, BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_ALIBI, HAS_SEQ)
     dk *= sm_scale
     tl.store(DK + b * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
@@ -345,13 +396,13 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, seq_
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, Delta, Slopes, SeqId,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, Delta, Slopes, SeqId, Win,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dqb, stride_dqh, stride_dqm, stride_sb, stride_sn,
                    H, G, Sq, Sk, qk_scale2, sm_scale, Q_BUCKET, K_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                   HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr, SCAN: tl.constexpr):
+                   HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr, SCAN: tl.constexpr, SKIP: tl.constexpr):
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -386,8 +437,11 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, Delta, Slopes, SeqId,
     if HAS_SEQ:
         q_min, q_max = _id_bounds(q_seq, row_ok, tl.load(seq_base + m0 * stride_sn))
         mid, hi = _id_span(seq_base, stride_sn, 0, hi, q_min, q_max, BLOCK_N, SCAN)
+    lo = 0
+    if SKIP:  # keys further than the head's reach from every row of this block are negligible
+        lo = tl.minimum((tl.maximum(m0 + off - tl.load(Win + bh), 0) // BLOCK_N) * BLOCK_N, full)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, seq_base, stride_sn,
-                   offs_m, q_seq, 0, full, Sk, off, slope2, qk_scale2, BLOCK_N, HEAD_DIM, False,
+                   offs_m, q_seq, lo, full, Sk, off, slope2, qk_scale2, BLOCK_N, HEAD_DIM, False,
                    CAUSAL, HAS_ALIBI, HAS_SEQ)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, seq_base, stride_sn,
                    offs_m, q_seq, mid, hi, Sk, off, slope2, qk_scale2, BLOCK_N, HEAD_DIM, True,
@@ -402,7 +456,7 @@ def _cfg(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_SEQ"]
+_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_SEQ", "SKIP"]
 _FWD_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(64, 64, 4, 4), _cfg(64, 128, 4, 3), _cfg(128, 64, 4, 3),
                 _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 32, 4, 4)]
 _DKDV_CONFIGS = [_cfg(32, 64, 4, 4), _cfg(32, 64, 4, 3), _cfg(32, 32, 4, 4), _cfg(64, 64, 4, 4),
@@ -467,23 +521,40 @@ def _flags(slopes, seq_id, q):
             seq_id.stride() if seq_id is not None else (0, 0))
 
 
+def _skips(causal, slopes, seq_id) -> bool:
+    """Whether the kernels skip negligible far-away keys (causal ALiBi without sequence ids; see the module
+    docstring). The backward reads the forward's reach per head, which is the whole sequence when it did not."""
+    return causal and slopes is not None and seq_id is None
+
+
 def _forward(q, k, v, slopes, causal, scale, seq_id):
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     o = torch.empty((B, Sq, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
+    skip = _skips(causal, slopes, seq_id) and os.environ.get("LLMFOUNDRY_ALIBI_SKIP", "1") != "0"
+    win = torch.zeros((B, H), device=q.device, dtype=torch.int32) if skip else \
+        torch.full((B, H), Sk + 1, device=q.device, dtype=torch.int32)  # per-head reach, read by the backward
+    kmax = lse  # any pointer when not skipping (never read)
+    if skip:
+        kmax = torch.zeros((B, Hkv), device=q.device, dtype=torch.float32)
+        _kmax_kernel[(triton.cdiv(Sk, 64), B * Hkv)](k, kmax, k.stride(0), k.stride(1), k.stride(2), Hkv, Sk,
+                                                     HEAD_DIM=D, BLOCK=64)
     s_ptr, seq_ptr, (ssb, ssn) = _flags(slopes, seq_id, q)
     _launch("fwd", _fwd_kernel, lambda bm, bn: (triton.cdiv(Sq, bm), B * H), Sq,
-            q, k, v, o, lse, s_ptr, seq_ptr,
+            q, k, v, o, lse, s_ptr, seq_ptr, kmax, win,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), ssb, ssn,
-            H, H // Hkv, Sq, Sk, scale * _LOG2E, triton.next_power_of_2(Sq), triton.next_power_of_2(Sk),
-            HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, HAS_SEQ=seq_id is not None, SCAN=_SCAN)
-    return o, lse
+            H, H // Hkv, Sq, Sk, scale * _LOG2E, 24.0 + math.log2(max(Sk, 1)),
+            triton.next_power_of_2(Sq), triton.next_power_of_2(Sk),
+            HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, HAS_SEQ=seq_id is not None, SCAN=_SCAN,
+            SKIP=skip)
+    return o, lse, win
 
 
-def _backward(do, q, k, v, o, lse, slopes, causal, scale, seq_id, grads=None):
-    """dq, dk, dv (written into ``grads`` when given: views of one packed buffer, see ``_qkv_bwd_op``)."""
+def _backward(do, q, k, v, o, lse, win, slopes, causal, scale, seq_id, grads=None):
+    """dq, dk, dv (written into ``grads`` when given: views of one packed buffer, see ``_qkv_bwd_op``); ``win``:
+    the forward's per-head reach."""
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     if do.stride(-1) != 1:
@@ -495,16 +566,17 @@ def _backward(do, q, k, v, o, lse, slopes, causal, scale, seq_id, grads=None):
         H, Sq, HEAD_DIM=D, BLOCK_M=pre_bm)
     dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     s_ptr, seq_ptr, (ssb, ssn) = _flags(slopes, seq_id, q)
-    flags = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, HAS_SEQ=seq_id is not None, SCAN=_SCAN)
+    flags = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, HAS_SEQ=seq_id is not None, SCAN=_SCAN,
+                 SKIP=_skips(causal, slopes, seq_id))
     buckets = (triton.next_power_of_2(Sq), triton.next_power_of_2(Sk))
     _launch("dkdv", _bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(Sk, bn), B * Hkv), Sq,
-            q, k, v, do, dk, dv, lse, delta, s_ptr, seq_ptr,
+            q, k, v, do, dk, dv, lse, delta, s_ptr, seq_ptr, win,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), ssb, ssn,
             H, Hkv, H // Hkv, Sq, Sk, scale * _LOG2E, scale, *buckets, **flags)
     _launch("dq", _bwd_dq_kernel, lambda bm, bn: (triton.cdiv(Sq, bm), B * H), Sq,
-            q, k, v, do, dq, lse, delta, s_ptr, seq_ptr,
+            q, k, v, do, dq, lse, delta, s_ptr, seq_ptr, win,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), ssb, ssn,
@@ -516,39 +588,40 @@ def _backward(do, q, k, v, o, lse, slopes, causal, scale, seq_id, grads=None):
 # a compiled block instead of breaking the graph around them (or tracing into the launch code).
 @torch.library.custom_op("llmfoundry::flash_alibi_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: Optional[torch.Tensor], causal: bool,
-            scale: float, seq_id: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            scale: float, seq_id: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, slopes, causal, scale, seq_id)
 
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, slopes, causal, scale, seq_id):
     B, H, Sq, D = q.shape
-    return q.new_empty((B, Sq, H, D)).transpose(1, 2), q.new_empty((B, H, Sq), dtype=torch.float32)
+    return (q.new_empty((B, Sq, H, D)).transpose(1, 2), q.new_empty((B, H, Sq), dtype=torch.float32),
+            q.new_empty((B, H), dtype=torch.int32))
 
 
 @torch.library.custom_op("llmfoundry::flash_alibi_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-            lse: torch.Tensor, slopes: Optional[torch.Tensor], causal: bool, scale: float,
+            lse: torch.Tensor, win: torch.Tensor, slopes: Optional[torch.Tensor], causal: bool, scale: float,
             seq_id: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, o, lse, slopes, causal, scale, seq_id)
+    return _backward(do, q, k, v, o, lse, win, slopes, causal, scale, seq_id)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(do, q, k, v, o, lse, slopes, causal, scale, seq_id):
+def _bwd_fake(do, q, k, v, o, lse, win, slopes, causal, scale, seq_id):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _save_for_backward(ctx, inputs, output):
     q, k, v, slopes, causal, scale, seq_id = inputs
-    o, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, o, lse, slopes, seq_id)
+    o, lse, win = output
+    ctx.mark_non_differentiable(lse, win)
+    ctx.save_for_backward(q, k, v, o, lse, win, slopes, seq_id)
     ctx.causal, ctx.scale = causal, scale
 
 
-def _fwd_backward(ctx, do, _dlse):
-    q, k, v, o, lse, slopes, seq_id = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, slopes, ctx.causal, ctx.scale, seq_id)
+def _fwd_backward(ctx, do, _dlse, _dwin):
+    q, k, v, o, lse, win, slopes, seq_id = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, win, slopes, ctx.causal, ctx.scale, seq_id)
     return dq, dk, dv, None, None, None, None
 
 
@@ -566,7 +639,7 @@ def _split_qkv(qkv: torch.Tensor, n_heads: int, kv_heads: int):
 
 @torch.library.custom_op("llmfoundry::flash_alibi_qkv_fwd", mutates_args=())
 def _qkv_fwd_op(qkv: torch.Tensor, n_heads: int, kv_heads: int, slopes: Optional[torch.Tensor], causal: bool,
-                scale: float, seq_id: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                scale: float, seq_id: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(*_split_qkv(qkv, n_heads, kv_heads), slopes, causal, scale, seq_id)
 
 
@@ -576,31 +649,31 @@ def _qkv_fwd_fake(qkv, n_heads, kv_heads, slopes, causal, scale, seq_id):
 
 
 @torch.library.custom_op("llmfoundry::flash_alibi_qkv_bwd", mutates_args=())
-def _qkv_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, n_heads: int,
-                kv_heads: int, slopes: Optional[torch.Tensor], causal: bool, scale: float,
+def _qkv_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, win: torch.Tensor,
+                n_heads: int, kv_heads: int, slopes: Optional[torch.Tensor], causal: bool, scale: float,
                 seq_id: Optional[torch.Tensor]) -> torch.Tensor:
     dqkv = torch.empty_like(qkv)
-    _backward(do, *_split_qkv(qkv, n_heads, kv_heads), o, lse, slopes, causal, scale, seq_id,
+    _backward(do, *_split_qkv(qkv, n_heads, kv_heads), o, lse, win, slopes, causal, scale, seq_id,
               grads=_split_qkv(dqkv, n_heads, kv_heads))
     return dqkv
 
 
 @_qkv_bwd_op.register_fake
-def _qkv_bwd_fake(do, qkv, o, lse, n_heads, kv_heads, slopes, causal, scale, seq_id):
+def _qkv_bwd_fake(do, qkv, o, lse, win, n_heads, kv_heads, slopes, causal, scale, seq_id):
     return torch.empty_like(qkv)
 
 
 def _qkv_save_for_backward(ctx, inputs, output):
     qkv, n_heads, kv_heads, slopes, causal, scale, seq_id = inputs
-    o, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(qkv, o, lse, slopes, seq_id)
+    o, lse, win = output
+    ctx.mark_non_differentiable(lse, win)
+    ctx.save_for_backward(qkv, o, lse, win, slopes, seq_id)
     ctx.heads, ctx.causal, ctx.scale = (n_heads, kv_heads), causal, scale
 
 
-def _qkv_fwd_backward(ctx, do, _dlse):
-    qkv, o, lse, slopes, seq_id = ctx.saved_tensors
-    dqkv = _qkv_bwd_op(do, qkv, o, lse, *ctx.heads, slopes, ctx.causal, ctx.scale, seq_id)
+def _qkv_fwd_backward(ctx, do, _dlse, _dwin):
+    qkv, o, lse, win, slopes, seq_id = ctx.saved_tensors
+    dqkv = _qkv_bwd_op(do, qkv, o, lse, win, *ctx.heads, slopes, ctx.causal, ctx.scale, seq_id)
     return dqkv, None, None, None, None, None, None
 
 

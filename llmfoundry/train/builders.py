@@ -160,7 +160,7 @@ def build_parallelism(cfg: FSDPConfig | None, world_size: int, local_world_size:
 # ---------------------------------------------------------------------------------------------------- callbacks
 def build_callbacks(cfg: CallbacksConfig, on_gpu: bool) -> list:
     """SpeedMonitor (throughput; MFU from the model's ``flops_per_batch``), LRMonitor, MemoryMonitor (GPU only),
-    RuntimeEstimator."""
+    RuntimeEstimator, and TraceProfiler when ``callbacks.profiler`` is set."""
     from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
     callbacks = []
     if cfg.speed_monitor is not None:
@@ -172,6 +172,10 @@ def build_callbacks(cfg: CallbacksConfig, on_gpu: bool) -> list:
         callbacks.append(MemoryMonitor())
     if cfg.runtime_estimator:
         callbacks.append(RuntimeEstimator())
+    if cfg.profiler is not None:
+        from llmfoundry.train.profiler import TraceProfiler
+        p = cfg.profiler
+        callbacks.append(TraceProfiler(p.folder, p.start_batch, p.num_batches, p.record_shapes, p.with_stack))
     return callbacks
 
 

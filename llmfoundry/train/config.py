@@ -42,7 +42,7 @@ YAML key                       used by
 ``train_metrics``              ``ComposerMPT(train_metrics=...)``: composer's train metrics from full logits on every
                                micro-batch; off (default) = the loss is computed in chunks inside the model
 ``callbacks.*``                builders.build_callbacks: SpeedMonitor (throughput, MFU), LRMonitor, MemoryMonitor,
-                               RuntimeEstimator
+                               RuntimeEstimator; ``callbacks.profiler`` (off by default): profiler.TraceProfiler
 ``loggers.wandb``              composer ``WandBLogger`` (``WANDB_MODE=offline`` works)
 ``log_to_console``, ``console_log_interval``, ``progress_bar``, ``python_log_level``, ``dist_timeout``,
 ``compile_config``             passed to ``Trainer`` unchanged (``compile_config`` -> ``torch.compile`` kwargs)
@@ -184,12 +184,30 @@ class SpeedMonitorConfig:
 
 
 @dataclass
+class ProfilerConfig:
+    """``callbacks.profiler``: a torch.profiler trace of ``num_batches`` batches from batch ``start_batch`` (after
+    compilation and autotuning), one Chrome trace per rank under ``folder`` (``{run_name}`` is filled in), and a
+    summary in the log: wall time, the GPU's busy share, GPU time by kind of kernel (train/profiler.py)."""
+    start_batch: int = 5
+    num_batches: int = 2
+    folder: str = "traces/{run_name}"
+    record_shapes: bool = False
+    with_stack: bool = False
+
+    def __post_init__(self):
+        if self.start_batch < 0 or self.num_batches < 1:
+            raise ValueError(f"'start_batch' = {self.start_batch} must be >= 0 and 'num_batches' = "
+                             f"{self.num_batches} >= 1")
+
+
+@dataclass
 class CallbacksConfig:
     """``callbacks:``; set one to ``null``/``false`` to turn it off."""
     speed_monitor: SpeedMonitorConfig | None = field(default_factory=SpeedMonitorConfig)
     lr_monitor: bool = True
     memory_monitor: bool = True  # CUDA memory stats; skipped on CPU
     runtime_estimator: bool = True
+    profiler: ProfilerConfig | None = None  # off unless set, e.g. callbacks.profiler.start_batch=10
 
 
 @dataclass
