@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import gzip
 import json
 import os
 import subprocess
@@ -279,7 +280,8 @@ def test_profiler_writes_a_trace_and_logs_a_summary(tmp_path):
     r = run_cli([TINY, *fast(tmp_path / "ck", "autoresume=false", "max_duration=5ba", "eval_loader=null",
                              "callbacks.profiler.start_batch=2", f"callbacks.profiler.folder={tmp_path}/tr/{{run_name}}")])
     assert r.returncode == 0, r.stderr[-3000:]
-    trace = json.loads((tmp_path / "tr" / "tiny-cpu" / "rank0.batch2-3.json").read_text())
+    with gzip.open(tmp_path / "tr" / "tiny-cpu" / "rank0.batch2-3.json.gz", "rt") as f:
+        trace = json.load(f)
     assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])  # the model's ops are in it
     assert "profiler: batches 2-3 on rank 0: wall" in r.stderr
 
