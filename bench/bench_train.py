@@ -85,10 +85,15 @@ def overrides_for(model: str, attn: str, gpus: int, steps: int, data: Path, extr
                               window=5, peak_tflops=989.0, log_interval=5), *extra]
 
 
+def split_env(items: list[str]) -> tuple[dict[str, str], list[str]]:
+    """``env.NAME=value`` items (environment variables of the run) apart from the config overrides."""
+    env = dict(e[len("env."):].split("=", 1) for e in items if e.startswith("env."))
+    return env, [e for e in items if not e.startswith("env.")]
+
+
 def run_recipe(model: str, attn: str, gpus: int, steps: int, data: Path, extra: list[str], log_dir: Path,
                variant: str = "base", accum: int = 1, mb: int | None = None) -> dict:
-    env_items = dict(e[len("env."):].split("=", 1) for e in extra if e.startswith("env."))  # env.NAME=value
-    extra = [e for e in extra if not e.startswith("env.")]
+    env_items, extra = split_env(extra)
     cmd = [composer_launcher(), "-n", str(gpus), str(REPO / "scripts/train.py"), str(REPO / f"yamls/mpt-{model}.yaml"),
            *overrides_for(model, attn, gpus, steps, data, extra, variant, accum, mb)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", **env_items)

@@ -38,3 +38,9 @@ def test_overrides_split_the_global_batch():
     assert "global_train_batch_size=128" in o and "device_train_microbatch_size=16" in o
     assert "model.attn_config.attn_impl=triton" in o and o[-1] == "compile_config=null"
     assert "run_name=bench-1b-triton-eager-2gpu" in o
+
+
+def test_variant_env_items_are_split_from_overrides():
+    env, rest = bench_train.split_env(["env.LLMFOUNDRY_ALIBI_SKIP=0", "fsdp.sharding_strategy=SHARD_GRAD_OP",
+                                       "env.X=a=b"])
+    assert env == {"LLMFOUNDRY_ALIBI_SKIP": "0", "X": "a=b"} and rest == ["fsdp.sharding_strategy=SHARD_GRAD_OP"]
