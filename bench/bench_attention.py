@@ -62,11 +62,15 @@ def make_methods(B, H, S, D, dtype, dev, n_docs=8):
     methods["Triton flash_alibi (ours)"] = lambda q, k, v: flash_alibi.flash_alibi_attention(q, k, v, slopes)
 
     def no_skip(q, k, v):
+        before = os.environ.get("LLMFOUNDRY_ALIBI_SKIP")
         os.environ["LLMFOUNDRY_ALIBI_SKIP"] = "0"
         try:
             return flash_alibi.flash_alibi_attention(q, k, v, slopes)
-        finally:
-            del os.environ["LLMFOUNDRY_ALIBI_SKIP"]
+        finally:  # leave the caller's setting as it was (it decides the "ours" row)
+            if before is None:
+                del os.environ["LLMFOUNDRY_ALIBI_SKIP"]
+            else:
+                os.environ["LLMFOUNDRY_ALIBI_SKIP"] = before
     methods["ours, far keys not skipped"] = no_skip
     docs = (torch.arange(S, device=dev) * n_docs // S).expand(B, S)  # n_docs equal packed documents per row
     methods[f"ours + sequence_id ({n_docs} docs/row)"] = lambda q, k, v: flash_alibi.flash_alibi_attention(
