@@ -13,6 +13,7 @@ The kernel module is loaded from its file, so this needs only torch and triton.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import time
@@ -31,6 +32,26 @@ _spec.loader.exec_module(flash_alibi)
 
 def alibi_slopes(H):
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float32)
+
+
+# rows that run our kernel under a switch (set around the row's whole forward+backward timing)
+ROW_ENV = {"ours, far keys not skipped": {"LLMFOUNDRY_ALIBI_SKIP": "0"},
+           "ours, dq in its own pass (split)": {"LLMFOUNDRY_ALIBI_BWD": "split"}}
+
+
+@contextlib.contextmanager
+def environ(values):
+    """Set environment variables for the block, then restore the caller's values."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def make_methods(B, H, S, D, dtype, dev, n_docs=8):
@@ -59,19 +80,13 @@ def make_methods(B, H, S, D, dtype, dev, n_docs=8):
                                                                           block_mask=block_mask)
     except Exception as e:  # noqa: BLE001 - an older torch without flex attention
         print(f"FlexAttention unavailable: {e!r}")
-    methods["Triton flash_alibi (ours)"] = lambda q, k, v: flash_alibi.flash_alibi_attention(q, k, v, slopes)
 
-    def no_skip(q, k, v):
-        before = os.environ.get("LLMFOUNDRY_ALIBI_SKIP")
-        os.environ["LLMFOUNDRY_ALIBI_SKIP"] = "0"
-        try:
-            return flash_alibi.flash_alibi_attention(q, k, v, slopes)
-        finally:  # leave the caller's setting as it was (it decides the "ours" row)
-            if before is None:
-                del os.environ["LLMFOUNDRY_ALIBI_SKIP"]
-            else:
-                os.environ["LLMFOUNDRY_ALIBI_SKIP"] = before
-    methods["ours, far keys not skipped"] = no_skip
+    def ours(q, k, v):
+        return flash_alibi.flash_alibi_attention(q, k, v, slopes)
+
+    methods["Triton flash_alibi (ours)"] = ours
+    methods["ours, far keys not skipped"] = ours
+    methods["ours, dq in its own pass (split)"] = ours
     docs = (torch.arange(S, device=dev) * n_docs // S).expand(B, S)  # n_docs equal packed documents per row
     methods[f"ours + sequence_id ({n_docs} docs/row)"] = lambda q, k, v: flash_alibi.flash_alibi_attention(
         q, k, v, slopes, sequence_id=docs)
@@ -95,22 +110,26 @@ def bench_shape(B, H, S, D, dtype, dev):
     do = torch.randn(B, H, S, D, device=dev, dtype=dtype, generator=gen)
     methods, mask = make_methods(B, H, S, D, dtype, dev)
     flops_fwd = 4 * B * H * S * S * D / 2  # causal: half the score matrix
+    def measure(fn):
+        def fwd_bwd():
+            out = fn(q, k, v)
+            out.backward(do)
+        fwd_bwd()  # compile / autotune outside the timing
+        torch.cuda.synchronize()
+        with torch.no_grad():
+            t_fwd = do_bench(lambda: fn(q, k, v), warmup=100, rep=500)
+        t_all = do_bench(fwd_bwd, warmup=100, rep=500, grad_to_none=[q, k, v])
+
+        def fresh_fwd_bwd():
+            q.grad = k.grad = v.grad = None
+            fwd_bwd()
+        return t_fwd, t_all, kernel_ms(fresh_fwd_bwd)
+
     rows = []
     for name, fn in methods.items():
         try:
-            def fwd_bwd():
-                out = fn(q, k, v)
-                out.backward(do)
-            fwd_bwd()  # compile / autotune outside the timing
-            torch.cuda.synchronize()
-            with torch.no_grad():
-                t_fwd = do_bench(lambda: fn(q, k, v), warmup=100, rep=500)
-            t_all = do_bench(fwd_bwd, warmup=100, rep=500, grad_to_none=[q, k, v])
-
-            def fresh_fwd_bwd():
-                q.grad = k.grad = v.grad = None
-                fwd_bwd()
-            rows.append((name, t_fwd, t_all, kernel_ms(fresh_fwd_bwd)))
+            with environ(ROW_ENV.get(name, {})):
+                rows.append((name, *measure(fn)))
         except Exception as e:  # noqa: BLE001 - keep the table going
             print(f"{name}: failed: {e!r}"[:400])
             rows.append((name, float("nan"), float("nan"), float("nan")))
@@ -124,6 +143,63 @@ def bench_shape(B, H, S, D, dtype, dev):
     for name, tf, ta, tk in rows:
         print(f"| {name} | {tf:.3f} | {ta:.3f} | {ta / base:.2f}x | {3.5 * flops_fwd / ta / 1e9:.0f} | {tk:.3f} |")
     return rows
+
+
+# launch configs (BLOCK_M, BLOCK_N, num_warps, num_stages) tried per kernel by --sweep
+SWEEP = {
+    "fwd": [(64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4),
+            (128, 128, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (64, 128, 8, 3)],
+    "dkdv": [(32, 64, 4, 4), (32, 64, 4, 3), (32, 32, 4, 4), (64, 64, 4, 4), (64, 64, 4, 3), (32, 128, 4, 3),
+             (32, 128, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (64, 128, 4, 3), (16, 128, 4, 4),
+             (16, 64, 4, 4), (128, 128, 8, 2)],
+    "dq": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (128, 32, 4, 3),
+           (128, 32, 8, 4), (64, 32, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3)],
+}
+_KERNEL = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel"}
+
+
+def kernel_times(fn, iters=5):
+    """GPU ms per call of each kernel name in ``fn`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: getattr(e, "self_device_time_total", 0) / iters / 1e3 for e in prof.key_averages()
+            if getattr(e, "self_device_time_total", 0) > 0}
+
+
+def sweep(B, H, S, D, dtype, dev):
+    """Time every config of SWEEP for each kernel (the others autotuned), in both backward modes: the dk/dv kernel
+    alone with dq in its own pass ('split'), and with dq added by atomics ('atomic')."""
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=dtype, generator=gen).requires_grad_() for _ in range(3))
+    do = torch.randn(B, H, S, D, device=dev, dtype=dtype, generator=gen)
+    slopes = alibi_slopes(H).to(dev)
+    orig = flash_alibi._fixed_config
+
+    def fwd_bwd():
+        q.grad = k.grad = v.grad = None
+        flash_alibi.flash_alibi_attention(q, k, v, slopes).backward(do)
+
+    print(f"\nsweep B{B} H{H} S{S} D{D}: GPU ms per call (kernel alone | whole fwd+bwd)")
+    for mode, kinds in (("split", ("fwd", "dkdv", "dq")), ("atomic", ("dkdv",))):
+        for kind in kinds:
+            for bm, bn, warps, stages in SWEEP[kind]:
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+                flash_alibi._fixed_config = lambda kd, sq, d, _c=cfg, _k=kind: dict(_c) if kd == _k else orig(kd, sq, d)
+                try:
+                    with environ({"LLMFOUNDRY_ALIBI_BWD": mode}):
+                        fwd_bwd()
+                        times = kernel_times(fwd_bwd)
+                    mine = sum(t for name, t in times.items() if _KERNEL[kind] in name)
+                    print(f"{mode:6s} {kind:4s} {bm:3d}x{bn:<3d} w{warps} s{stages}: {mine:7.3f} | "
+                          f"{sum(times.values()):7.3f}", flush=True)
+                except Exception as e:  # noqa: BLE001 - out of shared memory etc.
+                    print(f"{mode:6s} {kind:4s} {bm:3d}x{bn:<3d} w{warps} s{stages}: failed {type(e).__name__}",
+                          flush=True)
+                finally:
+                    flash_alibi._fixed_config = orig
 
 
 def bench_decode(B, H, Hkv, Sk, D, dtype, dev):
@@ -164,9 +240,13 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--dims", type=int, nargs="+", default=[128, 64])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--sweep", action="store_true", help="first time each kernel over the launch configs in SWEEP "
+                    "at the first head dim")
     args = ap.parse_args()
     dev = "cuda"
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    if args.sweep:
+        sweep(args.batch, args.heads, args.seq, args.dims[0], getattr(torch, args.dtype), dev)
     for D in args.dims:
         bench_shape(args.batch, args.heads, args.seq, D, getattr(torch, args.dtype), dev)
     bench_host_overhead(dev)
