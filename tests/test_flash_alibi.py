@@ -76,8 +76,9 @@ CPU_CASES = {
     "strided_inputs_scale": (2, 4, 2, 34, 34, 16, True, True, None, "float32", True),
 }
 
-# also run with dq in its own kernel (LLMFOUNDRY_ALIBI_BWD=split; the default adds dq with atomics in the dk/dv one)
-SPLIT_CASES = ["causal_alibi_gqa_d64", "noncausal_alibi_cross", "seqid_causal_gqa", "decode_sq5",
+# also run with dq added by atomics inside the dk/dv kernel (LLMFOUNDRY_ALIBI_BWD=atomic; the default runs dq in its
+# own kernel)
+ATOMIC_CASES = ["causal_alibi_gqa_d64", "noncausal_alibi_cross", "seqid_causal_gqa", "decode_sq5",
                "sq_gt_sk_empty_rows", "strided_inputs_scale"]
 
 
@@ -199,8 +200,8 @@ def _worker():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     torch.set_num_threads(1)
     results = {name: _run_case(name, spec) for name, spec in CPU_CASES.items()}
-    os.environ["LLMFOUNDRY_ALIBI_BWD"] = "split"
-    results.update({f"split:{name}": _run_case(name, CPU_CASES[name]) for name in SPLIT_CASES})
+    os.environ["LLMFOUNDRY_ALIBI_BWD"] = "atomic"
+    results.update({f"atomic:{name}": _run_case(name, CPU_CASES[name]) for name in ATOMIC_CASES})
     os.environ.pop("LLMFOUNDRY_ALIBI_BWD")
     results["compiled_fullgraph"] = _compiled_case()
     results["packed_qkv"] = _packed_qkv_case()
@@ -213,10 +214,10 @@ def interpreter_results():
     return run_interpreter_worker(__file__, timeout=600)
 
 
-@pytest.mark.parametrize("name", list(CPU_CASES) + [f"split:{name}" for name in SPLIT_CASES])
+@pytest.mark.parametrize("name", list(CPU_CASES) + [f"atomic:{name}" for name in ATOMIC_CASES])
 def test_interpreter_matches_float64_reference(interpreter_results, name):
     res = interpreter_results[name]
-    tol = 1e-2 if CPU_CASES[name.removeprefix("split:")][9] == "float16" else 2e-5
+    tol = 1e-2 if CPU_CASES[name.removeprefix("atomic:")][9] == "float16" else 2e-5
     assert not res["nan"], res
     for key, err in res.items():
         if key not in ("nan", "empty_rows_max"):
@@ -249,13 +250,14 @@ def test_far_keys_skipped_only_when_negligible(interpreter_results):
 
 
 def test_backward_mode_switch(monkeypatch):
-    """dq by atomics unless deterministic algorithms are requested or LLMFOUNDRY_ALIBI_BWD says otherwise."""
+    """dq by atomics only when LLMFOUNDRY_ALIBI_BWD=atomic asks and deterministic algorithms are not requested."""
     from llmfoundry.kernels.flash_alibi import _atomic_dq
     monkeypatch.delenv("LLMFOUNDRY_ALIBI_BWD", raising=False)
-    assert _atomic_dq()
+    assert not _atomic_dq()
     monkeypatch.setenv("LLMFOUNDRY_ALIBI_BWD", "split")
     assert not _atomic_dq()
     monkeypatch.setenv("LLMFOUNDRY_ALIBI_BWD", "atomic")
+    assert _atomic_dq()
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -301,20 +303,20 @@ GPU_CASES = {
 }
 
 
-GPU_SPLIT_CASES = ["d128_s2048_gqa_autotune", "d64_noncausal_s777", "d128_seqid_s1024", "d128_chunk_sq300"]
+GPU_ATOMIC_CASES = ["d128_s2048_gqa_autotune", "d64_noncausal_s777", "d128_seqid_s1024", "d128_chunk_sq300"]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", list(GPU_CASES) + [f"split:{name}" for name in GPU_SPLIT_CASES])
+@pytest.mark.parametrize("name", list(GPU_CASES) + [f"atomic:{name}" for name in GPU_ATOMIC_CASES])
 def test_gpu_matches_float64_reference(name, monkeypatch):
     """Kernel error vs float64 must be within 2x (+ a small floor) of the error of the same-precision eager
-    reference (matmuls in bf16/fp16, softmax in fp32), for the output and every gradient. ``split:`` cases run
-    the backward with dq in its own kernel."""
+    reference (matmuls in bf16/fp16, softmax in fp32), for the output and every gradient. ``atomic:`` cases add
+    dq with atomics inside the dk/dv kernel."""
     from llmfoundry.kernels.flash_alibi import flash_alibi_attention
-    if name.startswith("split:"):
-        monkeypatch.setenv("LLMFOUNDRY_ALIBI_BWD", "split")
-    B, H, Hkv, Sq, Sk, D, causal, alibi, seq, dtype, autotune = GPU_CASES[name.removeprefix("split:")]
+    if name.startswith("atomic:"):
+        monkeypatch.setenv("LLMFOUNDRY_ALIBI_BWD", "atomic")
+    B, H, Hkv, Sq, Sk, D, causal, alibi, seq, dtype, autotune = GPU_CASES[name.removeprefix("atomic:")]
     monkeypatch.setenv("LLMFOUNDRY_FLASH_ALIBI_AUTOTUNE", "1" if autotune else "0")
     dtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(0)
