@@ -280,13 +280,16 @@ def test_fsdp1_selectable():
 def test_callbacks_and_loggers():
     from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
     cfg = load_config(TINY, ["callbacks.speed_monitor.gpu_flops_available=1e12"])
+    from llmfoundry.train.loss_guard import StopOnNonFiniteLoss
     cpu = builders.build_callbacks(cfg.callbacks, on_gpu=False)
-    assert [type(c) for c in cpu] == [SpeedMonitor, LRMonitor, RuntimeEstimator]
+    assert [type(c) for c in cpu] == [SpeedMonitor, LRMonitor, RuntimeEstimator, StopOnNonFiniteLoss]
     assert builders.peak_flops_used(cpu) == 1e12
     gpu = builders.build_callbacks(cfg.callbacks, on_gpu=True)
     assert MemoryMonitor in [type(c) for c in gpu]
     off = load_config(TINY, ["callbacks.speed_monitor=null", "callbacks.lr_monitor=false"]).callbacks
     assert SpeedMonitor not in [type(c) for c in builders.build_callbacks(off, on_gpu=False)]
+    unguarded = load_config(TINY, ["callbacks.stop_on_nonfinite_loss=false"]).callbacks
+    assert StopOnNonFiniteLoss not in [type(c) for c in builders.build_callbacks(unguarded, on_gpu=False)]
     assert builders.build_loggers(cfg.loggers, "r") == []
 
 

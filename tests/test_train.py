@@ -297,6 +297,27 @@ def test_trace_summary_merges_overlapping_gpu_intervals():
     assert s["groups"] == {"matmul": 0.010, "attention": 0.010, "copies": 0.005}
 
 
+# AdamW at lr 1e12 (no clipping, no warm-up) turns batch 2's loss into NaN
+DIVERGE = ["optimizer.name=adamw", "optimizer.lr=1e12", "max_grad_norm=null", "scheduler.t_warmup=0ba",
+           "save_interval=1ba"]
+
+
+def test_nonfinite_loss_stops_before_its_checkpoint(tmp_path):
+    """A NaN loss stops the run with one message naming the batch; the checkpoint of the batch before it is kept and
+    nothing after it is written. With the guard off, the same run trains on (and saves NaN weights)."""
+    r = run_cli([TINY, *fast(tmp_path / "ck", *DIVERGE)])
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "error: the training loss is not finite at batch 2 (loss/train/total = nan)" in r.stderr
+    assert f"the checkpoints already in {tmp_path / 'ck'} were written before it" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in (tmp_path / "ck").glob("ep*.pt")) == ["ep0-ba1-rank0.pt"]
+    off = run_cli([TINY, *fast(tmp_path / "off", *DIVERGE), "max_duration=3ba",
+                   "callbacks.stop_on_nonfinite_loss=false"])
+    assert off.returncode == 0, off.stderr[-2000:]
+    weights = final_state(tmp_path / "off", 3)["model"]
+    assert any(not torch.isfinite(w).all() for w in weights.values())
+
+
 def test_cli_user_error_is_one_line(tmp_path):
     r = run_cli([TINY, "optimizer.lrr=1e-3", f"save_folder={tmp_path}"])
     assert r.returncode == 1

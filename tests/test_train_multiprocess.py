@@ -95,6 +95,18 @@ def test_global_batch_not_divisible_by_ranks(tmp_path):
     assert not (tmp_path / "ck").exists()  # stopped before any work
 
 
+def test_nonfinite_loss_stops_every_rank(tmp_path):
+    """2 ranks: a NaN loss (AdamW at lr 1e12) stops both ranks at the same batch, without a hang, and batch 2's
+    checkpoint is not written."""
+    r = launch(2, [TINY, *fast(tmp_path / "ck"), "optimizer.name=adamw", "optimizer.lr=1e12", "max_grad_norm=null",
+                   "scheduler.t_warmup=0ba", "save_interval=1ba"], tmp_path / "logs", timeout=300)
+    assert r.returncode != 0
+    # rank 0 prints through the launcher, the others into their log files
+    for err in (r.stderr, (tmp_path / "logs" / "rank1.err").read_text()):
+        assert "error: the training loss is not finite at batch 2" in err, explain(r, tmp_path / "logs")
+    assert sorted(p.name for p in (tmp_path / "ck").glob("ep*.pt")) == ["ep0-ba1-rank0.pt"]
+
+
 @pytest.mark.slow
 def test_fsdp2_on_cpu_sharded_checkpoint_and_autoresume(tmp_path):
     """FSDP2 over gloo (no GPU needed): sharded checkpoints (one file per rank) and autoresume from them."""

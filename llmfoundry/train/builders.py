@@ -158,9 +158,10 @@ def build_parallelism(cfg: FSDPConfig | None, world_size: int, local_world_size:
 
 
 # ---------------------------------------------------------------------------------------------------- callbacks
-def build_callbacks(cfg: CallbacksConfig, on_gpu: bool) -> list:
+def build_callbacks(cfg: CallbacksConfig, on_gpu: bool, save_folder: str | None = None) -> list:
     """SpeedMonitor (throughput; MFU from the model's ``flops_per_batch``), LRMonitor, MemoryMonitor (GPU only),
-    RuntimeEstimator, and TraceProfiler when ``callbacks.profiler`` is set."""
+    RuntimeEstimator, TraceProfiler when ``callbacks.profiler`` is set, and StopOnNonFiniteLoss (``save_folder``
+    goes into its message)."""
     from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
     callbacks = []
     if cfg.speed_monitor is not None:
@@ -176,6 +177,9 @@ def build_callbacks(cfg: CallbacksConfig, on_gpu: bool) -> list:
         from llmfoundry.train.profiler import TraceProfiler
         p = cfg.profiler
         callbacks.append(TraceProfiler(p.folder, p.start_batch, p.num_batches, p.record_shapes, p.with_stack))
+    if cfg.stop_on_nonfinite_loss:
+        from llmfoundry.train.loss_guard import StopOnNonFiniteLoss
+        callbacks.append(StopOnNonFiniteLoss(save_folder))
     return callbacks
 
 

@@ -42,7 +42,8 @@ YAML key                       used by
 ``train_metrics``              ``ComposerMPT(train_metrics=...)``: composer's train metrics from full logits on every
                                micro-batch; off (default) = the loss is computed in chunks inside the model
 ``callbacks.*``                builders.build_callbacks: SpeedMonitor (throughput, MFU), LRMonitor, MemoryMonitor,
-                               RuntimeEstimator; ``callbacks.profiler`` (off by default): profiler.TraceProfiler
+                               RuntimeEstimator; ``callbacks.profiler`` (off by default): profiler.TraceProfiler;
+                               ``callbacks.stop_on_nonfinite_loss`` (on): loss_guard.StopOnNonFiniteLoss
 ``loggers.wandb``              composer ``WandBLogger`` (``WANDB_MODE=offline`` works)
 ``log_to_console``, ``console_log_interval``, ``progress_bar``, ``python_log_level``, ``dist_timeout``,
 ``compile_config``             passed to ``Trainer`` unchanged (``compile_config`` -> ``torch.compile`` kwargs)
@@ -208,6 +209,7 @@ class CallbacksConfig:
     memory_monitor: bool = True  # CUDA memory stats; skipped on CPU
     runtime_estimator: bool = True
     profiler: ProfilerConfig | None = None  # off unless set, e.g. callbacks.profiler.start_batch=10
+    stop_on_nonfinite_loss: bool = True  # loss_guard.py: stop (before that batch's checkpoint) at a NaN/inf loss
 
 
 @dataclass

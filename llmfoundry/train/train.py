@@ -232,7 +232,8 @@ def build_trainer(cfg: TrainConfig):
         evaluators.append(Evaluator(label="eval", dataloader=eval_loader,
                                     metric_names=list(model.get_metrics(is_train=False))))
 
-    callbacks = builders.build_callbacks(cfg.callbacks, on_gpu=device == "gpu")
+    callbacks = builders.build_callbacks(cfg.callbacks, on_gpu=device == "gpu", save_folder=cfg.save_folder and
+                                         cfg.save_folder.replace("{run_name}", cfg.run_name or ""))
     # the model config and tokenizer travel inside every checkpoint (s3 ones too): eval/export need nothing else
     callbacks.append(ModelConfigRecorder(cfg.model, cfg.tokenizer))
     hparams = to_dict(cfg)
