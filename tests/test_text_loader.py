@@ -126,6 +126,18 @@ def test_short_samples_error_names_the_stream(data):
         take(build_text_dataloader(cfg, device_batch_size=4))
 
 
+def test_token_ids_outside_the_vocabulary_are_named(data):
+    """Shards tokenized with a bigger vocabulary than the model's: an error naming the stream, shard and id (in
+    the main process and through a worker), not an embedding's index error or a device assert."""
+    cfg = make(None, streams={"web": {"local": data["a"]}}, shuffle=False)
+    assert len(take(build_text_dataloader(cfg, 4, vocab_size=400))) == 75  # ids up to 306: all fit
+    for workers in (0, 1):
+        cfg.num_workers = workers
+        with pytest.raises(StreamError, match=r"stream 'web' .*: sample \d+ of shard shard\.\d+\.mds holds token "
+                                              r"id 100, outside the model's vocabulary of 100 ids.*re-convert"):
+            take(build_text_dataloader(cfg, 4, vocab_size=100))
+
+
 def test_missing_sources_are_named(tmp_path, data):
     with pytest.raises(StreamError, match=r"stream 'default'.*local directory .*nope does not exist"):
         build_text_dataloader(make(str(tmp_path / "nope")), 4)

@@ -325,6 +325,16 @@ def test_cli_user_error_is_one_line(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_data_error_from_a_loader_worker_is_one_line(tmp_path):
+    """A data error raised in a DataLoader worker (here: 256-token samples read at max_seq_len 512) prints its own
+    message, not the worker's traceback that the DataLoader re-raises it with."""
+    r = run_cli([TINY, *fast(tmp_path / "ck"), "variables.seq_len=512", "train_loader.num_workers=1",
+                 "eval_loader=null"])
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "\nerror: stream 'default' (" in r.stderr and "has 256 tokens, fewer than max_seq_len=512" in r.stderr
+    assert "Traceback" not in r.stderr and "Caught StreamError" not in r.stderr
+
+
 @pytest.mark.slow
 def test_readme_default_command(tmp_path):
     """The README's command, unchanged except for where the checkpoint goes (about a minute on 2 cores)."""

@@ -160,7 +160,7 @@ class _SharedFailure:
 class TextStreamingDataset(StreamingDataset):
     """`StreamingDataset` yielding the first `max_seq_len` tokens of each sample, with clear errors."""
 
-    def __init__(self, *, max_seq_len: int, **kwargs):
+    def __init__(self, *, max_seq_len: int, vocab_size: int | None = None, **kwargs):
         try:
             super().__init__(**kwargs)
         except ValueError as e:
@@ -173,6 +173,7 @@ class TextStreamingDataset(StreamingDataset):
                 f"no other job runs on this machine, clear stale registrations with "
                 f"`python -c 'from streaming.base.util import clean_stale_shared_memory as c; c()'`.") from None
         self.max_seq_len = max_seq_len
+        self.vocab_size = vocab_size
         self._warned_truncation = False
         self._check_columns()
         self._event = _SharedFailure(_get_path(self._shm_prefix_int, "llmf_failure"))
@@ -219,7 +220,17 @@ class TextStreamingDataset(StreamingDataset):
             stream, _, _ = self._stream_of(sample_id)
             warnings.warn(f"{stream.describe()}: samples have {len(tokens)} tokens; using the first "
                           f"max_seq_len={self.max_seq_len} of each (the rest is dropped)")
-        return tokens[: self.max_seq_len]  # int32 view; the collator converts the whole batch at once
+        tokens = tokens[: self.max_seq_len]  # int32 view; the collator converts the whole batch at once
+        if self.vocab_size is not None and len(tokens) and (tokens.max() >= self.vocab_size or tokens.min() < 0):
+            stream, shard_id, index_in_shard = self._stream_of(sample_id)
+            bad = int(tokens.max()) if tokens.max() >= self.vocab_size else int(tokens.min())
+            raise StreamError(
+                f"{stream.describe()}: sample {index_in_shard} of shard "
+                f"{self.shards[shard_id].file_pairs[0][0].basename} holds token id {bad}, outside the model's "
+                f"vocabulary of {self.vocab_size} ids (model.vocab_size): these shards were tokenized with another "
+                f"tokenizer than the run's. Fix: re-convert this source with the run's tokenizer, or (if that "
+                f"tokenizer is the one you want) set model.vocab_size above {max(bad, 0)} and tokenizer to it.")
+        return tokens
 
     def on_exception(self, future) -> None:
         """Record a failed download/ready thread for every worker (streaming would only log it)."""
@@ -307,11 +318,13 @@ def _own(dataset: TextStreamingDataset, auto_dirs: list[str], loader: StreamingD
     weakref.finalize(dataset, _release, id(dataset))
 
 
-def build_text_dataloader(cfg: TextLoaderConfig, device_batch_size: int,
-                          eos_token_id: int | None = None) -> StreamingDataLoader:
+def build_text_dataloader(cfg: TextLoaderConfig, device_batch_size: int, eos_token_id: int | None = None,
+                          vocab_size: int | None = None) -> StreamingDataLoader:
     """Build the loader for one rank. `device_batch_size`: samples per batch on this rank.
 
     `eos_token_id`: when given, batches carry 'sequence_id' (see the module docstring for the convention).
+    `vocab_size`: when given, a sample holding a token id outside [0, vocab_size) is a `StreamError` naming its
+    stream and shard (an embedding lookup would fail on it with a bare index error, or a device assert on GPU).
     """
     if device_batch_size < 1:
         raise ValueError(f"device_batch_size must be >= 1, got {device_batch_size}")
@@ -321,7 +334,8 @@ def build_text_dataloader(cfg: TextLoaderConfig, device_batch_size: int,
                                        s3_endpoint_url=cfg.s3_endpoint_url)
     try:
         dataset = TextStreamingDataset(
-            max_seq_len=cfg.max_seq_len, streams=streams, split=cfg.split, epoch_size=cfg.epoch_size,
+            max_seq_len=cfg.max_seq_len, vocab_size=vocab_size, streams=streams, split=cfg.split,
+            epoch_size=cfg.epoch_size,
             batch_size=device_batch_size, shuffle=cfg.shuffle, shuffle_algo=cfg.shuffle_algo,
             shuffle_seed=cfg.shuffle_seed, shuffle_block_size=cfg.shuffle_block_size,
             num_canonical_nodes=cfg.num_canonical_nodes, predownload=cfg.predownload,

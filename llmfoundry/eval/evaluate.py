@@ -175,7 +175,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             if loader_cfg.max_seq_len > mcfg.max_seq_len and not mcfg.attn_config.alibi:
                 raise ConfigError(f"eval_loaders.{label}.max_seq_len={loader_cfg.max_seq_len} exceeds the model's "
                                   f"max_seq_len={mcfg.max_seq_len}")
-            loader = build_eval_batches(loader_cfg, cfg.device_eval_batch_size, eos)
+            loader = build_eval_batches(loader_cfg, cfg.device_eval_batch_size, eos, vocab_size=mcfg.vocab_size)
             r = evaluate_perplexity(model, loader, device, cfg.eval_subset_num_batches)
             log.info("%s: loss %.4f perplexity %.3f over %d tokens", label, r["loss"], r["perplexity"], r["tokens"])
             results["perplexity"][label] = r

@@ -179,7 +179,7 @@ def _build_loader(cfg: TrainConfig, loader_cfg, batch_size: int, tokenizer, eos_
     if isinstance(loader_cfg, FinetuneLoaderConfig):
         return build_finetune_dataloader(loader_cfg, tokenizer, batch_size,
                                          attn_uses_sequence_id=cfg.model.attn_config.attn_uses_sequence_id)
-    return build_text_dataloader(loader_cfg, batch_size, eos_for_sequence_id)
+    return build_text_dataloader(loader_cfg, batch_size, eos_for_sequence_id, vocab_size=cfg.model.vocab_size)
 
 
 def build_trainer(cfg: TrainConfig):
@@ -361,6 +361,16 @@ def main(argv: list[str] | None = None) -> int:
         trainer = train(cfg)
         trainer.close()
     except (ConfigError, TrainError, DataError, StreamError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 1
     return 0
+
+
+def user_message(e: BaseException) -> str:
+    """The error's own message. A DataLoader worker's error reaches the main process re-raised with the worker's
+    whole traceback as its message ("Caught X in DataLoader worker process N. Original Traceback ..."): keep the
+    original message, its last line."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        return text.rsplit(f"{type(e).__name__}: ", 1)[-1].strip()
+    return text
