@@ -26,12 +26,12 @@ def main(argv=None):
     add_convert_args(parser)
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    summaries = {}
-    for split in args.splits:
-        source = HFDataset(args.dataset, args.data_subset, split, args.text_field,
-                           tuple(args.data_files) if args.data_files else None)
-        summaries[split] = convert(source, replace(cfg, out_root=join_out(args.out_root, split)))
-    return summaries
+    sources = {split: HFDataset(args.dataset, args.data_subset, split, args.text_field,
+                                tuple(args.data_files) if args.data_files else None) for split in args.splits}
+    for source in sources.values():
+        source.units()  # open every split first: a bad split name stops before hours of converting the others
+    return {split: convert(source, replace(cfg, out_root=join_out(args.out_root, split)))
+            for split, source in sources.items()}
 
 
 if __name__ == "__main__":

@@ -249,8 +249,11 @@ def test_bad_text_parquet_and_empty_inputs(tmp_path):
                                         r"matches no files"):
         find_files([str(tmp_path / "*.nothing")])
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(DataError, match="the inputs hold no documents"):
+    with pytest.raises(DataError, match=r"the inputs are empty \(.*empty.jsonl\); nothing was converted"):
         convert(JsonFiles((str(tmp_path / "empty.jsonl"),)), cfg(tmp_path / "o"))
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    with pytest.raises(DataError, match="the inputs hold no documents"):
+        convert(JsonFiles((str(tmp_path / "blank.jsonl"),)), cfg(tmp_path / "o"))
     with pytest.raises(DataError, match="hold 3 tokens, fewer than one sample of --concat_tokens 128; nothing was"):
         convert(TextList(("two words",)), cfg(tmp_path / "o"))
     assert not os.path.exists(tmp_path / "o")  # nothing half-written is left behind
@@ -258,6 +261,104 @@ def test_bad_text_parquet_and_empty_inputs(tmp_path):
         convert(TextList(("x",)), cfg(tmp_path / "o", compression="zstdd"))
     with pytest.raises(DataError, match="documents would run together with no separator"):
         convert(TextList(("x",)), cfg(tmp_path / "o", eos_text=""))
+
+
+def cli_error(capsys, script: str, *args: str, logged: int = 0) -> str:
+    """Run a data_prep script in this process; it must stop with status 2 and one ``error: ...`` line (after at
+    most ``logged`` lines that a library logs itself, when pytest does not capture them)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        run_cli(lambda: load_script(script).main([*args, "--no_progress"]))
+    err = capsys.readouterr().err.splitlines()
+    assert exit.value.code == 2 and 1 <= len(err) <= logged + 1 and err[-1].startswith("error: "), err
+    return err[-1]
+
+
+def test_cli_errors_name_the_problem_in_one_line_and_keep_old_output(tmp_path, capsys, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good, out = tmp_path / "good.jsonl", tmp_path / "out"
+    good.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(20)))
+    err = cli_error(capsys, "convert_dataset_json", str(tmp_path / "*.nothing"), "--out_root", str(out))
+    assert "*.nothing is not a file or folder, and as a glob pattern it matches no files" in err
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b" x}\n')
+    err = cli_error(capsys, "convert_dataset_json", str(tmp_path / "bad.jsonl"), "--out_root", str(out))
+    assert f"error: {tmp_path / 'bad.jsonl'}, line 2: not valid JSON" in err
+    pq.write_table(pa.table({"id": [1], "content": ["x"]}), tmp_path / "p.parquet")
+    err = cli_error(capsys, "convert_dataset_parquet", str(tmp_path / "p.parquet"), "--out_root", str(out))
+    assert "p.parquet: no column 'text' (columns: id, content); pass --text_field" in err
+
+    # an existing empty out_root is used as it is: no "will remove contents" warning from the MDS writer
+    out.mkdir()
+    with caplog.at_level("WARNING"):
+        run_cli(lambda: load_script("convert_dataset_json").main([str(good), "--out_root", str(out),
+                                                                  "--concat_tokens", "32", "--no_progress"]))
+    assert not [r for r in caplog.records if "remove contents" in r.getMessage()]
+    listing = sorted(os.listdir(out))
+    assert listing == ["index.json", "shard.00000.mds.zstd"]
+    # bad settings or empty inputs stop before --overwrite deletes the existing output
+    err = cli_error(capsys, "convert_dataset_json", str(good), "--out_root", str(out), "--overwrite",
+                    "--concat_tokens", "0")
+    assert "error: --concat_tokens must be at least 1, got 0" in err
+    (tmp_path / "empty.jsonl").write_text("")
+    err = cli_error(capsys, "convert_dataset_json", str(tmp_path / "empty.jsonl"), "--out_root", str(out),
+                    "--overwrite")
+    assert f"error: the inputs are empty ({tmp_path / 'empty.jsonl'}); nothing was converted" in err
+    assert sorted(os.listdir(out)) == listing
+    # inputs inside out_root: --overwrite would delete them
+    err = cli_error(capsys, "convert_text_to_mds", str(tmp_path), "--out_root", str(tmp_path), "--overwrite")
+    assert f"lies inside --out_root {tmp_path}; choose an --out_root outside the inputs" in err
+    assert good.exists() and sorted(os.listdir(out)) == listing
+    # an out_root that cannot be created
+    err = cli_error(capsys, "convert_dataset_json", str(good), "--out_root", str(good / "sub"))
+    assert f"error: cannot create --out_root {good / 'sub'} (Not a directory); pass a folder you can write to" in err
+
+
+def test_corrupt_and_truncated_gzip_name_the_file(tmp_path, capsys):
+    fake, cut = tmp_path / "fake.jsonl.gz", tmp_path / "cut.jsonl.gz"
+    fake.write_text('{"text": "not compressed"}\n')
+    data = gzip.compress(b"".join(b'{"text": "doc %d"}\n' % i for i in range(3000)))
+    cut.write_bytes(data[:len(data) // 2])  # an interrupted download
+    for path, why in [(fake, "Not a gzipped file"), (cut, "Compressed file ended before")]:
+        err = cli_error(capsys, "convert_dataset_json", str(path), "--out_root", str(tmp_path / "o"),
+                        "--concat_tokens", "8")
+        assert f"error: {path}: not a readable gzip file ({why}" in err and "leave it out" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_tokenizer_fails_fast_offline_in_one_line(tmp_path):
+    (tmp_path / "a.txt").write_text("some text " * 50)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    for name, expect in [(str(tmp_path / "no_tok"), f"error: tokenizer path {tmp_path / 'no_tok'} does not exist"),
+                         ("no-such-org/no-such-tokenizer", "error: could not load tokenizer "
+                                                           "'no-such-org/no-such-tokenizer' from the Hugging Face hub")]:
+        res = subprocess.run([sys.executable, "data_prep/convert_text_to_mds.py", str(tmp_path / "a.txt"),
+                              "--out_root", str(tmp_path / "o"), "--tokenizer", name], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and res.stderr.startswith(expect) and res.stderr.count("\n") == 1, res.stderr
+    assert "unset HF_HUB_OFFLINE" in res.stderr and not (tmp_path / "o").exists()
+
+
+def test_hf_converter_bad_data_files_and_splits(tmp_path, capsys):
+    good, empty, bad = tmp_path / "good.jsonl", tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(20)))
+    empty.write_text("")
+    bad.write_text('{"text": "a"}\n{"text": "b" x}\n')
+    out = tmp_path / "out"
+    err = cli_error(capsys, "convert_dataset_hf", "--dataset", "json", "--data_files", str(tmp_path / "*.nothing"),
+                    "--out_root", str(out))
+    assert f"holds no records: --data_files {tmp_path / '*.nothing'} matches no files" in err
+    err = cli_error(capsys, "convert_dataset_hf", "--dataset", "json", "--data_files", str(empty), "--out_root", str(out))
+    assert "error: dataset json split 'train' holds no records: its data files are empty" in err
+    err = cli_error(capsys, "convert_dataset_hf", "--dataset", "json", "--data_files", str(bad), "--out_root", str(out),
+                    logged=1)  # datasets logs "Failed to load JSON from file ..." itself
+    assert f"shard 0 (file {bad}), after row 0: could not read the data (JSON parse error" in err
+    # a bad split name stops before any split is converted
+    err = cli_error(capsys, "convert_dataset_hf", "--dataset", "json", "--data_files", str(good), "--splits",
+                    "train", "tset", "--out_root", str(out))
+    assert "split 'tset': Bad split: tset. Available splits: ['train']; pass --splits with existing names" in err
+    assert not (out / "train").exists()
 
 
 # ------------------------------------------------------------------------------------------ bundled data

@@ -183,7 +183,25 @@ def clear_output(out_root: str) -> None:
         raise DataError(f"--overwrite can clear local and s3:// outputs only; empty {out_root} yourself")
 
 
-def _prepare_output(cfg: ConvertConfig) -> None:
+def _check_local_output(out_root: str, units: Sequence[Unit]) -> None:
+    """Refuse inputs inside a local ``out_root`` (--overwrite would delete them); create it, or say why not."""
+    if os.path.isfile(out_root):
+        raise DataError(f"--out_root {out_root} is a file; pass a folder")
+    root = os.path.abspath(out_root)
+    for path in dict.fromkeys(u.path for u in units):
+        if os.path.isfile(path) and os.path.commonpath([root, os.path.abspath(path)]) == root:
+            raise DataError(f"input {path} lies inside --out_root {out_root}; choose an --out_root outside the inputs")
+    try:
+        os.makedirs(out_root, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create --out_root {out_root} ({e.strerror}); pass a folder you can write to") from None
+    if not os.access(out_root, os.W_OK | os.X_OK):
+        raise DataError(f"--out_root {out_root} is not writable; pass a folder you can write to")
+
+
+def _prepare_output(cfg: ConvertConfig, units: Sequence[Unit] = ()) -> None:
+    if not urllib.parse.urlparse(cfg.out_root).scheme:
+        _check_local_output(cfg.out_root, units)
     names = existing_output(cfg.out_root)
     if names and not cfg.overwrite:
         shown = ", ".join(names) + (", ..." if len(names) >= 5 else "")
@@ -209,7 +227,7 @@ def _writer(out: str, cfg: ConvertConfig):
     from streaming import MDSWriter
 
     return MDSWriter(out=out, columns=COLUMNS, compression=_compression(cfg), size_limit=cfg.shard_size_limit,
-                     exist_ok=True)
+                     exist_ok=False)  # out_root was checked empty; True would log a warning and rmtree it
 
 
 # ---------------------------------------------------------------------------------------------- conversion
@@ -411,10 +429,16 @@ def convert(source: Source, cfg: ConvertConfig) -> ConvertSummary:
     _compression(cfg)
     if cfg.processes < 1:
         raise DataError(f"--processes must be at least 1, got {cfg.processes}")
+    if cfg.concat_tokens < 1:
+        raise DataError(f"--concat_tokens must be at least 1, got {cfg.concat_tokens}")
     tokenizer = load_tokenizer(cfg.tokenizer)
     separator_ids(tokenizer, cfg)  # fail early, before anything is written
     units = source.units()
-    _prepare_output(cfg)
+    if not units:
+        paths = list(getattr(source, "paths", ()))
+        shown = f" ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''})" if paths else ""
+        raise DataError(f"the inputs are empty{shown}; nothing was converted and --out_root was left as it is")
+    _prepare_output(cfg, units)
     processes = max(1, min(cfg.processes, len(units)))
     update, close = _progress(cfg.progress)
     try:
@@ -482,5 +506,5 @@ def run_cli(main: Callable[[], object]) -> None:
     try:
         main()
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         sys.exit(2)

@@ -19,6 +19,7 @@ import glob
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, Protocol, Sequence
 
@@ -169,11 +170,17 @@ class JsonFiles:
                     f.seek(unit.start - 1)
                     f.readline()  # a line belongs to the slice where it starts
                 yield from self._read_lines(f, unit.path, f.tell(), unit.stop, first_line=None)
-        elif _is_json_list(unit.path):
-            yield from self._read_list(unit.path)
-        else:  # gzipped JSON Lines
-            with gzip.open(unit.path, "rb") as f:
-                yield from self._read_lines(f, unit.path, 0, None, first_line=1)
+        else:
+            try:
+                if _is_json_list(unit.path):
+                    yield from self._read_list(unit.path)
+                else:  # gzipped JSON Lines
+                    with gzip.open(unit.path, "rb") as f:
+                        yield from self._read_lines(f, unit.path, 0, None, first_line=1)
+            except (OSError, EOFError, zlib.error) as e:  # a corrupt or truncated .gz file
+                if not unit.path.endswith(".gz"):
+                    raise
+                raise DataError(f"{unit.path}: not a readable gzip file ({e}); re-create it or leave it out") from None
 
     def _read_lines(self, f, path: str, offset: int, stop: int | None, first_line: int | None) -> Iterator[str]:
         start = offset
@@ -316,8 +323,14 @@ class HFDataset:
                                            data_files=data_files)
         except DataError:
             raise
+        except StopIteration:  # what datasets raises when the data files hold no record
+            missing = [f for f in self.data_files or () if not glob.glob(os.path.expanduser(f), recursive=True)]
+            what = f"--data_files {missing[0]} matches no files" if missing else "its data files are empty"
+            raise DataError(f"dataset {self.label} holds no records: {what}; pass files that hold data") from None
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = _first_line(e)
+            if first.startswith("Bad split"):
+                raise DataError(f"dataset {self.label}: {first}; pass --splits with existing names") from None
             raise DataError(f"could not open Hugging Face dataset {self.label}: {first}\nPass a hub name (network "
                             f"access needed), a builder such as 'json' with --data_files, or a local folder "
                             f"(data files or one written by save_to_disk)") from e
@@ -335,9 +348,24 @@ class HFDataset:
         ds = _open_hf(self)
         if ds.num_shards != unit.stop:
             raise DataError(f"dataset {self.label} changed while converting ({unit.stop} -> {ds.num_shards} shards)")
-        ds = ds.shard(num_shards=unit.stop, index=unit.start)
-        for row, record in enumerate(ds):
+        shard = ds.shard(num_shards=unit.stop, index=unit.start)
+        records, row = iter(shard), 0
+        while True:
+            try:
+                record = next(records)
+            except StopIteration:
+                return
+            except Exception as e:  # e.g. a data file that is not valid JSON
+                files = getattr(getattr(shard, "_ex_iterable", None), "kwargs", {}).get("original_files") or []
+                where = f" (file {', '.join(map(str, files[:3]))})" if files else ""
+                raise DataError(f"dataset {self.label}, shard {unit.start}{where}, after row {row}: could not read "
+                                f"the data ({_first_line(e)}); fix or leave out the bad data file") from None
             yield _text_of(record, self.text_field, f"dataset {self.label}, shard {unit.start}, row {row}")
+            row += 1
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 @functools.lru_cache(maxsize=8)
