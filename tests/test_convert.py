@@ -330,9 +330,9 @@ def test_corrupt_and_truncated_gzip_name_the_file(tmp_path, capsys):
 def test_bad_tokenizer_fails_fast_offline_in_one_line(tmp_path):
     (tmp_path / "a.txt").write_text("some text " * 50)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    hub = "no-such-org/no-such-tokenizer"
     for name, expect in [(str(tmp_path / "no_tok"), f"error: tokenizer path {tmp_path / 'no_tok'} does not exist"),
-                         ("no-such-org/no-such-tokenizer", "error: could not load tokenizer "
-                                                           "'no-such-org/no-such-tokenizer' from the Hugging Face hub")]:
+                         (hub, f"error: could not load tokenizer '{hub}' from the Hugging Face hub")]:
         res = subprocess.run([sys.executable, "data_prep/convert_text_to_mds.py", str(tmp_path / "a.txt"),
                               "--out_root", str(tmp_path / "o"), "--tokenizer", name], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=120)
@@ -349,10 +349,10 @@ def test_hf_converter_bad_data_files_and_splits(tmp_path, capsys):
     err = cli_error(capsys, "convert_dataset_hf", "--dataset", "json", "--data_files", str(tmp_path / "*.nothing"),
                     "--out_root", str(out))
     assert f"holds no records: --data_files {tmp_path / '*.nothing'} matches no files" in err
-    err = cli_error(capsys, "convert_dataset_hf", "--dataset", "json", "--data_files", str(empty), "--out_root", str(out))
+    json_files = ("convert_dataset_hf", "--dataset", "json", "--data_files")
+    err = cli_error(capsys, *json_files, str(empty), "--out_root", str(out))
     assert "error: dataset json split 'train' holds no records: its data files are empty" in err
-    err = cli_error(capsys, "convert_dataset_hf", "--dataset", "json", "--data_files", str(bad), "--out_root", str(out),
-                    logged=1)  # datasets logs "Failed to load JSON from file ..." itself
+    err = cli_error(capsys, *json_files, str(bad), "--out_root", str(out), logged=1)  # datasets logs "Failed to load JSON from file ..." itself
     assert f"shard 0 (file {bad}), after row 0: could not read the data (JSON parse error" in err
     # a bad split name stops before any split is converted
     err = cli_error(capsys, "convert_dataset_hf", "--dataset", "json", "--data_files", str(good), "--splits",

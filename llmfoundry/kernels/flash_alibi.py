@@ -21,9 +21,10 @@ by ``exp2(m_old - m_new)``), and saves ``lse2 = m + log2(l)`` per row, so the ba
 
 so no atomics are needed. ``LLMFOUNDRY_ALIBI_BWD=atomic`` instead has the dk/dv kernel add each key block's share
 of dq to an fp32 buffer with atomics (the dq pass's own score and dp products are then not recomputed; the
-summation order of dq varies from run to run, so deterministic mode keeps the split kernels). A row that sees no key gets ``o = 0`` and ``lse2 = +inf`` (hence ``p = 0`` in the
-backward): zeros, never NaN. Causal kernels visit only the key blocks at or left of the diagonal, and only the
-blocks that straddle it (or the sequence end, or any block when ``sequence_id`` is given) pay for masking. With
+summation order of dq varies from run to run, so deterministic mode keeps the split kernels). A row that sees no
+key gets ``o = 0`` and ``lse2 = +inf`` (hence ``p = 0`` in the backward): zeros, never NaN. Causal kernels visit
+only the key blocks at or left of the diagonal, and only the blocks that straddle it (or the sequence end, or any
+block when ``sequence_id`` is given) pay for masking. With
 ``sequence_id``, each block first scans the ids for the span of positions that can share one of its ids and
 loops over that span only, so packed documents cost roughly the sum of their own squares.
 

@@ -1,8 +1,9 @@
 """``callbacks.stop_on_nonfinite_loss`` (on by default): stop a run whose training loss became NaN or infinite.
 
 Once a batch's loss is not finite, its gradients have already been applied: the weights or the optimizer state in
-memory are ruined (with LION, a NaN gradient zeroes every later update through the momentum, so the run would go
-on silently learning nothing), and each checkpoint written after that point would replace a good one.
+memory are ruined (with LION, a NaN gradient turns the momentum NaN and sign(NaN) = 0, so every weight it reached
+stops changing for good while the run goes on), and each checkpoint written after that point would replace a good
+one.
 Composer reduces the loss over ranks and copies it to the host after every batch (for logging), so checking it at
 ``Event.BATCH_END`` costs nothing and every rank sees the same value and stops together. ``BATCH_END`` comes
 before ``BATCH_CHECKPOINT``: the batch's checkpoint is never written, and the checkpoints already saved stay as
