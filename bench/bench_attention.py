@@ -1,11 +1,13 @@
 """Causal attention forward+backward timings: our Triton ALiBi kernel vs PyTorch's options.
 
-    PYTHONPATH=$PWD python3 bench/bench_attention.py [--batch 8 --heads 16 --seq 2048 --dims 128 64]
+    PYTHONPATH=$PWD python3 bench/bench_attention.py [--batch 8 --heads 16 --seq 2048 --dims 128 64] [--sweep]
 
 Rows: SDPA flash (causal, no bias: the speed target), SDPA with an additive ALiBi+causal mask (materialized
 H x S x S bf16, built outside the timed region), FlexAttention with an ALiBi score_mod and a causal block mask
-(torch.compile'd), and llmfoundry's Triton kernel (also with 8 packed documents per row via sequence_id, and with
-its skipping of negligible far keys turned off, LLMFOUNDRY_ALIBI_SKIP=0: q, k, v are N(0, 1) and the slopes MPT's).
+(torch.compile'd), and llmfoundry's Triton kernel (also with 8 packed documents per row via sequence_id, with
+its skipping of negligible far keys turned off, LLMFOUNDRY_ALIBI_SKIP=0, and with dq added by atomics in the dk/dv
+pass, LLMFOUNDRY_ALIBI_BWD=atomic: q, k, v are N(0, 1) and the slopes MPT's). ``--sweep`` first times each kernel
+over the launch configs in SWEEP (both backward modes) at the first head dim.
 Times are medians of triton.testing.do_bench (ms, host overhead included); the last column sums the GPU kernel
 durations of one fwd+bwd from torch.profiler (TFLOP/s counts the causal half, so rows that skip work show more).
 The kernel module is loaded from its file, so this needs only torch and triton.
