@@ -352,7 +352,8 @@ def test_hf_converter_bad_data_files_and_splits(tmp_path, capsys):
     json_files = ("convert_dataset_hf", "--dataset", "json", "--data_files")
     err = cli_error(capsys, *json_files, str(empty), "--out_root", str(out))
     assert "error: dataset json split 'train' holds no records: its data files are empty" in err
-    err = cli_error(capsys, *json_files, str(bad), "--out_root", str(out), logged=1)  # datasets logs "Failed to load JSON from file ..." itself
+    # datasets logs "Failed to load JSON from file ..." itself, before our line
+    err = cli_error(capsys, *json_files, str(bad), "--out_root", str(out), logged=1)
     assert f"shard 0 (file {bad}), after row 0: could not read the data (JSON parse error" in err
     # a bad split name stops before any split is converted
     err = cli_error(capsys, "convert_dataset_hf", "--dataset", "json", "--data_files", str(good), "--splits",
