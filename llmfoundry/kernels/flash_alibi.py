@@ -547,9 +547,16 @@ def _forward(q, k, v, slopes, causal, scale, seq_id):
     Hkv, Sk = k.shape[1], k.shape[2]
     o = torch.empty((B, Sq, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
-    skip = _skips(causal, slopes, seq_id) and os.environ.get("LLMFOUNDRY_ALIBI_SKIP", "1") != "0"
-    win = torch.zeros((B, H), device=q.device, dtype=torch.int32) if skip else \
-        torch.full((B, H), Sk + 1, device=q.device, dtype=torch.int32)  # per-head reach, read by the backward
+    skippable = _skips(causal, slopes, seq_id)
+    skip = skippable and os.environ.get("LLMFOUNDRY_ALIBI_SKIP", "1") != "0"
+    # per-head reach, read by the backward whenever skippable: grown by the forward, or the whole row when the
+    # switch is off; never read otherwise (no fill kernel then)
+    if skip:
+        win = torch.zeros((B, H), device=q.device, dtype=torch.int32)
+    elif skippable:
+        win = torch.full((B, H), Sk + 1, device=q.device, dtype=torch.int32)
+    else:
+        win = torch.empty((B, H), device=q.device, dtype=torch.int32)
     kmax = lse  # any pointer when not skipping (never read)
     if skip:
         kmax = torch.zeros((B, Hkv), device=q.device, dtype=torch.float32)
@@ -597,8 +604,10 @@ def _backward(do, q, k, v, o, lse, win, slopes, causal, scale, seq_id, grads=Non
                  SKIP=_skips(causal, slopes, seq_id))
     buckets = (triton.next_power_of_2(Sq), triton.next_power_of_2(Sk))
     atomic = _atomic_dq()
-    # fp32 dq accumulator (B, H, Sq, D) when atomic; else a 1-element stand-in (the autotuner zeroes it)
-    dq_acc = torch.zeros((B, H, Sq, D) if atomic else (1,), device=q.device, dtype=torch.float32)
+    # fp32 dq accumulator (B, H, Sq, D) when atomic; else an uninitialized 1-element stand-in (never read; the
+    # autotuner zeroes it), so the default path launches no fill kernel
+    dq_acc = torch.zeros((B, H, Sq, D), device=q.device, dtype=torch.float32) if atomic else \
+        torch.empty((1,), device=q.device, dtype=torch.float32)
     _launch("dkdv", _bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(Sk, bn), B * Hkv), Sq,
             q, k, v, do, dk, dv, lse, delta, s_ptr, seq_ptr, win, dq_acc,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
