@@ -27,6 +27,16 @@ class StreamError(RuntimeError):
     """A data source is missing, unreachable or malformed. The message names it and the fix."""
 
 
+def user_message(e: BaseException) -> str:
+    """The error's own message. A DataLoader worker's error reaches the main process re-raised with the worker's
+    whole traceback as its message ("Caught X in DataLoader worker process N. Original Traceback ..."): keep the
+    original message, its last line."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        return text.rsplit(f"{type(e).__name__}: ", 1)[-1].strip()
+    return text
+
+
 @dataclass
 class StreamConfig:
     """One source of a mixture (YAML: an entry of `streams:`, keyed by the stream's name).

@@ -195,6 +195,12 @@ class TextStreamingDataset(StreamingDataset):
         shard_id, index_in_shard = self.spanner[sample_id]
         return self.streams[self.stream_per_shard[shard_id]], shard_id, index_in_shard
 
+    def _sample_name(self, sample_id: int) -> str:
+        """"stream '...' (...): sample i of shard shard.NNNNN.mds", for messages."""
+        stream, shard_id, index_in_shard = self._stream_of(sample_id)
+        shard = self.shards[shard_id].file_pairs[0][0].basename
+        return f"{stream.describe()}: sample {index_in_shard} of shard {shard}"
+
     def get_item(self, sample_id: int, retry: int = 7) -> np.ndarray:
         if self._event.is_set():
             raise self._event.error()
@@ -208,29 +214,30 @@ class TextStreamingDataset(StreamingDataset):
             raise StreamError(message) from e
         tokens = sample["tokens"]
         if len(tokens) < self.max_seq_len:
-            stream, shard_id, index_in_shard = self._stream_of(sample_id)
             raise StreamError(
-                f"{stream.describe()}: sample {index_in_shard} of shard "
-                f"{self.shards[shard_id].file_pairs[0][0].basename} has {len(tokens)} tokens, fewer than "
-                f"max_seq_len={self.max_seq_len}. The loader reads fixed-length packed samples and does not pad. "
-                f"Fix: lower max_seq_len to at most the converter's concat_tokens, or re-convert this source "
-                f"with concat_tokens >= {self.max_seq_len}.")
+                f"{self._sample_name(sample_id)} has {len(tokens)} tokens, fewer than max_seq_len={self.max_seq_len}. "
+                f"The loader reads fixed-length packed samples and does not pad. Fix: lower max_seq_len to at most "
+                f"the converter's concat_tokens, or re-convert this source with concat_tokens >= {self.max_seq_len}.")
         if len(tokens) > self.max_seq_len and not self._warned_truncation:
             self._warned_truncation = True
             stream, _, _ = self._stream_of(sample_id)
             warnings.warn(f"{stream.describe()}: samples have {len(tokens)} tokens; using the first "
                           f"max_seq_len={self.max_seq_len} of each (the rest is dropped)")
         tokens = tokens[: self.max_seq_len]  # int32 view; the collator converts the whole batch at once
-        if self.vocab_size is not None and len(tokens) and (tokens.max() >= self.vocab_size or tokens.min() < 0):
-            stream, shard_id, index_in_shard = self._stream_of(sample_id)
-            bad = int(tokens.max()) if tokens.max() >= self.vocab_size else int(tokens.min())
+        if self.vocab_size is not None and len(tokens):
+            self._check_ids(tokens, sample_id)
+        return tokens
+
+    def _check_ids(self, tokens: np.ndarray, sample_id: int) -> None:
+        """Token ids must index the model's embedding: [0, vocab_size)."""
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.vocab_size:
+            bad = high if high >= self.vocab_size else low
             raise StreamError(
-                f"{stream.describe()}: sample {index_in_shard} of shard "
-                f"{self.shards[shard_id].file_pairs[0][0].basename} holds token id {bad}, outside the model's "
-                f"vocabulary of {self.vocab_size} ids (model.vocab_size): these shards were tokenized with another "
+                f"{self._sample_name(sample_id)} holds token id {bad}, outside the model's vocabulary of "
+                f"{self.vocab_size} ids (model.vocab_size): these shards were tokenized with another "
                 f"tokenizer than the run's. Fix: re-convert this source with the run's tokenizer, or (if that "
                 f"tokenizer is the one you want) set model.vocab_size above {max(bad, 0)} and tokenizer to it.")
-        return tokens
 
     def on_exception(self, future) -> None:
         """Record a failed download/ready thread for every worker (streaming would only log it)."""

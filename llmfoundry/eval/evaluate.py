@@ -199,7 +199,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """``scripts/eval.py CONFIG.yaml [key=value ...]``; user errors print one line and exit 1."""
     from llmfoundry.checkpoint import CheckpointError
     from llmfoundry.data import DataError
-    from llmfoundry.data.streams import StreamError
+    from llmfoundry.data.streams import StreamError, user_message
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -214,7 +214,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = load_eval_config(paths[0] if paths else None, [a for a in argv if "=" in a])
         evaluate(cfg)
     except (ConfigError, CheckpointError, DataError, StreamError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -345,7 +345,7 @@ def train(cfg: TrainConfig):
 def main(argv: list[str] | None = None) -> int:
     """``scripts/train.py CONFIG.yaml [key=value ...]``. User errors print one message and exit with status 1."""
     from llmfoundry.data import DataError
-    from llmfoundry.data.streams import StreamError
+    from llmfoundry.data.streams import StreamError, user_message
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -365,12 +365,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     return 0
 
-
-def user_message(e: BaseException) -> str:
-    """The error's own message. A DataLoader worker's error reaches the main process re-raised with the worker's
-    whole traceback as its message ("Caught X in DataLoader worker process N. Original Traceback ..."): keep the
-    original message, its last line."""
-    text = str(e)
-    if text.startswith("Caught ") and "Original Traceback" in text:
-        return text.rsplit(f"{type(e).__name__}: ", 1)[-1].strip()
-    return text
