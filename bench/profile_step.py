@@ -4,7 +4,8 @@ Complements bench_train.py (which times the real entry): the difference between 
 Parts timed with CUDA events, each the median over ``--steps`` steps after warm-up: forward+backward of one
 micro-batch (bf16 autocast, fp32 weights, as composer's amp_bf16), gradient-norm clipping, the LION step. Then
 the CUDA kernels of two steps are listed by total time, and grouped (``llmfoundry.train.profiler.kernel_group``).
-The trainer's own step is profiled by ``callbacks.profiler`` (bench_train.py ``--profile``).
+The trainer's own step is profiled by ``callbacks.profiler`` (in bench_train.py: ``--variant "prof:
+callbacks.profiler.start_batch=5"``).
 
     PYTHONPATH=$PWD python3 bench/profile_step.py --yaml yamls/mpt-1b.yaml --mb 8 [--compile blocks|whole] \
         [--attn flex] [--fsdp] [--set key=value ...]
@@ -117,7 +118,8 @@ def main(argv=None) -> None:
     rows.sort(key=lambda r: -r[1])
     by_group: dict[str, float] = {}
     for name, ms, _ in rows:
-        by_group[kernel_group(name)] = by_group.get(kernel_group(name), 0.0) + ms
+        group = kernel_group(name)
+        by_group[group] = by_group.get(group, 0.0) + ms
     print("\nGPU time per step by group (ms): " + ", ".join(f"{g} {t:.1f}" for g, t in
                                                          sorted(by_group.items(), key=lambda kv: -kv[1])))
     print(f"\n{'ms/step':>8} {'calls':>6}  kernel")

@@ -3,7 +3,8 @@
 The trace covers whole batches from the start of batch ``start_batch`` to the start of batch ``start_batch +
 num_batches`` (so the host work between optimizer steps, the data loading and the trainer's bookkeeping, is in
 it), on every rank: ``<folder>/rank<r>.batch<a>-<b>.json.gz``, a gzipped Chrome trace that Perfetto
-(ui.perfetto.dev) or chrome://tracing opens (MPT-1B: ~30 MB of JSON for two steps before compression). Rank 0 logs a summary read back from its trace::
+(ui.perfetto.dev) or chrome://tracing opens (MPT-1B: ~30 MB of JSON for two steps before compression). Rank 0
+logs a summary read back from its trace::
 
     profiler: batches 5-6 on rank 0: wall 4312.0 ms, GPU busy 4250.1 ms (98.6%), idle 61.9 ms (longest gap
     18.2 ms); GPU time by kind: matmul 2780.3, attention 494.1, ...
