@@ -5,9 +5,8 @@
 Rows: SDPA flash (causal, no bias: the speed target), SDPA with an additive ALiBi+causal mask (materialized
 H x S x S bf16, built outside the timed region), FlexAttention with an ALiBi score_mod and a causal block mask
 (torch.compile'd), and llmfoundry's Triton kernel (also with 8 packed documents per row via sequence_id, with
-its skipping of negligible far keys turned off, LLMFOUNDRY_ALIBI_SKIP=0, and with dq added by atomics in the dk/dv
-pass, LLMFOUNDRY_ALIBI_BWD=atomic: q, k, v are N(0, 1) and the slopes MPT's). ``--sweep`` first times each kernel
-over the launch configs in SWEEP (both backward modes) at the first head dim.
+its skipping of negligible far keys turned off, LLMFOUNDRY_ALIBI_SKIP=0: q, k, v are N(0, 1) and the slopes
+MPT's). ``--sweep`` first times each kernel over the launch configs in SWEEP at the first head dim.
 Times are medians of triton.testing.do_bench (ms, host overhead included); the last column sums the GPU kernel
 durations of one fwd+bwd from torch.profiler (TFLOP/s counts the causal half, so rows that skip work show more).
 The kernel module is loaded from its file, so this needs only torch and triton.
@@ -37,8 +36,7 @@ def alibi_slopes(H):
 
 
 # rows that run our kernel under a switch (set around the row's whole forward+backward timing)
-ROW_ENV = {"ours, far keys not skipped": {"LLMFOUNDRY_ALIBI_SKIP": "0"},
-           "ours, dq by atomics in the dk/dv pass": {"LLMFOUNDRY_ALIBI_BWD": "atomic"}}
+ROW_ENV = {"ours, far keys not skipped": {"LLMFOUNDRY_ALIBI_SKIP": "0"}}
 
 
 @contextlib.contextmanager
@@ -88,7 +86,6 @@ def make_methods(B, H, S, D, dtype, dev, n_docs=8):
 
     methods["Triton flash_alibi (ours)"] = ours
     methods["ours, far keys not skipped"] = ours
-    methods["ours, dq by atomics in the dk/dv pass"] = ours
     docs = (torch.arange(S, device=dev) * n_docs // S).expand(B, S)  # n_docs equal packed documents per row
     methods[f"ours + sequence_id ({n_docs} docs/row)"] = lambda q, k, v: flash_alibi.flash_alibi_attention(
         q, k, v, slopes, sequence_id=docs)
@@ -172,8 +169,7 @@ def kernel_times(fn, iters=5):
 
 
 def sweep(B, H, S, D, dtype, dev):
-    """Time every config of SWEEP for each kernel (the others autotuned), in both backward modes: the dk/dv kernel
-    alone with dq in its own pass ('split'), and with dq added by atomics ('atomic')."""
+    """Time every config of SWEEP for each kernel (the others autotuned)."""
     gen = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=dtype, generator=gen).requires_grad_() for _ in range(3))
     do = torch.randn(B, H, S, D, device=dev, dtype=dtype, generator=gen)
@@ -185,23 +181,20 @@ def sweep(B, H, S, D, dtype, dev):
         flash_alibi.flash_alibi_attention(q, k, v, slopes).backward(do)
 
     print(f"\nsweep B{B} H{H} S{S} D{D}: GPU ms per call (kernel alone | whole fwd+bwd)")
-    for mode, kinds in (("split", ("fwd", "dkdv", "dq")), ("atomic", ("dkdv",))):
-        for kind in kinds:
-            for bm, bn, warps, stages in SWEEP[kind]:
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-                flash_alibi._fixed_config = lambda kd, sq, d, _c=cfg, _k=kind: dict(_c) if kd == _k else orig(kd, sq, d)
-                try:
-                    with environ({"LLMFOUNDRY_ALIBI_BWD": mode}):
-                        fwd_bwd()
-                        times = kernel_times(fwd_bwd)
-                    mine = sum(t for name, t in times.items() if _KERNEL[kind] in name)
-                    print(f"{mode:6s} {kind:4s} {bm:3d}x{bn:<3d} w{warps} s{stages}: {mine:7.3f} | "
-                          f"{sum(times.values()):7.3f}", flush=True)
-                except Exception as e:  # noqa: BLE001 - out of shared memory etc.
-                    print(f"{mode:6s} {kind:4s} {bm:3d}x{bn:<3d} w{warps} s{stages}: failed {type(e).__name__}",
-                          flush=True)
-                finally:
-                    flash_alibi._fixed_config = orig
+    for kind, configs in SWEEP.items():
+        for bm, bn, warps, stages in configs:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            flash_alibi._fixed_config = lambda kd, sq, d, _c=cfg, _k=kind: dict(_c) if kd == _k else orig(kd, sq, d)
+            try:
+                fwd_bwd()
+                times = kernel_times(fwd_bwd)
+                mine = sum(t for name, t in times.items() if _KERNEL[kind] in name)
+                print(f"{kind:4s} {bm:3d}x{bn:<3d} w{warps} s{stages}: {mine:7.3f} | {sum(times.values()):7.3f}",
+                      flush=True)
+            except Exception as e:  # noqa: BLE001 - out of shared memory etc.
+                print(f"{kind:4s} {bm:3d}x{bn:<3d} w{warps} s{stages}: failed {type(e).__name__}", flush=True)
+            finally:
+                flash_alibi._fixed_config = orig
 
 
 def bench_decode(B, H, Hkv, Sk, D, dtype, dev):

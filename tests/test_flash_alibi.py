@@ -76,11 +76,6 @@ CPU_CASES = {
     "strided_inputs_scale": (2, 4, 2, 34, 34, 16, True, True, None, "float32", True),
 }
 
-# also run with dq added by atomics inside the dk/dv kernel (LLMFOUNDRY_ALIBI_BWD=atomic; the default runs dq in its
-# own kernel)
-ATOMIC_CASES = ["causal_alibi_gqa_d64", "noncausal_alibi_cross", "seqid_causal_gqa", "decode_sq5",
-               "sq_gt_sk_empty_rows", "strided_inputs_scale"]
-
 
 def _run_case(name, spec):
     from llmfoundry.kernels.flash_alibi import flash_alibi_attention
@@ -200,9 +195,6 @@ def _worker():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     torch.set_num_threads(1)
     results = {name: _run_case(name, spec) for name, spec in CPU_CASES.items()}
-    os.environ["LLMFOUNDRY_ALIBI_BWD"] = "atomic"
-    results.update({f"atomic:{name}": _run_case(name, CPU_CASES[name]) for name in ATOMIC_CASES})
-    os.environ.pop("LLMFOUNDRY_ALIBI_BWD")
     results["compiled_fullgraph"] = _compiled_case()
     results["packed_qkv"] = _packed_qkv_case()
     results["skip"] = _skip_cases()
@@ -214,10 +206,10 @@ def interpreter_results():
     return run_interpreter_worker(__file__, timeout=600)
 
 
-@pytest.mark.parametrize("name", list(CPU_CASES) + [f"atomic:{name}" for name in ATOMIC_CASES])
+@pytest.mark.parametrize("name", list(CPU_CASES))
 def test_interpreter_matches_float64_reference(interpreter_results, name):
     res = interpreter_results[name]
-    tol = 1e-2 if CPU_CASES[name.removeprefix("atomic:")][9] == "float16" else 2e-5
+    tol = 1e-2 if CPU_CASES[name][9] == "float16" else 2e-5
     assert not res["nan"], res
     for key, err in res.items():
         if key not in ("nan", "empty_rows_max"):
@@ -247,26 +239,6 @@ def test_far_keys_skipped_only_when_negligible(interpreter_results):
     assert res["outlier_key"]["last_row_cos_v0"] > 0.9, res["outlier_key"]  # the far key matters...
     assert res["outlier_key"]["reach"][3] >= S, res["outlier_key"]  # ...so it is not skipped
     assert res["off"]["reach"] == [S + 1] * 4, res["off"]
-
-
-def test_backward_mode_switch(monkeypatch):
-    """dq by atomics only when LLMFOUNDRY_ALIBI_BWD=atomic asks and deterministic algorithms are not requested."""
-    from llmfoundry.kernels.flash_alibi import _atomic_dq
-    monkeypatch.delenv("LLMFOUNDRY_ALIBI_BWD", raising=False)
-    assert not _atomic_dq()
-    monkeypatch.setenv("LLMFOUNDRY_ALIBI_BWD", "split")
-    assert not _atomic_dq()
-    monkeypatch.setenv("LLMFOUNDRY_ALIBI_BWD", "atomic")
-    assert _atomic_dq()
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        assert not _atomic_dq()
-    finally:
-        torch.use_deterministic_algorithms(before)
-    monkeypatch.setenv("LLMFOUNDRY_ALIBI_BWD", "fused")
-    with pytest.raises(ValueError, match="LLMFOUNDRY_ALIBI_BWD='fused'"):
-        _atomic_dq()
 
 
 def test_input_validation():
@@ -303,20 +275,14 @@ GPU_CASES = {
 }
 
 
-GPU_ATOMIC_CASES = ["d128_s2048_gqa_autotune", "d64_noncausal_s777", "d128_seqid_s1024", "d128_chunk_sq300"]
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", list(GPU_CASES) + [f"atomic:{name}" for name in GPU_ATOMIC_CASES])
+@pytest.mark.parametrize("name", list(GPU_CASES))
 def test_gpu_matches_float64_reference(name, monkeypatch):
     """Kernel error vs float64 must be within 2x (+ a small floor) of the error of the same-precision eager
-    reference (matmuls in bf16/fp16, softmax in fp32), for the output and every gradient. ``atomic:`` cases add
-    dq with atomics inside the dk/dv kernel."""
+    reference (matmuls in bf16/fp16, softmax in fp32), for the output and every gradient."""
     from llmfoundry.kernels.flash_alibi import flash_alibi_attention
-    if name.startswith("atomic:"):
-        monkeypatch.setenv("LLMFOUNDRY_ALIBI_BWD", "atomic")
-    B, H, Hkv, Sq, Sk, D, causal, alibi, seq, dtype, autotune = GPU_CASES[name.removeprefix("atomic:")]
+    B, H, Hkv, Sq, Sk, D, causal, alibi, seq, dtype, autotune = GPU_CASES[name]
     monkeypatch.setenv("LLMFOUNDRY_FLASH_ALIBI_AUTOTUNE", "1" if autotune else "0")
     dtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(0)

@@ -19,12 +19,11 @@ by ``exp2(m_old - m_new)``), and saves ``lse2 = m + log2(l)`` per row, so the ba
                                                                    of every query head of its kv group]
     dq_i = scale * sum_j ds_ij k_j                                [_bwd_dq: one query block, loops over keys]
 
-so no atomics are needed. ``LLMFOUNDRY_ALIBI_BWD=atomic`` instead has the dk/dv kernel add each key block's share
-of dq to an fp32 buffer with atomics (the dq pass's own score and dp products are then not recomputed; the
-summation order of dq varies from run to run, so deterministic mode keeps the split kernels). A row that sees no
-key gets ``o = 0`` and ``lse2 = +inf`` (hence ``p = 0`` in the backward): zeros, never NaN. Causal kernels visit
-only the key blocks at or left of the diagonal, and only the blocks that straddle it (or the sequence end, or any
-block when ``sequence_id`` is given) pay for masking. With
+so no atomics are needed and, for a given launch config, the backward gives the same bits every call (adding dq
+inside the dk/dv kernel with fp32 atomics was tried and timed 8% slower on an H200, see BENCHMARKS.md). A row that
+sees no key gets ``o = 0`` and ``lse2 = +inf`` (hence ``p = 0`` in the backward): zeros, never NaN. Causal kernels
+visit only the key blocks at or left of the diagonal, and only the blocks that straddle it (or the sequence end, or
+any block when ``sequence_id`` is given) pay for masking. With
 ``sequence_id``, each block first scans the ids for the span of positions that can share one of its ids and
 loops over that span only, so packed documents cost roughly the sum of their own squares.
 
@@ -271,11 +270,10 @@ def _bwd_preprocess(O, DO, Delta, stride_ob, stride_oh, stride_om, stride_dob, s
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, lse_base, delta_base, seq_base, stride_sn,
-                dq_base, stride_dqm, sm_scale, n0, offs_n, k_seq, lo, hi, Sq, off, slope2, qk_scale2,
+                n0, offs_n, k_seq, lo, hi, Sq, off, slope2, qk_scale2,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    """Accumulate dk, dv of one key block over query blocks [lo, hi), working on transposed scores (keys x queries).
-    With ATOMIC_DQ, also add this key block's share of dq (scaled) to the fp32 buffer at ``dq_base``."""
+                CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Accumulate dk, dv of one key block over query blocks [lo, hi), working on transposed scores (keys x queries)."""
     offs_d = tl.arange(0, HEAD_DIM)
     col_bias = slope2 * (offs_n - n0).to(tl.float32)  # per key offset inside the block
     for start_m in range(lo, hi, BLOCK_M):
@@ -302,22 +300,17 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, lse_base, 
         dpT = tl.dot(v, tl.trans(do))
         dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
         dk += tl.dot(dsT, tl.trans(qT))
-        if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(dsT), k) * sm_scale
-            tl.atomic_add(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], dq, mask=row_ok[:, None],
-                          sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Slopes, SeqId, Win, DQacc,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Slopes, SeqId, Win,
                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_sb, stride_sn,
                      H, Hkv, G, Sq, Sk, qk_scale2, sm_scale, Q_BUCKET, K_BUCKET,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                     HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr, SCAN: tl.constexpr, SKIP: tl.constexpr,
-                     ATOMIC_DQ: tl.constexpr):
+                     HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr, SCAN: tl.constexpr, SKIP: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     b = (bhk // Hkv).to(tl.int64)
@@ -356,7 +349,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Slopes, SeqId, Win, DQacc,
         bh = b * H + h
         q_base = Q + b * stride_qb + h.to(tl.int64) * stride_qh
         do_base = DO + b * stride_dob + h.to(tl.int64) * stride_doh
-        dq_base = DQacc + bh * Sq * HEAD_DIM  # (B, H, Sq, D) fp32, only touched with ATOMIC_DQ
         slope2 = 0.0
         if HAS_ALIBI:
             slope2 = tl.load(Slopes + h) * 1.4426950408889634
@@ -364,13 +356,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, Delta, Slopes, SeqId, Win, DQacc,
         if SKIP:  # queries further than the head's reach from every key of this block see it as negligible
             hi_h = tl.minimum(hi, n0 + BLOCK_N + tl.load(Win + bh) - off)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE + bh * Sq, Delta + bh * Sq,
-                             seq_base, stride_sn, dq_base, HEAD_DIM, sm_scale, n0, offs_n, k_seq, lo, mid, Sq, off,
-                             slope2, qk_scale2, BLOCK_M, BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_ALIBI, HAS_SEQ,
-                             ATOMIC_DQ)
+                             seq_base, stride_sn, n0, offs_n, k_seq, lo, mid, Sq, off, slope2, qk_scale2,
+                             BLOCK_M, BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_ALIBI, HAS_SEQ)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE + bh * Sq, Delta + bh * Sq,
-                             seq_base, stride_sn, dq_base, HEAD_DIM, sm_scale, n0, offs_n, k_seq, full, hi_h, Sq, off,
-                             slope2, qk_scale2, BLOCK_M, BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_ALIBI, HAS_SEQ,
-                             ATOMIC_DQ)
+                             seq_base, stride_sn, n0, offs_n, k_seq, full, hi_h, Sq, off, slope2, qk_scale2,
+                             BLOCK_M, BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_ALIBI, HAS_SEQ)
     dk *= sm_scale
     tl.store(DK + b * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
@@ -483,10 +473,7 @@ def _tuned(kind):
     if kind not in _TUNED:
         kernel, configs = {"fwd": (_fwd_kernel, _FWD_CONFIGS), "dkdv": (_bwd_dkdv_kernel, _DKDV_CONFIGS),
                            "dq": (_bwd_dq_kernel, _DQ_CONFIGS)}[kind]
-        if kind == "dkdv":  # the atomic dq buffer must start at zero for every trial run
-            _TUNED[kind] = triton.autotune(configs, key=_TUNE_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQacc"])(kernel)
-        else:
-            _TUNED[kind] = triton.autotune(configs, key=_TUNE_KEY)(kernel)
+        _TUNED[kind] = triton.autotune(configs, key=_TUNE_KEY)(kernel)
     return _TUNED[kind]
 
 
@@ -574,18 +561,6 @@ def _forward(q, k, v, slopes, causal, scale, seq_id):
     return o, lse, win
 
 
-def _atomic_dq() -> bool:
-    """Whether the dk/dv kernel also computes dq, adding each key block's share to an fp32 buffer with atomics
-    (``LLMFOUNDRY_ALIBI_BWD=atomic``: one pass over the score blocks instead of two, five block products instead
-    of seven; dq's summation order then varies from run to run, so ``torch.use_deterministic_algorithms(True)``
-    keeps the separate dq kernel). The default, ``split``, runs dq in its own kernel: the atomic mode is tested
-    under Triton's interpreter but not yet timed or checked on a GPU."""
-    mode = os.environ.get("LLMFOUNDRY_ALIBI_BWD", "split")
-    if mode not in ("atomic", "split"):
-        raise ValueError(f"LLMFOUNDRY_ALIBI_BWD={mode!r}: use 'atomic' or 'split'")
-    return mode == "atomic" and not torch.are_deterministic_algorithms_enabled()
-
-
 def _backward(do, q, k, v, o, lse, win, slopes, causal, scale, seq_id, grads=None):
     """dq, dk, dv (written into ``grads`` when given: views of one packed buffer, see ``_qkv_bwd_op``); ``win``:
     the forward's per-head reach."""
@@ -603,20 +578,12 @@ def _backward(do, q, k, v, o, lse, win, slopes, causal, scale, seq_id, grads=Non
     flags = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, HAS_SEQ=seq_id is not None, SCAN=_SCAN,
                  SKIP=_skips(causal, slopes, seq_id))
     buckets = (triton.next_power_of_2(Sq), triton.next_power_of_2(Sk))
-    atomic = _atomic_dq()
-    # fp32 dq accumulator (B, H, Sq, D) when atomic; else an uninitialized 1-element stand-in (never read; the
-    # autotuner zeroes it), so the default path launches no fill kernel
-    dq_acc = torch.zeros((B, H, Sq, D), device=q.device, dtype=torch.float32) if atomic else \
-        torch.empty((1,), device=q.device, dtype=torch.float32)
     _launch("dkdv", _bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(Sk, bn), B * Hkv), Sq,
-            q, k, v, do, dk, dv, lse, delta, s_ptr, seq_ptr, win, dq_acc,
+            q, k, v, do, dk, dv, lse, delta, s_ptr, seq_ptr, win,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), ssb, ssn,
-            H, Hkv, H // Hkv, Sq, Sk, scale * _LOG2E, scale, *buckets, **flags, ATOMIC_DQ=atomic)
-    if atomic:
-        dq.copy_(dq_acc)
-        return dq, dk, dv
+            H, Hkv, H // Hkv, Sq, Sk, scale * _LOG2E, scale, *buckets, **flags)
     _launch("dq", _bwd_dq_kernel, lambda bm, bn: (triton.cdiv(Sq, bm), B * H), Sq,
             q, k, v, do, dq, lse, delta, s_ptr, seq_ptr, win,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
