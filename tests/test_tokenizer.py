@@ -71,3 +71,42 @@ def test_build_tokenizer_script_writes_a_loadable_tokenizer(tmp_path):
     tok = load_tokenizer(str(tmp_path / "tok"))
     assert len(tok) == 512 and tok.eos_token_id == 0
     assert tok.decode(tok(TEXT)["input_ids"]) == TEXT
+
+
+def test_cached_hub_tokenizer_loads_without_a_request(tmp_path):
+    """A hub name already in the local cache loads without asking the hub: the hub endpoint here is a real HTTP
+    server on 127.0.0.1 that counts the requests it gets (none)."""
+    import http.server
+    import shutil
+    import threading
+
+    requests = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):  # noqa: N802 - http.server's naming
+            requests.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        repo = tmp_path / "hf" / "hub" / "models--acme--tok"  # huggingface_hub's cache layout
+        shutil.copytree(BUNDLED_TOKENIZER, repo / "snapshots" / "0123abcd")
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0123abcd")
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}")
+        res = subprocess.run([sys.executable, "-c", "from llmfoundry.data.tokenizer import load_tokenizer; "
+                              "print(len(load_tokenizer('acme/tok')))"],
+                             cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        server.shutdown()
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[-1] == "4096"
+    assert requests == []

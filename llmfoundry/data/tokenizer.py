@@ -23,6 +23,9 @@ _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 def load_tokenizer(name_or_path: str = "bundled"):
     """Load a tokenizer: ``'bundled'``, a local directory, or a hub name such as ``EleutherAI/gpt-neox-20b``.
 
+    A hub name is read from the local Hugging Face cache when it is there (no request is made, so nodes without
+    network and every rank of a large job load it at once), else downloaded.
+
     Raises ``DataError`` naming the fix for a missing path, a directory without tokenizer files, or a hub
     name that cannot be fetched (e.g. offline).
     """
@@ -42,6 +45,10 @@ def load_tokenizer(name_or_path: str = "bundled"):
     if not _HUB_NAME.match(name_or_path):
         raise DataError(f"tokenizer path {os.path.abspath(path)} does not exist; pass an existing directory, "
                         f"'bundled', or a hub name such as EleutherAI/gpt-neox-20b")
+    try:  # the local hub cache first: no request at all (air-gapped nodes, hundreds of ranks loading at once)
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (or cached incompletely): ask the hub below
+        pass
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:  # OSError offline or for an unknown repo; others for broken repos
