@@ -231,6 +231,22 @@ def test_eval_config_and_cli_errors(model, ckpt, tmp_path, capsys):
     assert "no tokenizer known for this model" in capsys.readouterr().err
 
 
+
+def test_eval_data_error_in_a_loader_worker_is_one_line(ckpt, tmp_path, capsys):
+    """A token id past the model's vocabulary, found inside a DataLoader worker process, reaches the user as the
+    loader's own one-line message (not the worker's re-raised traceback)."""
+    bad = np.full((4, 64), 5, dtype=np.int64)
+    bad[2, 7] = 4096 + 3  # the tiny model's vocab_size is 4096
+    write_mds(tmp_path / "mds" / "val", bad)
+    rc = main([str(REPO / "yamls/eval/tiny-cpu.yaml"), f"load_path={ckpt}", "icl_tasks=[]", "results_path=null",
+               f"eval_loaders.val.local={tmp_path / 'mds'}", "eval_loaders.val.max_seq_len=64",
+               "eval_loaders.val.num_workers=1"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    line = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(line) == 1 and "4099" in line[0] and "vocab_size" in line[0], err
+    assert "Traceback" not in err and "DataLoader worker" not in err, err
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_evaluate_matches_cpu(ckpt, tmp_path):
