@@ -17,6 +17,7 @@ import torch
 from llmfoundry.train import build_trainer, load_config, train
 from llmfoundry.train.checks import TrainError
 from llmfoundry.train.composer_model import ComposerMPT, causal_lm_loss
+from llmfoundry.utils.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "yamls" / "tiny-cpu.yaml")
@@ -211,6 +212,54 @@ def test_missing_local_load_path(tmp_path):
     with pytest.raises(TrainError, match="load_path = .*nope.pt' does not exist"):
         build_trainer(cfg)
 
+
+
+def _truncated_copy(src: str, dst) -> str:
+    data = Path(src).read_bytes()
+    Path(dst).write_bytes(data[: len(data) // 2])
+    return str(dst)
+
+
+@pytest.mark.parametrize("kind", ["plain_folder", "hf_folder", "text_file", "truncated"])
+def test_load_path_that_is_not_a_checkpoint_is_named(uninterrupted, tmp_path, kind):
+    """load_path pointing at something that is not a composer checkpoint stops before the model is built, with
+    one message naming it and what to pass (before: composer's IsADirectoryError / UnpicklingError tracebacks)."""
+    ckpt = glob.glob(str(uninterrupted[0] / f"ep*-ba{N}-rank0.pt"))[0]
+    if kind == "plain_folder":
+        path, expected = str(uninterrupted[0]), r"is a folder without \.metadata.*it holds: ep0-ba3-rank0\.pt"
+    elif kind == "hf_folder":
+        (tmp_path / "hf").mkdir()
+        (tmp_path / "hf" / "config.json").write_text("{}")
+        path, expected = str(tmp_path / "hf"), r"is a Hugging Face model folder.*convert_hf_to_composer\.py"
+    elif kind == "text_file":
+        path, expected = str(REPO / "README.md"), r"README\.md' is not a composer checkpoint file"
+    else:
+        path, expected = _truncated_copy(ckpt, tmp_path / "half.pt"), r"half\.pt' is not a composer checkpoint file"
+    cfg = load_config(TINY, fast(tmp_path / "ck", f"load_path={path}", "autoresume=false"))
+    with pytest.raises(TrainError, match="load_path = .*" + expected):
+        build_trainer(cfg)
+
+
+def test_finished_run_launched_again(uninterrupted):
+    """The same command after the run finished: nothing to train, exit 0, no checkpoint added. A max_duration
+    below where the run is: one message with the fix."""
+    folder = uninterrupted[0]
+    before = sorted(p for p in os.listdir(folder) if p.endswith(".pt"))
+    r = run_cli([TINY, *fast(folder), "callbacks.speed_monitor.gpu_flops_available=1e12"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "is already complete: resumed from" in r.stderr and f"at {N}ba = max_duration" in r.stderr
+    assert sorted(p for p in os.listdir(folder) if p.endswith(".pt")) == before
+    with pytest.raises(TrainError, match=rf"is at {N}ba, past max_duration = 5ba; raise max_duration above {N}ba"):
+        train(load_config(TINY, fast(folder, "max_duration=5ba")))
+    assert sorted(p for p in os.listdir(folder) if p.endswith(".pt")) == before
+
+
+def test_gpu_attention_on_cpu_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for attn in ("triton", "flash"):
+        cfg = load_config(TINY, fast(tmp_path / "ck", f"model.attn_config.attn_impl={attn}"))
+        with pytest.raises(ConfigError, match=f"attn_impl: {attn} needs a CUDA GPU; on CPU use torch or flex"):
+            build_trainer(cfg)
 
 def test_not_enough_disk_stops_before_training(tmp_path, monkeypatch):
     from llmfoundry.train import checks

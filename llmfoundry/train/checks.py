@@ -169,6 +169,35 @@ def no_space_message(save_folder: str | None, needed: int) -> str:
             f"continue from the latest checkpoint")
 
 
+_COMPRESSED = (".lz4", ".zst", ".gz", ".bz2", ".xz", ".lzma", ".lzo")  # composer's compressed checkpoint names
+
+
+def load_path_problem(path: str) -> str | None:
+    """Why a local ``load_path`` cannot be a composer checkpoint, with the fix; None when it can be (a sharded
+    folder with ``.metadata``, or a file that starts like a torch archive). Reads a few bytes, never the tensors."""
+    import zipfile
+    where = f"load_path = {path!r}"
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, ".metadata")):
+            return None
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return (f"{where} is a Hugging Face model folder, not a composer checkpoint; convert it first "
+                    f"(python scripts/convert_hf_to_composer.py {path} init.pt) and set load_path=init.pt "
+                    f"load_weights_only=true")
+        inside = sorted(n for n in os.listdir(path) if n.endswith(".pt")
+                        or os.path.isfile(os.path.join(path, n, ".metadata")))
+        hint = f" (it holds: {', '.join(inside[:5])})" if inside else ""
+        return (f"{where} is a folder without .metadata, so not a sharded checkpoint; pass a checkpoint file "
+                f"(.pt) or the folder of one sharded checkpoint (e.g. .../ep0-ba100){hint}")
+    if os.path.isfile(path) and not path.endswith(_COMPRESSED) and not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            legacy = f.read(1) == b"\x80"  # torch's pre-zip format is a pickle stream
+        if not legacy:
+            return (f"{where} is not a composer checkpoint file (not a torch archive: a truncated copy, or "
+                    f"another kind of file); pass a .pt checkpoint written by the trainer")
+    return None
+
+
 def checkpoint_param_shapes(path: str) -> dict[str, tuple] | None:
     """Model parameter shapes stored in a local composer checkpoint (whole ``.pt`` file or sharded folder), read
     without loading the tensors; None when ``path`` is not a local checkpoint."""

@@ -89,8 +89,9 @@ def _preflight(cfg: TrainConfig) -> None:
             problems.append(checks.check_remote(cfg.save_folder, "save_folder", write=True))
         if checks.is_remote(cfg.load_path):
             problems.append(checks.check_remote(cfg.load_path, "load_path", write=False))
-        elif cfg.load_path and "{" not in cfg.load_path and not os.path.exists(cfg.load_path):
-            problems.append(f"load_path = {cfg.load_path!r} does not exist; point it at a checkpoint file "
+        elif cfg.load_path and "{" not in cfg.load_path:
+            problems.append(checks.load_path_problem(cfg.load_path) if os.path.exists(cfg.load_path) else
+                            f"load_path = {cfg.load_path!r} does not exist; point it at a checkpoint file "
                             f"(or a sharded checkpoint folder) or remove it")
     if cfg.save_folder and cfg.check_free_disk and dist.get_local_rank() == 0:
         per_ckpt = checks.checkpoint_bytes(cfg.model.num_params(), cfg.optimizer.name, cfg.save_weights_only)
@@ -199,6 +200,9 @@ def build_trainer(cfg: TrainConfig):
     if cfg.fsdp is not None and device != "gpu" and cfg.fsdp.sharding_strategy == "HYBRID_SHARD":
         raise ConfigError("fsdp.sharding_strategy: HYBRID_SHARD needs GPUs (NCCL; gloo cannot average gradients "
                           "across replicas); use FULL_SHARD on CPU")
+    attn = cfg.model.attn_config.attn_impl
+    if device == "cpu" and (attn == "flash" or attn == "triton" and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise ConfigError(f"model.attn_config.attn_impl: {attn} needs a CUDA GPU; on CPU use torch or flex")
     world_size = dist.get_world_size()
     if world_size > 1 or cfg.fsdp is not None:
         if device == "gpu":
@@ -326,9 +330,33 @@ def _save_config_copy(cfg: TrainConfig) -> None:
         f.write(text)
 
 
+def _already_complete(trainer, cfg: TrainConfig) -> bool:
+    """True when the loaded checkpoint is exactly at ``max_duration`` (a finished run launched again: nothing to
+    do); a TrainError when it is past it (``max_duration`` was lowered)."""
+    max_duration = trainer.state.max_duration
+    try:
+        elapsed = trainer.state.timestamp.get(max_duration.unit)
+    except (ValueError, KeyError, AttributeError):  # a unit the timestamp does not count ('dur')
+        return False
+    if elapsed < max_duration:
+        return False
+    where = trainer.state.load_path or "the checkpoint"
+    if elapsed == max_duration:
+        log.warning("run %s is already complete: resumed from %s at %s = max_duration, nothing to train. Raise "
+                    "max_duration to train longer, or set a new run_name to start another run", cfg.run_name,
+                    where, elapsed)
+        return True
+    raise TrainError(f"the checkpoint loaded from {where} is at {elapsed}, past max_duration = {max_duration}; "
+                     f"raise max_duration above {elapsed} to continue this run, or set a new run_name (or "
+                     f"save_folder) to start another")
+
+
 def train(cfg: TrainConfig):
-    """Build the trainer and train to ``max_duration``; returns the ``Trainer`` (call ``.close()`` when done)."""
+    """Build the trainer and train to ``max_duration``; returns the ``Trainer`` (call ``.close()`` when done).
+    A run launched again after it finished returns at once (autoresume finds it complete)."""
     trainer = build_trainer(cfg)
+    if _already_complete(trainer, cfg):
+        return trainer
     try:
         trainer.fit()
     except FileExistsError as e:  # raised at fit start, before any batch, by composer's checkpoint saver
