@@ -98,12 +98,23 @@ def test_run_name_defaults(monkeypatch, tmp_path):
     (["save_folder=null"], ["autoresume", "save_folder"]),
     (["lr"], ["key=value"]),
     (["model.max_seq_len=${variables.nope}"], ["model.max_seq_len"]),
+    # list indexes and values in overrides
+    (["optimzer.betas.0=0.8"], ["optimzer", "did you mean 'optimizer'"]),  # misspelled, then an index
+    (["optimizer.betaz.0=0.8"], ["optimizer.betaz", "did you mean 'betas'"]),
+    (["optimizer.newkey=1"], ["unknown config key 'optimizer.newkey'"]),  # new keys reach the strict conversion
+    (["optimizer.betas={a: 1}"], ["optimizer.betas", "must be a list"]),  # was: TypeError from omegaconf
+    (["optimizer={betas: {a: 1}}"], ["optimizer.betas", "must be a list"]),
+    (["optimizer.betas.0={a: 1}"], ["optimizer.betas[0]", "number"]),
+    (["optimizer.lr=[1,2"], ["optimizer.lr=[1,2", "cannot parse the value"]),
+    (["optimizer..lr=1"], ["optimizer..lr", "key path"]),
+    (["=1"], ["key=value"]),
 ])
 def test_bad_config_names_the_key(overrides, needles):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, overrides)
     for needle in needles:
         assert needle in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)  # one line
 
 
 def test_missing_required_key(tmp_path):
@@ -336,3 +347,85 @@ def test_missing_bucket_message(s3_server):
     bucket = s3_server.make_bucket()
     assert checks.check_remote(f"s3://{bucket}/runs/x", "save_folder", write=True) is None
     assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0  # probe removed
+
+
+# ------------------------------------------------------------------------------------------ overrides into lists
+def test_override_indexes_a_list():
+    base = load_config(TINY)
+    cfg = load_config(TINY, ["optimizer.betas.0=0.8"])
+    assert cfg.optimizer.betas == [0.8, 0.95]
+    assert cfg.optimizer.lr == base.optimizer.lr and cfg.optimizer.name == base.optimizer.name
+    assert load_config(TINY, ["optimizer.betas[1]=0.5"]).optimizer.betas == [0.9, 0.5]  # bracket form
+    assert load_config(TINY, ["optimizer.betas=[0.8,0.9]"]).optimizer.betas == [0.8, 0.9]  # whole list
+    # applied in order: a whole-list override, then an index into the new list
+    assert load_config(TINY, ["optimizer.betas=[0.5,0.6]", "optimizer.betas.1=0.7"]).optimizer.betas == [0.5, 0.7]
+
+
+def test_override_values_keep_their_dotlist_meaning():
+    base = load_config(TINY)
+    cfg = load_config(TINY, ["optimizer={lr: 0.001}", "scheduler.t_warmup=5ba", "eval_loader=null",
+                             "max_grad_norm=1e-4"])
+    assert cfg.optimizer.lr == pytest.approx(0.001) and cfg.optimizer.name == base.optimizer.name  # merged
+    assert cfg.optimizer.betas == base.optimizer.betas
+    assert cfg.scheduler.t_warmup == "5ba" and cfg.eval_loader is None
+    assert cfg.max_grad_norm == pytest.approx(1e-4) and isinstance(cfg.max_grad_norm, float)
+    # a mapping merged into a nested mapping keeps the keys it does not name
+    cfg = load_config(TINY, ["model={attn_config: {alibi: false}}"])
+    assert cfg.model.attn_config.alibi is False
+    assert cfg.model.attn_config.attn_impl == base.model.attn_config.attn_impl and cfg.model.d_model == base.model.d_model
+
+
+def test_override_through_an_interpolated_list_changes_only_that_key(tmp_path):
+    text = TINY.read_text() + "\n"
+    from omegaconf import OmegaConf
+    raw = OmegaConf.create(text)
+    raw.variables.betas = [0.9, 0.95]
+    raw.optimizer.betas = "${variables.betas}"
+    (tmp_path / "c.yaml").write_text(OmegaConf.to_yaml(raw))
+    cfg = load_config(tmp_path / "c.yaml", ["optimizer.betas.0=0.8"])
+    assert cfg.optimizer.betas == [0.8, 0.95]
+    assert cfg.variables["betas"] == [0.9, 0.95]  # the interpolation target is untouched
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optimizer.betas.5=0.1"], "config key 'optimizer.betas.5': the list has 2 items (0..1)"),
+    (["optimizer.betas.2=0.1"], "config key 'optimizer.betas.2': the list has 2 items (0..1)"),
+    (["optimizer.betas.first=0.1"], "config key 'optimizer.betas.first': 'optimizer.betas' is a list; index it "
+                                    "with a number 0..1"),
+    (["optimizer.lr.0=0.1"], "config key 'optimizer.lr.0': 'optimizer.lr' is 0.002, not a list"),
+    (["optimizer.betas=[]", "optimizer.betas.0=0.1"], "config key 'optimizer.betas.0': the list 'optimizer.betas' "
+                                                     "is empty"),
+])
+def test_override_bad_list_index(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, overrides)
+    assert str(e.value).startswith(message), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_config_file_errors_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping of keys at the top level"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="cannot parse config file") as e:
+        load_config(tmp_path / "bad.yaml")
+    assert "\n" not in str(e.value)
+
+
+def test_train_cli_bad_list_index_is_one_line(capsys):
+    from llmfoundry.train.train import main
+    assert main([str(TINY), "optimizer.betas.5=0.8"]) == 1
+    err = capsys.readouterr().err
+    assert "error: config key 'optimizer.betas.5': the list has 2 items (0..1)" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_loader_raises_only_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="n_heads=0 must be at least 1"):
+        load_config(TINY, ["model.n_heads=0"])
+    (tmp_path / "c.yaml").write_text(TINY.read_text() + "\n1: a\n")  # a non-string key
+    with pytest.raises(ConfigError, match="unknown config key '1' at the top level"):
+        load_config(tmp_path / "c.yaml")

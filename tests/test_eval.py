@@ -259,3 +259,62 @@ def test_gpu_evaluate_matches_cpu(ckpt, tmp_path):
     assert gpu["perplexity"]["val"]["loss"] == pytest.approx(cpu["perplexity"]["val"]["loss"], rel=1e-4)
     bf16 = evaluate(load_eval_config(yaml, [f"load_path={ckpt}", "device=gpu", "precision=bf16", *common]))
     assert bf16["perplexity"]["val"]["loss"] == pytest.approx(cpu["perplexity"]["val"]["loss"], rel=2e-2)
+
+
+# ------------------------------------------------------------------------------------------ overrides, results_path
+EVAL_TINY = REPO / "yamls" / "eval" / "tiny-cpu.yaml"
+
+
+def test_eval_override_indexes_icl_tasks():
+    base = load_eval_config(str(EVAL_TINY))
+    cfg = load_eval_config(str(EVAL_TINY), ["icl_tasks.0.path=/tmp/x.jsonl", "icl_tasks.2.num_fewshot.1=1",
+                                            "icl_tasks[3].batch_size=2"])
+    assert cfg.icl_tasks[0].path == "/tmp/x.jsonl" and cfg.icl_tasks[0].label == base.icl_tasks[0].label
+    assert cfg.icl_tasks[2].num_fewshot == [0, 1] and cfg.icl_tasks[3].batch_size == 2
+    assert cfg.icl_tasks[1] == base.icl_tasks[1] and cfg.icl_tasks[4] == base.icl_tasks[4]
+    assert [t.path for t in cfg.icl_tasks[1:]] == [t.path for t in base.icl_tasks[1:]]
+    assert cfg.eval_loaders == base.eval_loaders
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["icl_tasks.5.path=x"], "config key 'icl_tasks.5.path': the list has 5 items (0..4)"),
+    (["icl_tasks.lambada_tiny.path=x"], "config key 'icl_tasks.lambada_tiny.path': 'icl_tasks' is a list"),
+    (["load_path.0=x"], "config key 'load_path.0': 'load_path' is "),
+    (["icl_tasks.0.pth=x"], "unknown config key 'icl_tasks[0].pth' in 'icl_tasks[0]' (did you mean 'path'?)"),
+    (["icl_task.0.path=x"], "unknown config key 'icl_task' at the top level (did you mean 'icl_tasks'?)"),
+    (["icl_tasks={a: 1}"], "config key 'icl_tasks' must be a list"),  # was: Cannot merge incompatible container types
+])
+def test_eval_override_errors(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_eval_config(str(EVAL_TINY), overrides)
+    assert str(e.value).startswith(message), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_eval_cli_icl_task_path_override(ckpt, tmp_path, capsys):
+    rows = (ICL / "lambada_tiny.jsonl").read_text().splitlines()[:5]
+    (tmp_path / "mine.jsonl").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "res.json"
+    assert main([str(EVAL_TINY), f"load_path={ckpt}", f"icl_tasks.0.path={tmp_path / 'mine.jsonl'}",
+                 "eval_subset_num_batches=1", "eval_loaders.val.max_seq_len=128", f"results_path={out}"]) == 0
+    saved = json.loads(out.read_text())
+    n = {(r["task"], r["num_fewshot"]): r["num_examples"] for r in saved["icl"]}
+    assert n[("lambada_tiny", 0)] == n[("lambada_tiny", 3)] == 5  # the override's file
+    assert n[("python_tiny", 0)] == 12 and n[("piqa_tiny", 0)] == 10  # the others unchanged
+
+
+def test_results_path_checked_before_evaluating(ckpt, tmp_path, capsys):
+    common = [str(EVAL_TINY), f"load_path={ckpt}", "eval_subset_num_batches=1", "eval_loaders.val.max_seq_len=128"]
+    assert main([*common, f"results_path={tmp_path}"]) == 1
+    captured = capsys.readouterr()
+    assert f"error: results_path '{tmp_path}' is a directory" in captured.err, captured.err
+    assert "| eval |" not in captured.out  # nothing was evaluated
+    assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
+    (tmp_path / "afile").write_text("x")
+    bad = tmp_path / "afile" / "sub" / "r.json"  # its parent cannot be created: 'afile' is a file
+    assert main([*common, f"results_path={bad}"]) == 1
+    captured = capsys.readouterr()
+    assert f"error: results_path '{bad}': cannot create its folder" in captured.err, captured.err
+    assert "| eval |" not in captured.out
+    with pytest.raises(ConfigError, match="is a directory"):
+        evaluate(load_eval_config(str(EVAL_TINY), [f"load_path={ckpt}", f"results_path={tmp_path}"]))

@@ -87,26 +87,12 @@ def _register_resolvers() -> None:
 
 
 def load_eval_config(yaml_path: Optional[str], overrides: Optional[list[str]] = None) -> EvalConfig:
-    """Read the YAML, merge ``key=value`` overrides, resolve ``${...}``, convert strictly."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    """Read the YAML, apply ``key=value`` overrides (``icl_tasks.0.path=x`` indexes the list), resolve ``${...}``,
+    convert strictly. Every mistake is a one-line ``ConfigError``."""
+    from llmfoundry.utils.config import load_yaml_with_overrides
 
     _register_resolvers()
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"command-line override {item!r} must look like key=value, e.g. load_path=ckpt.pt")
-    try:
-        base = OmegaConf.load(yaml_path) if yaml_path else OmegaConf.create({})
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides or [])))
-        data = OmegaConf.to_container(merged, resolve=True)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {yaml_path!r} not found") from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"invalid eval config {yaml_path!r}: {e}") from None
-    except Exception as e:  # YAML syntax
-        raise ConfigError(f"cannot parse eval config {yaml_path!r}: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"eval config {yaml_path!r} must be a mapping of keys at the top level")
+    data = load_yaml_with_overrides(yaml_path or None, overrides, example="load_path=ckpt.pt")
     return from_dict(EvalConfig, data)
 
 
@@ -152,8 +138,31 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_results_path(path: Optional[str]) -> None:
+    """Before any evaluation: ``results_path`` must name a file that can be written (its folder is created here),
+    so that a bad path is a one-line ``ConfigError`` up front instead of results lost at the end."""
+    if not path:
+        return
+    if "://" in path:
+        raise ConfigError(f"results_path {path!r}: only local files are supported; give a local JSON file path")
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise ConfigError(f"results_path {path!r} is a directory; give a JSON file path, "
+                          f"e.g. results_path={os.path.join(path, 'eval.json')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"results_path {path!r}: cannot create its folder {parent!r} "
+                          f"({e.strerror or e})") from None
+    if not os.path.isdir(parent):
+        raise ConfigError(f"results_path {path!r}: {parent!r} is not a folder")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ConfigError(f"results_path {path!r} is not writable")
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every eval in ``cfg``; returns the results (also printed as a table and written to results_path)."""
+    check_results_path(cfg.results_path)
     torch.manual_seed(cfg.seed)
     device, precision = resolve_device_precision(cfg.device, cfg.precision)
     for task in cfg.icl_tasks:  # fail on a bad task file before loading the model
@@ -188,9 +197,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     results["time_s"] = time.time() - t0
     print(format_table(results))
     if cfg.results_path:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.results_path)), exist_ok=True)
-        with open(cfg.results_path, "w") as f:
-            json.dump(results, f, indent=2)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.results_path)), exist_ok=True)
+            with open(cfg.results_path, "w") as f:
+                json.dump(results, f, indent=2)
+        except OSError as e:  # changed since the check at the start; the table above has the numbers
+            raise ConfigError(f"results_path {cfg.results_path!r} cannot be written ({e.strerror or e}); "
+                              "the results are in the table above") from None
         print(f"results written to {cfg.results_path}")
     return results
 

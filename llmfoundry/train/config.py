@@ -2,8 +2,9 @@
 
 How a YAML key reaches the code
 -------------------------------
-``load_config(yaml_path, ["optimizer.lr=1e-4", ...])`` reads the YAML with omegaconf, merges the command-line
-dotlist over it (later wins), resolves ``${...}`` interpolations, and converts the result with
+``load_config(yaml_path, ["optimizer.lr=1e-4", ...])`` reads the YAML with omegaconf, applies the command-line
+overrides in order (``llmfoundry.utils.config.apply_overrides``; later wins, ``icl_tasks.0.path=x`` indexes a list),
+resolves ``${...}`` interpolations, and converts the result with
 ``llmfoundry.utils.config.from_dict`` into the dataclasses below. A misspelled/unknown key, a missing required key,
 or a value of the wrong type stops here with a ``ConfigError`` naming the key (and the closest valid key).
 
@@ -344,36 +345,17 @@ def _register_resolvers() -> None:
 
 
 def load_config(yaml_path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read ``yaml_path``, apply ``key=value`` ``overrides`` (omegaconf dotlist), and convert strictly.
+    """Read ``yaml_path``, apply ``key=value`` ``overrides`` in order (``optimizer.lr=1e-4``; a number indexes a list:
+    ``optimizer.betas.0=0.8``; see ``llmfoundry.utils.config.apply_overrides``), and convert strictly. Every mistake
+    is a one-line ``ConfigError``.
 
     ``run_name`` defaults to ``$RUN_NAME`` (or ``$COMPOSER_RUN_NAME``), else the YAML file's stem, so running the
     same command again finds the same checkpoint folder and ``autoresume`` continues.
     """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from llmfoundry.utils.config import load_yaml_with_overrides
 
     _register_resolvers()
-    overrides = list(overrides or [])
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"command-line override {item!r} must look like key=value, e.g. optimizer.lr=1e-4")
-    try:
-        base = OmegaConf.load(yaml_path) if yaml_path is not None else OmegaConf.create({})
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(yaml_path)!r} not found") from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot read config file {str(yaml_path)!r}: {e}") from None
-    except Exception as e:  # yaml syntax errors
-        raise ConfigError(f"cannot parse config file {str(yaml_path)!r}: {e}") from None
-    if not OmegaConf.is_dict(base):
-        raise ConfigError(f"config file {str(yaml_path)!r} must be a mapping of keys at the top level")
-    try:
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
-        data = OmegaConf.to_container(merged, resolve=True)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        first_line = str(getattr(e, "msg", None) or e).strip().splitlines()[0]
-        raise ConfigError(f"config key '{key}': {first_line}" if key else f"invalid config: {first_line}") from None
+    data = load_yaml_with_overrides(yaml_path, overrides, example="optimizer.lr=1e-4")
     if data.get("run_name") is None:
         env_name = os.environ.get("RUN_NAME") or os.environ.get("COMPOSER_RUN_NAME")
         if env_name:

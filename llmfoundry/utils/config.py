@@ -112,7 +112,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
     if unknown:
         k = unknown[0]
         where = f"in '{path}'" if path else "at the top level"
-        raise ConfigError(f"unknown config key '{prefix}{k}' {where}{closest(k, fields)}; "
+        raise ConfigError(f"unknown config key '{prefix}{k}' {where}{closest(str(k), fields)}; "
                           f"valid keys: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, f in fields.items():
@@ -124,7 +124,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
         return cls(**kwargs)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as e:  # __post_init__ checks
+    except (TypeError, ValueError, ArithmeticError) as e:  # __post_init__ checks, and arithmetic they did not expect
         raise ConfigError(f"{path or cls.__name__}: {e}") from e
 
 
@@ -137,3 +137,161 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+# ------------------------------------------------------------------------------------ YAML + command-line overrides
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "msg", None) or e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _split_key(key: str) -> list[str]:
+    """``'a.b.0.c'`` / ``'a.b[0].c'`` -> ``['a', 'b', '0', 'c']`` (omegaconf's own key syntax)."""
+    try:
+        from omegaconf._utils import split_key
+        return list(split_key(key))
+    except ImportError:  # pragma: no cover - older/newer omegaconf without the helper
+        import re
+        return re.sub(r"\[([^\]]*)\]", r".\1", key).split(".")
+
+
+def _is_index(part: str) -> bool:
+    return part.isascii() and part.isdigit()
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> None:
+    """Apply command-line ``key=value`` overrides, one by one and in order, onto the omegaconf ``DictConfig`` ``cfg``.
+
+    ``value`` is parsed as omegaconf's ``from_dotlist`` parses it (YAML: ``1e-4`` is a float, ``null`` is None,
+    ``[1, 2]`` a list, ``{a: 1}`` a mapping, ``${x.y}`` an interpolation resolved later). ``key`` is a dotted path
+    (``a.b.0.c`` or ``a.b[0].c``):
+
+    - through mappings, as a merge of the dotlist would: a missing or null/scalar intermediate key becomes a new
+      mapping (so misspelled or unknown keys reach the strict dataclass conversion and its "did you mean" error);
+    - a number indexes an existing list (``icl_tasks.0.path=x``, ``optimizer.betas.1=0.9``); an index past the end,
+      a non-number on a list, or a number on a scalar is a ``ConfigError`` naming the key;
+    - a mapping value is merged into an existing mapping; anything else (lists included) replaces the old value;
+    - an intermediate ``${...}`` interpolation of a mapping/list is replaced by a copy of its target first, so
+      ``model.d_model=64`` with ``model: ${variables.model}`` changes ``model`` only (as a dotlist merge does).
+
+    Every failure is a one-line ``ConfigError`` naming the override.
+    """
+    for item in overrides:
+        try:
+            _apply_override(cfg, item)
+        except ConfigError:
+            raise
+        except Exception as e:  # whatever omegaconf raises while setting a key (TypeError, ValidationError, ...)
+            raise ConfigError(f"command-line override {item!r}: {_first_line(e)}") from None
+
+
+def _apply_override(cfg: Any, item: str) -> None:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    def is_container(x: Any) -> bool:
+        return isinstance(x, (DictConfig, ListConfig)) and not x._is_none()
+
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"command-line override {item!r} must look like key=value")
+    try:  # the value exactly as OmegaConf.from_dotlist parses it
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]), resolve=False)["v"]
+    except Exception as e:
+        raise ConfigError(f"command-line override {item!r}: cannot parse the value {text!r} "
+                          f"({_first_line(e)})") from None
+    parts = _split_key(key)
+    if any(p == "" for p in parts):
+        raise ConfigError(f"command-line override {item!r}: '{key}' is not a key path like optimizer.lr "
+                          "or icl_tasks.0.path")
+
+    def child(node: Any, k: Any) -> Any:
+        """``node[k]`` (None when absent/null/???/unresolvable); an interpolated container is replaced by a copy."""
+        if isinstance(node, DictConfig) and k not in list(node.keys()):
+            return None
+        if OmegaConf.is_missing(node, k):
+            return None
+        if OmegaConf.is_interpolation(node, k):
+            try:
+                target = node[k]
+            except Exception:  # an interpolation that cannot resolve: the override replaces it
+                return None
+            if not is_container(target):
+                return target
+            node[k] = OmegaConf.to_container(target, resolve=False)
+        return node[k]
+
+    def put(node: Any, k: Any, v: Any) -> None:
+        """``node[k] = v``, except that a mapping is merged key by key into an existing mapping."""
+        old = child(node, k) if isinstance(v, dict) else None
+        if isinstance(old, DictConfig) and is_container(old):
+            for kk, vv in v.items():
+                put(old, kk, vv)
+        else:
+            node[k] = v
+
+    node = cfg
+    for i, part in enumerate(parts):
+        path = ".".join(parts[:i + 1])
+        if isinstance(node, ListConfig):
+            parent, n = ".".join(parts[:i]), len(node)
+            if not _is_index(part):
+                raise ConfigError(f"config key '{key}': '{parent}' is a list; index it with a number "
+                                  + (f"0..{n - 1}" if n else "(it is empty)") + f", not '{part}'")
+            k: Any = int(part)
+            if k >= n:
+                has = f"the list has {n} item{'s' * (n != 1)} (0..{n - 1})" if n else f"the list '{parent}' is empty"
+                raise ConfigError(f"config key '{key}': {has}; to change its length set the whole list, "
+                                  f"e.g. '{parent}=[...]'")
+        else:
+            k = part
+        if i == len(parts) - 1:
+            put(node, k, value)
+            return
+        nxt = child(node, k)
+        if is_container(nxt):
+            node = nxt
+            continue
+        if nxt is not None and _is_index(parts[i + 1]):
+            raise ConfigError(f"config key '{key}': '{path}' is {nxt!r}, not a list; it cannot be indexed "
+                              f"with '{parts[i + 1]}'")
+        node[k] = {}  # a missing, null or scalar key becomes a mapping (the strict conversion judges it)
+        node = node[k]
+
+
+def load_yaml_with_overrides(yaml_path: Any, overrides: list[str] | None = None, *,
+                             example: str = "optimizer.lr=1e-4") -> dict:
+    """Read ``yaml_path`` (None: start empty) with omegaconf, apply ``key=value`` ``overrides`` with
+    ``apply_overrides``, resolve ``${...}`` and return plain python containers.
+
+    Every failure (missing/unreadable file, YAML syntax, a bad override, an interpolation that cannot be
+    resolved) is a one-line ``ConfigError``; nothing omegaconf raises escapes.
+    """
+    from omegaconf import OmegaConf
+
+    overrides = list(overrides or [])
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"command-line override {item!r} must look like key=value, e.g. {example}")
+    name = str(yaml_path) if yaml_path is not None else None
+    try:
+        cfg = OmegaConf.load(yaml_path) if yaml_path is not None else OmegaConf.create({})
+    except FileNotFoundError:
+        raise ConfigError(f"config file {name!r} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {name!r} is a directory; pass a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {name!r}: {e.strerror or e}") from None
+    except Exception as e:  # YAML syntax errors, omegaconf errors
+        raise ConfigError(f"cannot parse config file {name!r}: {_first_line(e)}") from None
+    if not OmegaConf.is_dict(cfg):
+        raise ConfigError(f"config file {name!r} must be a mapping of keys at the top level")
+    apply_overrides(cfg, overrides)
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except ConfigError:
+        raise
+    except Exception as e:  # interpolation errors name the key
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"config key '{key}': {_first_line(e)}" if key else f"invalid config: {_first_line(e)}") \
+            from None
+    return data

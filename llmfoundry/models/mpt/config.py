@@ -73,6 +73,9 @@ class MPTConfig:
             self.attn_config = a = from_dict(AttnConfig, a, "attn_config")
         if isinstance(i, Mapping):
             self.init_config = i = from_dict(InitConfig, i, "init_config")
+        for name in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if a.kv_n_heads is not None and (a.kv_n_heads < 1 or self.n_heads % a.kv_n_heads):
