@@ -31,6 +31,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -201,19 +202,33 @@ def _read_dcp(folder: str) -> dict:
     return {"state": state}
 
 
+def _composer_checkpoints_in(folder: str) -> list[str]:
+    """The composer checkpoints directly in ``folder``: ``*.pt`` files, a DCP ``.metadata``, sharded folders."""
+    return sorted(p.name for p in Path(folder).iterdir()
+                  if p.name == ".metadata" or p.name.endswith(".pt") or _is_dcp_folder(str(p)))
+
+
+def folder_checkpoint_problem(folder: str, *, hf_fix: str) -> Optional[str]:
+    """Why ``folder`` is not one sharded composer checkpoint (the rest of a sentence naming it, ending with the fix),
+    or None when it is (it holds a DCP ``.metadata``). ``hf_fix`` says what to do with a Hugging Face model folder."""
+    if _is_dcp_folder(folder):
+        return None
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return f"is a Hugging Face model folder, not a composer checkpoint; {hf_fix}"
+    inside = _composer_checkpoints_in(folder)
+    hint = f" (it holds: {', '.join(inside[:5])})" if inside else ""
+    return ("is a folder without .metadata, so not a sharded checkpoint; pass a checkpoint file (.pt) or the folder "
+            f"of one sharded checkpoint (e.g. .../ep0-ba100){hint}")
+
+
 def read_checkpoint(local_path: str) -> dict:
     """A composer checkpoint (whole file or DCP folder) as ``{'state': {'model': {...}, 'callbacks': ...}}``."""
     if os.path.isdir(local_path):
-        if _is_dcp_folder(local_path):
-            return _read_dcp(local_path)
-        if os.path.isfile(os.path.join(local_path, "config.json")):
-            raise CheckpointError(f"{local_path} is a Hugging Face model directory, not a composer checkpoint; "
-                                  "load it with MPTForCausalLM.from_pretrained / load_model (hf_path)")
-        inside = sorted(p.name for p in Path(local_path).iterdir() if p.name.endswith(".pt") or _is_dcp_folder(str(p)))
-        hint = f" (it holds: {', '.join(inside[:5])})" if inside else ""
-        raise CheckpointError(f"{local_path} is a folder without .metadata: not a sharded composer checkpoint; pass "
-                              f"the checkpoint file (.pt) or the folder of one sharded checkpoint (e.g. .../ep0-ba100)"
-                              f"{hint}")
+        problem = folder_checkpoint_problem(local_path, hf_fix="load it with MPTForCausalLM.from_pretrained / "
+                                                               "load_model (hf_path)")
+        if problem:
+            raise CheckpointError(f"{local_path} {problem}")
+        return _read_dcp(local_path)
     try:
         return torch.load(local_path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -427,7 +442,9 @@ def load_model(path: str, *, model_config=None, overrides: Optional[Mapping[str,
     """``(MPTForCausalLM in eval mode, tokenizer name or None)`` from a composer checkpoint or an HF directory.
 
     ``overrides`` are config keys applied on top (e.g. ``{'max_seq_len': 8192, 'attn_config': {'attn_impl':
-    'torch'}}``); only keys that do not change tensor shapes make sense here."""
+    'torch'}}``); only keys that do not change tensor shapes make sense here. A model trained with a GPU-only ``attn_impl``
+    ('triton', 'flash') loaded onto another device runs with 'torch' (the same attention, another kernel; a
+    warning says so) unless ``overrides`` set ``attn_config``."""
     from llmfoundry.models.mpt import MPTForCausalLM
     overrides = dict(overrides or {})
     if is_hf_dir(path):
@@ -437,11 +454,17 @@ def load_model(path: str, *, model_config=None, overrides: Optional[Mapping[str,
                                                **overrides)
         tok = path if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")) \
             else None
-        return model.eval(), tok
-    state_dict, cfg, tok = load_composer_checkpoint(path, model_config)
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    return model_from_state_dict(state_dict, cfg, device=device, dtype=dtype), tok
+    else:
+        state_dict, cfg, tok = load_composer_checkpoint(path, model_config)
+        if overrides:
+            cfg = cfg.replace(**overrides)
+        model = model_from_state_dict(state_dict, cfg, device=device, dtype=dtype)
+    attn = model.config.attn_config
+    if attn.attn_impl in ("triton", "flash") and torch.device(device).type != "cuda" and "attn_config" not in overrides:
+        log.warning(f"{path} was trained with attn_impl '{attn.attn_impl}', which needs a CUDA GPU; running it on "
+                    f"{device} with attn_impl 'torch' (same attention, another kernel)")
+        attn.attn_impl = "torch"
+    return model.eval(), tok
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -460,28 +483,83 @@ def require_tokenizer(name: Optional[str]):
         raise CheckpointError(f"tokenizer '{name}' cannot be loaded: {e}") from e
 
 
+_HF_WEIGHT_SHARD = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+
+
+def _check_hf_output(out_dir: str, overwrite: bool) -> None:
+    """Refuse an ``out_dir`` that is a file or holds composer checkpoints, or (unless ``overwrite``) is not empty."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CheckpointError(f"output {out_dir} is a file; pass a folder for the Hugging Face export")
+    if not os.path.isdir(out_dir):
+        return
+    checkpoints = _composer_checkpoints_in(out_dir)
+    if checkpoints:
+        raise CheckpointError(f"output {out_dir} holds composer checkpoints ({_shown(checkpoints)}); write the "
+                              "Hugging Face export to a folder of its own (--overwrite does not apply here)")
+    names = sorted(os.listdir(out_dir))
+    if names and not overwrite:
+        raise CheckpointError(f"output {out_dir} exists and is not empty (holds {_shown(names)}); pass --overwrite "
+                              "to replace it")
+
+
+def _without_token_type_ids(tok):
+    """``tok`` returning only input_ids and attention_mask, also once saved (transformers' ``generate(**tok(...))``
+    refuses token_type_ids, which MPT does not take)."""
+    tok.model_input_names = ["input_ids", "attention_mask"]
+    tok.init_kwargs["model_input_names"] = list(tok.model_input_names)  # what save_pretrained writes
+    return tok
+
+
+def _write_hf_export(model, tok, out_dir: str) -> None:
+    """Save into a staging folder beside ``out_dir``, then move the files in. Files of ``out_dir`` the export
+    does not write are kept, except old weight files (a stale layout, e.g. a sharded index, would shadow the new)."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out_dir))}.") as stage:
+        model.save_pretrained(stage)
+        tok.save_pretrained(stage)
+        os.makedirs(out_dir, exist_ok=True)
+        for name in os.listdir(out_dir):
+            if name in HF_WEIGHT_FILES or _HF_WEIGHT_SHARD.match(name):
+                os.remove(os.path.join(out_dir, name))
+        for name in os.listdir(stage):
+            os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
+
+
 def convert_composer_to_hf(path: str, out_dir: str, *, tokenizer: Optional[str] = None, model_config=None,
-                           dtype: Union[str, torch.dtype, None] = None) -> str:
+                           dtype: Union[str, torch.dtype, None] = None, overwrite: bool = False) -> str:
     """Write ``config.json``, ``model.safetensors`` and the tokenizer files to ``out_dir``, loadable by
     ``transformers.MptForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``. ``tokenizer``
-    defaults to the one the run trained with (recorded in the checkpoint or its config.yaml)."""
+    defaults to the one the run trained with (recorded in the checkpoint or its config.yaml).
+
+    A non-empty ``out_dir`` is refused unless ``overwrite`` (then the export's files replace theirs, other files
+    stay); a folder holding composer checkpoints is always refused."""
+    _check_hf_output(out_dir, overwrite)
     state_dict, cfg, recorded_tok = load_composer_checkpoint(path, model_config)
     tok = require_tokenizer(tokenizer or recorded_tok)  # before writing anything
     if len(tok) > cfg.vocab_size:
         raise CheckpointError(f"tokenizer '{tokenizer or recorded_tok}' has {len(tok)} tokens but the model's "
                               f"vocab_size is {cfg.vocab_size}; pass the tokenizer the run was trained with")
     model = model_from_state_dict(state_dict, cfg, dtype=dtype)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
+    _write_hf_export(model, _without_token_type_ids(tok), out_dir)
     return out_dir
+
+
+def _require_hf_dir(hf_dir: str) -> None:
+    if not os.path.isdir(hf_dir):
+        what = "is a file" if os.path.exists(hf_dir) else "does not exist"
+        raise CheckpointError(f"Hugging Face model directory {hf_dir} {what}; pass a directory written by "
+                              "save_pretrained")
 
 
 def read_hf_state_dict(hf_dir: str) -> dict[str, torch.Tensor]:
     """The tensors of an HF model directory (safetensors or .bin, single or sharded with an index)."""
+    _require_hf_dir(hf_dir)
     d = Path(hf_dir)
-    if not d.is_dir():
-        raise CheckpointError(f"Hugging Face model directory {hf_dir} does not exist")
     if (d / "model.safetensors").is_file():
         files = [d / "model.safetensors"]
     elif (d / "model.safetensors.index.json").is_file():
@@ -516,6 +594,7 @@ def hf_to_mpt_state_dict(hf_sd: Mapping[str, torch.Tensor], cfg) -> dict[str, to
 
 def hf_config(hf_dir: str):
     from llmfoundry.models.mpt import MPTConfig
+    _require_hf_dir(hf_dir)
     p = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(p):
         raise CheckpointError(f"{hf_dir} has no config.json; pass a directory written by save_pretrained")
@@ -534,36 +613,69 @@ def load_hf_weights(model, hf_dir: str) -> None:
         net.load_state_dict(state_dict, strict=True)
 
 
+def _check_pt_output(path: str, overwrite: bool) -> None:
+    """Refuse a folder as ``path``, and an existing file unless ``overwrite``."""
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        raise CheckpointError(f"output {path} is a folder; pass the path of the .pt file to write")
+    if os.path.lexists(path) and not overwrite:
+        raise CheckpointError(f"output {path} exists; pass --overwrite to replace it")
+
+
+def _save_atomically(obj, path: str) -> None:
+    """``torch.save`` to a temporary file beside ``path``, renamed over it when complete (an interrupted write
+    leaves an existing ``path`` as it was)."""
+    from llmfoundry.models.mpt.hf import follow_umask
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror} ({e.filename}); pass a path in a folder you can "
+                              "write to") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        follow_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def save_composer_weights(state_dict: Mapping[str, torch.Tensor], cfg, path: str,
-                          tokenizer: Optional[str] = None) -> str:
+                          tokenizer: Optional[str] = None, overwrite: bool = False) -> str:
     """A weights-only composer checkpoint of an ``MPTForCausalLM`` state dict: ``load_path`` of a training run
-    with ``load_weights_only: true`` accepts it (it also records the model config, like the trainer's own)."""
+    with ``load_weights_only: true`` accepts it (it also records the model config, like the trainer's own).
+    An existing ``path`` is refused unless ``overwrite``."""
     from llmfoundry.utils.config import to_dict
+    _check_pt_output(path, overwrite)
     ckpt = {"state": {"model": {f"model.{k}": v.contiguous() for k, v in state_dict.items()},
                       "callbacks": {RECORDER_NAME: {"model_config_json": json.dumps(to_dict(cfg)),
                                                     "tokenizer": tokenizer}},
                       "integrations": {}, "metadata": {}}}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(ckpt, path)
+    _save_atomically(ckpt, path)
     return path
 
 
-def convert_hf_to_composer(hf_dir: str, path: str, model_config=None) -> str:
+def convert_hf_to_composer(hf_dir: str, path: str, model_config=None, overwrite: bool = False) -> str:
     """An HF MPT directory as a weights-only composer checkpoint (see ``save_composer_weights``). With
     ``model_config`` (the training run's ``MPTConfig``, a dict or a training YAML path) the weights are checked
-    against it first, so a mismatch is reported here, naming the tensor and both shapes."""
+    against it first, so a mismatch is reported here, naming the tensor and both shapes. An existing ``path``
+    (e.g. a training checkpoint) is refused unless ``overwrite``."""
     cfg = hf_config(hf_dir)
+    _check_pt_output(path, overwrite)  # before reading the weights
     state_dict = hf_to_mpt_state_dict(read_hf_state_dict(hf_dir), cfg)
     check_state_dict(state_dict, cfg, f"Hugging Face weights {hf_dir}")
     if model_config is not None:
         target = _as_config(model_config)[0]
         check_state_dict(hf_to_mpt_state_dict(state_dict, target), target, f"Hugging Face weights {hf_dir}")
     tok = hf_dir if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else None
-    return save_composer_weights(state_dict, cfg, path, tokenizer=tok)
+    return save_composer_weights(state_dict, cfg, path, tokenizer=tok, overwrite=overwrite)
 
 
 __all__ = ["CheckpointError", "ModelConfigRecorder", "fetch_checkpoint", "read_checkpoint",
            "extract_model_state_dict", "load_composer_checkpoint", "check_state_dict", "load_model",
            "model_from_state_dict", "convert_composer_to_hf", "load_hf_weights", "read_hf_state_dict",
            "save_composer_weights", "convert_hf_to_composer", "read_config_file", "to_dtype", "is_hf_dir",
-           "require_tokenizer"]
+           "require_tokenizer", "folder_checkpoint_problem"]

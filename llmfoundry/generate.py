@@ -8,6 +8,10 @@ seeded from ``seed``, so the same seed and batch give the same text.
 Prompts longer than the model's ``max_seq_len`` are refused with a message: an ALiBi model can run longer
 sequences than it was trained on once ``max_seq_len`` is raised (``load_model(..., max_seq_len=N)`` or
 ``scripts/generate.py --max_seq_len N``).
+
+Two mismatches are refused up front with the fix rather than failing (or printing garbage) mid-generation:
+``check_attn_impl`` (a GPU-only ``attn_impl`` -- 'flash', 'triton' -- on a CPU, 'flash' without flash-attn or in
+fp32) and ``check_tokenizer_fits`` (a tokenizer with more tokens than the model's ``vocab_size``).
 """
 from __future__ import annotations
 
@@ -82,6 +86,61 @@ def check_length(model, prompt_len: int, max_new_tokens: int) -> None:
                      f"max_seq_len={limit}; {fix}")
 
 
+def _device_type(device) -> str:
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
+
+
+def _dtype_name(dtype) -> Optional[str]:
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        from llmfoundry.checkpoint import to_dtype
+        dtype = to_dtype(dtype)
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
+def check_attn_impl(attn_impl: Optional[str], device, dtype=None, *, hint: str = "") -> None:
+    """Refuse an ``attn_impl`` that cannot run on ``device`` (a ``torch.device`` or 'cpu' / 'cuda') in ``dtype``.
+
+    'flash' and 'triton' are CUDA kernels; 'flash' also needs the flash-attn package and fp16/bf16. ``hint`` is
+    appended to the message (e.g. where the setting came from). ``None`` / 'torch' / 'flex' always pass."""
+    if attn_impl not in ("flash", "triton"):
+        return
+    if _device_type(device) != "cuda":
+        needs = "a CUDA GPU and the flash-attn package" if attn_impl == "flash" else "a CUDA GPU"
+        raise ValueError(f"attn_impl '{attn_impl}' needs {needs}; use torch or flex on CPU{hint}")
+    import importlib.util
+    if attn_impl == "flash":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("attn_impl 'flash' needs the flash-attn package (pip install 'mpt-forge[flash]'), "
+                             f"which is not installed; use torch, flex or triton{hint}")
+        name = _dtype_name(dtype)
+        if name is not None and name not in ("fp16", "bf16"):
+            raise ValueError(f"attn_impl 'flash' runs in fp16/bf16, not {name}; use bf16 or attn_impl torch, flex "
+                             f"or triton{hint}")
+    elif importlib.util.find_spec("triton") is None:
+        raise ValueError(f"attn_impl 'triton' needs the triton package, which is not installed; use torch or "
+                         f"flex{hint}")
+
+
+def attn_impl_of(model) -> Optional[str]:
+    return getattr(getattr(getattr(model, "config", None), "attn_config", None), "attn_impl", None)
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: Optional[int], name: Optional[str] = None, *,
+                         flag: Optional[str] = None) -> None:
+    """Refuse a tokenizer with more tokens than the model's ``vocab_size``: it can emit ids that have no
+    embedding row. Fewer tokens is fine (vocab sizes are padded, e.g. to a multiple of 64). ``name`` and the
+    option that chose the tokenizer (``flag``, e.g. '--tokenizer') are named in the message."""
+    n = len(tokenizer)
+    if vocab_size is None or n <= vocab_size:
+        return
+    label = f"tokenizer '{name}'" if name else "the tokenizer"
+    raise ValueError(f"{label} has {n} tokens but the model's vocab_size is {vocab_size}, so it can produce ids "
+                     "the model has no embedding for; use the tokenizer the model was trained with (it is stored "
+                     f"with the checkpoint and used by default{': drop ' + flag if flag else ''})")
+
+
 @torch.no_grad()
 def generate_ids(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, pad_token_id: int = 0,
                  eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None
@@ -92,6 +151,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *
                          "(or prepend the tokenizer's BOS/EOS token)")
     check_length(model, max(len(p) for p in prompts), cfg.max_new_tokens)
     device = model_device(model)
+    check_attn_impl(attn_impl_of(model), device, next(model.parameters()).dtype)
     ids, mask = left_pad(prompts, pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
     eos = eos_token_id if cfg.stop_at_eos else None
@@ -112,6 +172,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig
         raise ValueError("no prompts given; pass at least one prompt")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    check_tokenizer_fits(tokenizer, getattr(getattr(model, "config", None), "vocab_size", None))
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
     generator = make_generator(cfg.seed, model_device(model))
@@ -153,4 +214,4 @@ def read_prompts(prompts: Sequence[str] | None = None, prompts_file: str | None 
 
 
 __all__ = ["SamplingConfig", "generate_texts", "generate_ids", "left_pad", "read_prompts", "make_generator",
-           "check_length"]
+           "check_length", "check_attn_impl", "check_tokenizer_fits"]

@@ -6,7 +6,9 @@
 
 CKPT is a whole checkpoint file (.pt), a sharded checkpoint folder (.metadata + __N_0.distcp) or an s3:// path.
 The output loads with ``transformers.MptForCausalLM.from_pretrained(OUT)`` and ``AutoTokenizer.from_pretrained(OUT)``;
-``--verify`` checks that transformers' logits equal ours on a sample text.
+``--verify`` checks that transformers' logits equal ours on a sample text. OUT must be empty or new: with
+``--overwrite`` the export's files replace those of an earlier export (other files stay). A folder holding composer
+checkpoints is always refused.
 """
 import argparse
 import sys
@@ -29,16 +31,19 @@ def verify(out_dir: str, text: str = "def hello(name):\n    return f'hello {name
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="composer checkpoint: .pt file, sharded folder, or s3://...")
-    p.add_argument("out_dir", help="output directory (created)")
+    p.add_argument("out_dir", help="output directory (created; refused when not empty, unless --overwrite)")
     p.add_argument("--tokenizer", default=None, help="default: the tokenizer the run was trained with")
     p.add_argument("--model_config", default=None,
                    help="training YAML / model config, when the checkpoint records none and has no config.yaml")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the saved weights")
     p.add_argument("--verify", action="store_true", help="load with transformers and compare logits")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an existing export in out_dir (never in a folder of checkpoints)")
     args = p.parse_args(argv)
     try:
         out = convert_composer_to_hf(args.checkpoint, args.out_dir, tokenizer=args.tokenizer,
-                                     model_config=args.model_config, dtype=args.dtype)
+                                     model_config=args.model_config, dtype=args.dtype,
+                                     overwrite=args.overwrite)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

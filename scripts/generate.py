@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     import torch
 
     from llmfoundry.checkpoint import CheckpointError, load_model, require_tokenizer
-    from llmfoundry.generate import SamplingConfig, generate_texts, read_prompts
+    from llmfoundry.generate import (SamplingConfig, check_attn_impl, check_tokenizer_fits, generate_texts,
+                                     read_prompts)
 
     try:
         prompts = read_prompts(args.prompts, args.prompts_file)
@@ -46,14 +47,18 @@ def main(argv=None) -> int:
             raise ValueError("--device gpu but no CUDA GPU is visible; use --device auto or cpu")
         on_gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
         dtype = args.dtype if args.dtype != "auto" else ("bf16" if on_gpu else "fp32")
+        device = "cuda" if on_gpu else "cpu"
+        check_attn_impl(args.attn_impl, device, dtype)  # before loading any weights
         overrides = {}
         if args.max_seq_len:
             overrides["max_seq_len"] = args.max_seq_len
         if args.attn_impl:
             overrides["attn_config"] = {"attn_impl": args.attn_impl}
         model, recorded_tok = load_model(args.model, model_config=args.model_config, overrides=overrides,
-                                         device="cuda" if on_gpu else "cpu", dtype=dtype)
+                                         device=device, dtype=dtype)
         tokenizer = require_tokenizer(args.tokenizer or recorded_tok)
+        check_tokenizer_fits(tokenizer, model.config.vocab_size, args.tokenizer or recorded_tok,
+                             flag="--tokenizer" if args.tokenizer else None)
         t0 = time.perf_counter()
         outputs = generate_texts(model, tokenizer, prompts, sampling, batch_size=args.batch_size)
         elapsed = time.perf_counter() - t0

@@ -245,7 +245,7 @@ def test_other_errors(run, tmp_path):
         convert_composer_to_hf(run["recorded"], str(tmp_path / "hf"), tokenizer=str(tmp_path / "no-such-tokenizer"))
     assert not (tmp_path / "hf").exists()  # nothing written on error
     hf_dir = convert_composer_to_hf(run["recorded"], str(tmp_path / "hf2"))
-    with pytest.raises(CheckpointError, match="Hugging Face model directory"):
+    with pytest.raises(CheckpointError, match="Hugging Face model folder"):
         load_composer_checkpoint(hf_dir)
 
 
@@ -304,3 +304,134 @@ def _load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / f"{name}.py"), *args], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_error_line(err: str, *parts: str) -> None:
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for part in parts:
+        assert part in err, err
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def test_hf_to_composer_refuses_to_overwrite_a_checkpoint(run, tmp_path):
+    """The QA data loss: an HF export written over a full training checkpoint (rc 0) is now refused."""
+    hf_dir = convert_composer_to_hf(run["recorded"], str(tmp_path / "hf"))
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    target = ckpts / "ep0-ba2-rank0.pt"
+    shutil.copy(run["whole"], target)
+    before = _snapshot(ckpts)
+    r = _script("convert_hf_to_composer", hf_dir, str(target))
+    assert r.returncode == 1
+    _one_error_line(r.stderr, f"output {target} exists; pass --overwrite to replace it")
+    assert _snapshot(ckpts) == before
+
+    convert = _load_script("convert_hf_to_composer")
+    assert convert.main([hf_dir, str(target), "--overwrite"]) == 0
+    sd, _, _ = load_composer_checkpoint(str(target))  # now the weights-only file
+    _same(sd, run["weights"])
+    assert "rng" not in torch.load(target, map_location="cpu", weights_only=False)
+    assert os.stat(target).st_mode & 0o777 == _umask_mode()
+    assert sorted(os.listdir(ckpts)) == ["ep0-ba2-rank0.pt"]  # no temporary file left behind
+
+
+def test_hf_to_composer_path_errors(run, tmp_path, capsys):
+    hf_dir = convert_composer_to_hf(run["recorded"], str(tmp_path / "hf"))
+    convert = _load_script("convert_hf_to_composer")
+    assert convert.main([str(tmp_path / "hf-nope"), str(tmp_path / "x.pt")]) == 1
+    err = capsys.readouterr().err
+    _one_error_line(err, "hf-nope does not exist")
+    assert "config.json" not in err
+    assert convert.main([str(tmp_path / "hf" / "config.json"), str(tmp_path / "x.pt")]) == 1
+    _one_error_line(capsys.readouterr().err, "config.json is a file")
+    for folder in (str(tmp_path), str(tmp_path / "new") + "/"):  # an existing folder; a new one
+        assert convert.main([hf_dir, folder]) == 1
+        _one_error_line(capsys.readouterr().err, f"output {folder} is a folder")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "afile").write_text("x")
+    assert convert.main([hf_dir, str(tmp_path / "afile" / "x.pt")]) == 1
+    _one_error_line(capsys.readouterr().err, "cannot write")
+    assert convert.main([hf_dir, str(tmp_path / "sub" / "init.pt")]) == 0
+    assert (tmp_path / "sub" / "init.pt").is_file()
+
+
+def test_composer_to_hf_refuses_existing_output(run, tmp_path, capsys):
+    convert = _load_script("convert_composer_to_hf")
+    out = tmp_path / "hf"
+    assert convert.main([run["recorded"], str(out)]) == 0
+    capsys.readouterr()
+    before = _snapshot(out)
+    assert convert.main([run["recorded"], str(out)]) == 1
+    _one_error_line(capsys.readouterr().err, f"output {out} exists", "pass --overwrite to replace it")
+    assert _snapshot(out) == before
+    with pytest.raises(CheckpointError, match="exists and is not empty"):
+        convert_composer_to_hf(run["recorded"], str(out))
+
+    # --overwrite replaces the export's files, drops stale weight files, keeps the rest
+    (out / "README.md").write_text("my notes\n")
+    (out / "pytorch_model.bin").write_bytes(b"stale")
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    (out / "config.json").write_text("{}")
+    assert convert.main([run["recorded"], str(out), "--overwrite"]) == 0
+    assert (out / "README.md").read_text() == "my notes\n"
+    assert sorted(os.listdir(out)) == sorted([*before, "README.md"])
+    assert _snapshot(out) == {**before, "README.md": b"my notes\n"}
+    assert sorted(os.listdir(tmp_path)) == ["hf"]  # no staging folder left behind
+
+    (tmp_path / "afile").write_text("x")
+    assert convert.main([run["recorded"], str(tmp_path / "afile"), "--overwrite"]) == 1
+    _one_error_line(capsys.readouterr().err, "afile is a file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert convert.main([run["recorded"], str(empty)]) == 0  # an empty folder is fine
+
+
+def test_composer_to_hf_never_writes_among_checkpoints(run, tmp_path, capsys):
+    """Not even with --overwrite: a trainer's save folder (*.pt), a sharded checkpoint (.metadata), or a folder
+    holding sharded checkpoints."""
+    ckpt_folder = run["dir"] / "ckpt"  # the trainer's save folder: ep0-ba2-rank0.pt, latest-rank0.pt, config.yaml
+    before = _snapshot(ckpt_folder)
+    r = _script("convert_composer_to_hf", run["recorded"], str(ckpt_folder), "--overwrite")
+    assert r.returncode == 1
+    _one_error_line(r.stderr, f"output {ckpt_folder} holds composer checkpoints", "ep0-ba2-rank0.pt",
+                    "a folder of its own")
+    assert _snapshot(ckpt_folder) == before
+
+    convert = _load_script("convert_composer_to_hf")
+    parent_of_sharded = tmp_path / "sharded-run"
+    shutil.copytree(run["sharded"], parent_of_sharded / "ep0-ba2")
+    for folder, shown in ((Path(run["sharded"]), ".metadata"), (parent_of_sharded, "ep0-ba2")):
+        before = _snapshot(folder)
+        assert convert.main([run["recorded"], str(folder), "--overwrite"]) == 1
+        _one_error_line(capsys.readouterr().err, f"output {folder} holds composer checkpoints", shown)
+        assert _snapshot(folder) == before
+
+
+def test_exported_folder_works_with_transformers_generate(run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = Path(convert_composer_to_hf(run["recorded"], str(tmp_path / "hf")))
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    inputs = tok("def main(", return_tensors="pt")
+    assert set(inputs) == {"input_ids", "attention_mask"}
+    ids = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                         pad_token_id=tok.eos_token_id)
+    assert ids.shape == (1, inputs["input_ids"].shape[1] + 4)
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_input_names"] == ["input_ids",
+                                                                                          "attention_mask"]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == _umask_mode() and set(modes.values()) == {_umask_mode()}, modes

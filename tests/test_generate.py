@@ -151,3 +151,124 @@ def test_gpu_bench_generate_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["impl"] for r in rows} == {"transformers", "ours (torch)"}
     assert all(r["greedy_match"] == "16/16" for r in rows if r["batch"] == 1)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gen_script", REPO / "scripts" / "generate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+@pytest.mark.parametrize("impl,needs", [("triton", "a CUDA GPU"), ("flash", "a CUDA GPU and the flash-attn package")])
+def test_generate_script_gpu_attn_impl_on_cpu_is_one_line_error(tmp_path, capsys, impl, needs):
+    """--attn_impl triton/flash with the CPU as device: refused before any weights are read (the checkpoint path
+    does not even exist), one line, exit 1; the library refuses such a model too, before its first forward."""
+    script = load_script()
+    missing = str(tmp_path / "not-there.pt")
+    assert script.main([missing, "--prompts", "def main(", "--device", "cpu", "--attn_impl", impl]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"error: attn_impl '{impl}' needs {needs}; use torch or flex on CPU"]
+    from llmfoundry.generate import check_attn_impl
+    with pytest.raises(ValueError, match=f"attn_impl '{impl}' needs {needs}; use torch or flex on CPU"):
+        check_attn_impl(impl, torch.device("cpu"))
+    cfg = MPTConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=4096,
+                    attn_config={"attn_impl": impl})
+    with pytest.raises(ValueError, match=f"attn_impl '{impl}' needs"):
+        generate_ids(MPTForCausalLM(cfg).eval(), [[1, 2, 3]], SamplingConfig(max_new_tokens=2))
+
+
+def test_generate_script_checkpoint_with_gpu_attn_impl_on_cpu(tmp_path, model, capsys, caplog):
+    """A checkpoint trained with attn_impl triton, sampled on the CPU: it runs with 'torch' (a warning says so)
+    and gives the same greedy tokens as the model it came from; --attn_impl flex is taken as asked."""
+    path = save_composer_weights(model.state_dict(), model.config.replace(attn_config={"attn_impl": "triton"}),
+                                 str(tmp_path / "w.pt"), tokenizer="bundled")
+    loaded, _ = load_model(path, device="cpu")
+    assert loaded.config.attn_config.attn_impl == "torch"
+    cfg = SamplingConfig(max_new_tokens=4, temperature=0.0)
+    assert generate_ids(loaded, [[5, 6, 7]], cfg) == generate_ids(model, [[5, 6, 7]], cfg)
+    script = load_script()
+    args = [path, "--prompts", "def main(", "--max_new_tokens", "3", "--device", "cpu"]
+    caplog.clear()
+    assert script.main(args) == 0
+    assert capsys.readouterr().out.count("### completion") == 1
+    assert "trained with attn_impl 'triton', which needs a CUDA GPU; running it on cpu with attn_impl 'torch'" \
+        in caplog.text
+    caplog.clear()
+    assert script.main(args + ["--attn_impl", "flex"]) == 0
+    assert capsys.readouterr().out.count("### completion") == 1 and "attn_impl 'torch'" not in caplog.text
+
+
+def test_check_attn_impl_on_cuda_device():
+    """The CUDA side of the check, from the packages installed here (no GPU needed: it only names the device)."""
+    from llmfoundry.generate import check_attn_impl
+    for impl in (None, "torch", "flex"):
+        check_attn_impl(impl, "cpu")
+        check_attn_impl(impl, "cuda", "fp32")
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    has_triton = importlib.util.find_spec("triton") is not None
+    if has_flash:
+        check_attn_impl("flash", "cuda", "bf16")
+        with pytest.raises(ValueError, match="attn_impl 'flash' runs in fp16/bf16, not fp32"):
+            check_attn_impl("flash", torch.device("cuda"), torch.float32)
+    else:
+        with pytest.raises(ValueError, match="needs the flash-attn package"):
+            check_attn_impl("flash", "cuda", "bf16")
+    if has_triton:
+        check_attn_impl("triton", "cuda", "fp32")
+    else:
+        with pytest.raises(ValueError, match="needs the triton package"):
+            check_attn_impl("triton", "cuda", "fp32")
+
+
+def corpus_texts() -> list[str]:
+    import json
+    import os
+
+    from llmfoundry.data import BUNDLED_CORPUS
+    with open(os.path.join(BUNDLED_CORPUS, "python_reference.jsonl"), encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f if line.strip()]
+    code = Path(BUNDLED_CORPUS) / "code"
+    return texts + [p.read_text(encoding="utf-8") for p in sorted(code.glob("*.py"))]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dirs(tmp_path_factory) -> dict[int, str]:
+    """Real BPE tokenizers trained on the bundled corpus, one larger (6000) and one smaller (1000) than the
+    model's vocab_size of 4096, saved as directories that --tokenizer accepts."""
+    from llmfoundry.data.tokenizer import train_bpe_tokenizer
+    texts = corpus_texts()
+    out = {}
+    for size in (6000, 1000):
+        d = tmp_path_factory.mktemp(f"tok{size}")
+        tok = train_bpe_tokenizer(texts, vocab_size=size)
+        assert len(tok) == size
+        tok.save_pretrained(str(d))
+        out[size] = str(d)
+    return out
+
+
+def test_generate_script_refuses_tokenizer_bigger_than_vocab(tmp_path, model, tok, capsys, tokenizer_dirs):
+    """A 6000-token tokenizer on a 4096-vocab model: it does produce ids past the embedding, and the script says
+    so in one line naming both sizes and the fix; a 1000-token tokenizer (fewer than vocab_size) is fine."""
+    from llmfoundry.data.tokenizer import load_tokenizer
+    big = load_tokenizer(tokenizer_dirs[6000])
+    # the mismatch is real: ordinary text encodes to ids the model has no embedding row for
+    assert max(big(corpus_texts()[0])["input_ids"]) >= 4096
+    path = save_composer_weights(model.state_dict(), model.config, str(tmp_path / "w.pt"), tokenizer="bundled")
+    script = load_script()
+    args = [path, "--prompts", PROMPTS[1], "--max_new_tokens", "3", "--device", "cpu"]
+    assert script.main(args + ["--tokenizer", tokenizer_dirs[6000]]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and not captured.out, captured
+    assert lines[0].startswith(f"error: tokenizer '{tokenizer_dirs[6000]}' has 6000 tokens but the model's "
+                               "vocab_size is 4096")
+    assert "use the tokenizer the model was trained with" in lines[0] and "drop --tokenizer" in lines[0]
+    with pytest.raises(ValueError, match="has 6000 tokens but the model's vocab_size is 4096"):
+        generate_texts(model, big, ["x"], SamplingConfig(max_new_tokens=2))
+
+    assert script.main(args + ["--tokenizer", tokenizer_dirs[1000]]) == 0  # smaller: the vocab is padded, fine
+    assert capsys.readouterr().out.count("### completion") == 1
+    assert script.main(args) == 0  # default: the tokenizer recorded with the checkpoint (bundled, 4096)
+    assert capsys.readouterr().out.count("### completion") == 1

@@ -178,17 +178,11 @@ def load_path_problem(path: str) -> str | None:
     import zipfile
     where = f"load_path = {path!r}"
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, ".metadata")):
-            return None
-        if os.path.isfile(os.path.join(path, "config.json")):
-            return (f"{where} is a Hugging Face model folder, not a composer checkpoint; convert it first "
-                    f"(python scripts/convert_hf_to_composer.py {path} init.pt) and set load_path=init.pt "
-                    f"load_weights_only=true")
-        inside = sorted(n for n in os.listdir(path) if n.endswith(".pt")
-                        or os.path.isfile(os.path.join(path, n, ".metadata")))
-        hint = f" (it holds: {', '.join(inside[:5])})" if inside else ""
-        return (f"{where} is a folder without .metadata, so not a sharded checkpoint; pass a checkpoint file "
-                f"(.pt) or the folder of one sharded checkpoint (e.g. .../ep0-ba100){hint}")
+        from llmfoundry.checkpoint import folder_checkpoint_problem
+        hf_fix = (f"convert it first (python scripts/convert_hf_to_composer.py {path} init.pt) and set "
+                  "load_path=init.pt load_weights_only=true")
+        problem = folder_checkpoint_problem(path, hf_fix=hf_fix)
+        return f"{where} {problem}" if problem else None
     if os.path.isfile(path) and not path.endswith(_COMPRESSED) and not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             legacy = f.read(1) == b"\x80"  # torch's pre-zip format is a pickle stream

@@ -166,6 +166,20 @@ def hf_export_problems(cfg: MPTConfig) -> list[str]:
     return p
 
 
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode a plain ``open(path, 'w')`` would (0666 less the umask): safetensors and
+    ``tempfile`` create their files 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def _save_safetensors(tensors: Mapping[str, torch.Tensor], file: Path) -> None:
+    from safetensors.torch import save_file
+    save_file(dict(tensors), str(file), metadata={"format": "pt"})
+    follow_umask(file)
+
+
 def save_hf(cfg: MPTConfig, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
             strict_hf: bool = True, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write ``config.json`` + safetensors weights (sharded above ``max_shard_bytes``) to ``path``.
@@ -179,7 +193,6 @@ def save_hf(cfg: MPTConfig, state_dict: Mapping[str, torch.Tensor], path: str | 
             raise ValueError("cannot export to transformers' MptForCausalLM, which lacks: " + "; ".join(problems)
                              + ". Change the config, or save_pretrained(path, strict_hf=False) to write a "
                              "directory only MPTForCausalLM.from_pretrained can read")
-    from safetensors.torch import save_file
     sd = {}
     for k, v in state_dict.items():
         if cfg.tie_word_embeddings and k == "lm_head.weight":
@@ -203,12 +216,12 @@ def save_hf(cfg: MPTConfig, state_dict: Mapping[str, torch.Tensor], path: str | 
         cur[k], size = sd[k], size + n
     shards.append(cur)
     if len(shards) == 1:
-        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+        _save_safetensors(shards[0], path / "model.safetensors")
         return
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / name), metadata={"format": "pt"})
+        _save_safetensors(shard, path / name)
         for k, v in shard.items():
             weight_map[k] = name
             total += v.numel() * v.element_size()
