@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from llmfoundry.data import BUNDLED_CORPUS, BUNDLED_MDS, DataError
-from llmfoundry.data.convert import ConvertConfig, Packer, convert, pack, run_cli
+from llmfoundry.data.convert import ConvertConfig, Packer, convert, pack, processes_note, run_cli
 from llmfoundry.data.readers import (HFDataset, JsonFiles, ParquetFiles, TextFiles, TextList, bundled_documents,
                                      find_files, iter_documents)
 
@@ -157,16 +157,38 @@ def test_hf_converter_on_a_saved_dataset_and_on_local_json(tmp_path, tok):
 # ---------------------------------------------------------------------------------------- processes and s3
 
 
-def test_two_processes_give_the_same_samples_and_one_merged_index(tmp_path):
+def test_two_processes_give_the_same_samples_and_one_merged_index(tmp_path, capsys):
     source = JsonFiles((PROSE,), block_bytes=64 << 10)  # 8 byte-range slices of one file
     assert len(source.units()) == 8
     one = convert(source, cfg(tmp_path / "one"))
     two = convert(source, cfg(tmp_path / "two", processes=2))
+    assert "note:" not in capsys.readouterr().err  # as many processes as asked for: nothing to explain
     assert one.documents == two.documents == 79 and one.samples == two.samples
     assert one.dropped_tokens == two.dropped_tokens and two.processes == 2 and two.shards == 3
     assert one.cpu_seconds > 0 and two.cpu_seconds > 0 and one.tokens_per_second > 0
     assert sorted(os.listdir(tmp_path / "two")) == ["index.json", "part-00000", "part-00001", "part-tail"]
     assert as_multiset(read_mds(tmp_path / "one")) == as_multiset(read_mds(tmp_path / "two"))
+
+
+def test_one_input_file_says_how_many_processes_are_used_and_why(tmp_path, capsys):
+    """--processes 8 on one small JSON Lines file (one slice): one process, and one line on stderr saying so."""
+    out = tmp_path / "eight"
+    run_cli(lambda: load_script("convert_dataset_json").main([PROSE, "--out_root", str(out), "--concat_tokens",
+                                                              "128", "--processes", "8", "--no_progress"]))
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["note: 1 input file: using 1 process, not --processes 8 (a process converts whole slices: a file, "
+                   "16 MiB of JSON Lines, a parquet row group or a dataset shard); split the corpus into more files "
+                   "to convert in parallel"], err
+    assert sorted(os.listdir(out)) == ["index.json", "shard.00000.mds.zstd"]  # written by this one process
+    alone = convert(JsonFiles((PROSE,)), cfg(tmp_path / "one"))
+    assert read_mds(out) and np.array_equal(np.stack(read_mds(out)), np.stack(read_mds(tmp_path / "one")))
+    assert alone.processes == 1 and "note:" not in capsys.readouterr().err
+    # one file cut into slices, and several files
+    assert processes_note(JsonFiles((PROSE,), block_bytes=64 << 10).units(), 16, 8).startswith(
+        "note: 1 input file in 8 slices: using 8 processes, not --processes 16 (")
+    code = find_files([CODE])[:3]
+    assert processes_note(TextFiles(tuple(code)).units(), 4, 3).startswith("note: 3 input files: using 3 processes,")
+    assert processes_note(TextList(("a", "b")).units(), 2, 1).startswith("note: the input is 1 slice: using 1 ")
 
 
 def test_s3_out_root(tmp_path, s3_bucket):

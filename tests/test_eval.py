@@ -318,3 +318,38 @@ def test_results_path_checked_before_evaluating(ckpt, tmp_path, capsys):
     assert "| eval |" not in captured.out
     with pytest.raises(ConfigError, match="is a directory"):
         evaluate(load_eval_config(str(EVAL_TINY), [f"load_path={ckpt}", f"results_path={tmp_path}"]))
+
+
+# ------------------------------------------------------------------------------------------- null means none
+def test_null_means_none_for_eval_loaders_and_icl_tasks(tmp_path):
+    base = load_eval_config(str(EVAL_TINY))
+    cfg = load_eval_config(str(EVAL_TINY), ["icl_tasks=null", "model_overrides=null"])
+    assert cfg.icl_tasks == [] and cfg.model_overrides == {} and cfg.eval_loaders == base.eval_loaders
+    cfg = load_eval_config(str(EVAL_TINY), ["eval_loaders=null"])
+    assert cfg.eval_loaders == {} and cfg.icl_tasks == base.icl_tasks
+    # one entry: indexes are the YAML's, whatever else is left out
+    cfg = load_eval_config(str(EVAL_TINY), ["eval_loaders.val=null", "icl_tasks.1=null", "icl_tasks.3=null"])
+    assert cfg.eval_loaders == {} and [t.label for t in cfg.icl_tasks] == ["lambada_tiny", "hellaswag_tiny", "arc_tiny"]
+    # a key left empty in the YAML itself is null too
+    text = EVAL_TINY.read_text()
+    yaml = tmp_path / "no_icl.yaml"
+    yaml.write_text(text[:text.index("icl_tasks:")] + "icl_tasks:\nresults_path: null\n")
+    assert load_eval_config(str(yaml)).icl_tasks == []
+    for overrides in (["icl_tasks=null", "eval_loaders=null"], ["icl_tasks=[]", "eval_loaders.val=null"]):
+        with pytest.raises(ConfigError) as e:
+            load_eval_config(str(EVAL_TINY), overrides)
+        assert "nothing to evaluate: 'eval_loaders' and 'icl_tasks' are both empty or null" in str(e.value)
+        assert "\n" not in str(e.value)
+
+
+def test_eval_cli_with_icl_tasks_null_runs_perplexity_only(ckpt, tmp_path, capsys):
+    out = tmp_path / "res.json"
+    assert main([str(EVAL_TINY), f"load_path={ckpt}", "icl_tasks=null", "eval_subset_num_batches=1",
+                 "eval_loaders.val.max_seq_len=128", f"results_path={out}"]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["icl"] == [] and saved["perplexity"]["val"]["tokens"] == 16 * 127
+    assert "| val | - | perplexity |" in capsys.readouterr().out
+    for yaml in (EVAL_TINY, REPO / "yamls" / "eval" / "mpt-7b.yaml"):  # refused before anything is loaded
+        assert main([str(yaml), "icl_tasks=null", "eval_loaders=null"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: EvalConfig: nothing to evaluate") and err.count("\n") == 1, err

@@ -470,3 +470,25 @@ def test_tiny_storywriter_yaml_runs_at_4x_length(tmp_path):
 def _tiny_cpu_model_config(**overrides):
     from llmfoundry.train import load_config
     return load_config(str(REPO / "yamls/tiny-cpu.yaml")).model.replace(**overrides)
+
+
+@pytest.mark.parametrize("name, data", [("tiny-instruct-cpu", "instruct"), ("tiny-chat-cpu", "chat")])
+def test_tiny_finetune_yaml_comments_match_the_bundled_data(name, data, tok):
+    """The counts stated in the comments (examples, held out, rows, batches per epoch, batches in all)."""
+    import re
+
+    yaml = REPO / "yamls" / "finetune" / f"{name}.yaml"
+    text = re.sub(r"\n#\s*", " ", yaml.read_text())  # comment lines joined
+    cfg = _trainer_accepts_finetune_yaml(str(yaml), ["load_path=null"])
+    train, val = (build_finetune_dataset(c, tok) for c in (cfg.train_loader, cfg.eval_loader))
+    n_train, n_val = (int(x) for x in re.search(r"(\d+) [\w -]+? to train on, (\d+) more held out", text).groups())
+    assert (n_train, n_val) == (train.num_examples, val.num_examples)
+    assert (n_train, n_val) == tuple(len(open(f"{BUNDLED_FINETUNE}/{data}_{s}.jsonl").readlines())
+                                     for s in ("train", "val"))
+    examples, rows = (int(x) for x in re.search(r"(\d+) \w+ -> (\d+) rows", text).groups())
+    assert (examples, rows) == (train.num_examples, len(train))
+    assert int(re.search(r"about (\d+) \w+ each", text).group(1)) == round(train.num_examples / len(train))
+    epochs, per_epoch, total = (int(x) for x in re.search(
+        r"max_duration: (\d+)ep +# (\d+) batches per epoch \(\d+ rows // \d+; (\d+) batches in all\)", text).groups())
+    assert cfg.train_loader.drop_last and per_epoch == len(train) // cfg.global_train_batch_size
+    assert total == epochs * per_epoch and str(cfg.max_duration) == f"{epochs}ep"

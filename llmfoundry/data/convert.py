@@ -8,6 +8,8 @@ Work is split by *units* (see ``readers``): each unit is packed on its own and i
 tail) is collected; at the end the tails are concatenated in unit order and packed too. So the only tokens
 dropped are one final partial sample, and the set of samples is the same for any ``processes``.
 
+Processes take whole units, so ``processes`` is capped at the number of units; when that cap lowers it, one
+line on stderr says so (e.g. one small JSON Lines file is one unit: the cut never depends on ``processes``).
 With ``processes > 1`` each process writes its own sub-folder ``part-NNNNN/`` (and the tails go to
 ``part-tail/``), then one ``index.json`` at ``out_root`` lists them all. ``out_root`` may be an ``s3://`` URL
 (the endpoint comes from ``S3_ENDPOINT_URL``); shards upload as they are written.
@@ -29,7 +31,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from llmfoundry.data import DataError
-from llmfoundry.data.readers import Source, Unit
+from llmfoundry.data.readers import BLOCK_BYTES, Source, Unit
 
 COLUMNS = {"tokens": "ndarray:int32"}
 TAIL_PART = "part-tail"
@@ -416,6 +418,19 @@ def _write_in_processes(source: Source, units: list[Unit], cfg: ConvertConfig, p
     return parts, rest
 
 
+def processes_note(units: Sequence[Unit], requested: int, used: int) -> str:
+    """The line printed when the input has fewer units than ``--processes``: what the input is, and the fix."""
+    paths = list(dict.fromkeys(u.path for u in units))
+    if all(os.path.isfile(p) for p in paths):
+        what = f"{len(paths)} input file{'s' * (len(paths) != 1)}"
+        what += f" in {len(units)} slices" if len(units) != len(paths) else ""
+    else:
+        what = f"the input is {len(units)} slice{'s' * (len(units) != 1)}"
+    return (f"note: {what}: using {used} process{'es' * (used != 1)}, not --processes {requested} (a process "
+            f"converts whole slices: a file, {BLOCK_BYTES >> 20} MiB of JSON Lines, a parquet row group or a "
+            f"dataset shard); split the corpus into more files to convert in parallel")
+
+
 def convert(source: Source, cfg: ConvertConfig) -> ConvertSummary:
     """Convert every document of ``source`` into MDS shards at ``cfg.out_root``; print and return a summary.
 
@@ -440,6 +455,8 @@ def convert(source: Source, cfg: ConvertConfig) -> ConvertSummary:
         raise DataError(f"the inputs are empty{shown}; nothing was converted and --out_root was left as it is")
     _prepare_output(cfg, units)
     processes = max(1, min(cfg.processes, len(units)))
+    if processes < cfg.processes:
+        print(processes_note(units, cfg.processes, processes), file=sys.stderr)
     update, close = _progress(cfg.progress)
     try:
         if processes == 1:

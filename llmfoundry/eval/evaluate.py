@@ -18,6 +18,10 @@ YAML keys (``EvalConfig``):
 ``icl_tasks``               list of ``ICLTaskConfig`` (``llmfoundry/eval/icl.py``)
 ``results_path``            JSON file with every number (null = do not write)
 ==========================  =========================================================================================
+
+``null`` means none for ``eval_loaders``, ``icl_tasks``, ``model_overrides`` and ``variables``
+(``icl_tasks=null`` evaluates perplexity only), and leaves out one entry: ``eval_loaders.val=null``,
+``icl_tasks.0=null``. With no loader and no task left, the config is refused ("nothing to evaluate").
 """
 from __future__ import annotations
 
@@ -71,7 +75,8 @@ class EvalConfig:
         if self.eval_subset_num_batches is not None and self.eval_subset_num_batches < 1:
             raise ValueError("'eval_subset_num_batches' must be >= 1 or null (all batches)")
         if not self.eval_loaders and not self.icl_tasks:
-            raise ValueError("nothing to evaluate: add 'eval_loaders' (perplexity) and/or 'icl_tasks'")
+            raise ValueError("nothing to evaluate: 'eval_loaders' and 'icl_tasks' are both empty or null; give "
+                             "eval_loaders (perplexity) and/or icl_tasks")
         labels = [t.label for t in self.icl_tasks]
         dup = {x for x in labels if labels.count(x) > 1}
         if dup:
@@ -86,14 +91,33 @@ def _register_resolvers() -> None:
         pass
 
 
+NULL_IS_EMPTY = ("eval_loaders", "icl_tasks", "model_overrides", "variables")  # null means none
+NULL_ENTRY_LEFT_OUT = ("eval_loaders", "icl_tasks")  # eval_loaders.val=null, icl_tasks.0=null: leave that one out
+
+
+def null_as_empty(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with null list/mapping keys made empty and null eval_loaders / icl_tasks entries left out."""
+    data = dict(data)
+    for key in NULL_IS_EMPTY:
+        if key in data and data[key] is None:
+            data[key] = [] if key == "icl_tasks" else {}
+    for key in NULL_ENTRY_LEFT_OUT:
+        value = data.get(key)
+        if isinstance(value, list):
+            data[key] = [v for v in value if v is not None]
+        elif isinstance(value, dict):
+            data[key] = {k: v for k, v in value.items() if v is not None}
+    return data
+
+
 def load_eval_config(yaml_path: Optional[str], overrides: Optional[list[str]] = None) -> EvalConfig:
     """Read the YAML, apply ``key=value`` overrides (``icl_tasks.0.path=x`` indexes the list), resolve ``${...}``,
-    convert strictly. Every mistake is a one-line ``ConfigError``."""
+    take null as none (``null_as_empty``), convert strictly. Every mistake is a one-line ``ConfigError``."""
     from llmfoundry.utils.config import load_yaml_with_overrides
 
     _register_resolvers()
     data = load_yaml_with_overrides(yaml_path or None, overrides, example="load_path=ckpt.pt")
-    return from_dict(EvalConfig, data)
+    return from_dict(EvalConfig, null_as_empty(data))
 
 
 def resolve_device_precision(device: str, precision: str) -> tuple[str, str]:
