@@ -33,6 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+WINDOW = 5  # SpeedMonitor's window (batches): the throughput is logged from batch WINDOW + 1 on
+
 # per-GPU micro-batches that fit an H200 (141 GB) with the recipes' settings (1b: 70 GB at 16)
 MICRO_BATCH = {"125m": 16, "350m": 16, "760m": 16, "1b": 16, "3b": 8, "7b": 4, "13b": 2, "30b": 1}
 METRIC = re.compile(r"(throughput/device/[a-z_]+|memory/peak_allocated_mem|memory/peak_reserved_mem)"
@@ -82,7 +84,7 @@ def overrides_for(model: str, attn: str, gpus: int, steps: int, data: Path, extr
                   variant: str = "base", accum: int = 1, mb: int | None = None) -> list[str]:
     mb = mb or MICRO_BATCH[model]
     return [*timing_overrides(data, attn, steps, mb, mb * accum * gpus, f"bench-{model}-{attn}-{variant}-{gpus}gpu",
-                              window=5, peak_tflops=989.0, log_interval=5), *extra]
+                              window=WINDOW, peak_tflops=989.0, log_interval=WINDOW), *extra]
 
 
 def split_env(items: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -217,6 +219,9 @@ def main(argv=None) -> None:
                         "triton on 4 GPUs (runs needing more GPUs than this machine has are skipped, and said so)")
     p.add_argument("extra", nargs="*", help="more key=value overrides for every run (e.g. compile_config={})")
     args = p.parse_args(argv)
+    if args.steps <= WINDOW:
+        p.error(f"--steps {args.steps}: give at least {WINDOW + 1}; the throughput is the SpeedMonitor's "
+                f"{WINDOW}-batch window, logged once that many batches follow the first")
 
     variants = [(v.split(":", 1)[0].strip(), v.split(":", 1)[1].split() if ":" in v else [])
                 for v in (args.variant or ["base:"])]

@@ -108,6 +108,9 @@ def test_run_name_defaults(monkeypatch, tmp_path):
     (["optimizer.lr=[1,2"], ["optimizer.lr=[1,2", "cannot parse the value"]),
     (["optimizer..lr=1"], ["optimizer..lr", "key path"]),
     (["=1"], ["key=value"]),
+    (["fsdp={}", "fsdp.activation_checkpointing_blocks=1"], ["activation_checkpointing_blocks", "needs"]),
+    (["fsdp={activation_checkpointing: true}", "fsdp.activation_checkpointing_blocks=-1"], [">= 0"]),
+    (["fsdp={activation_checkpointing: true, activation_checkpointing_blocks: 9}"], ["n_layers"]),
 ])
 def test_bad_config_names_the_key(overrides, needles):
     with pytest.raises(ConfigError) as e:

@@ -249,6 +249,31 @@ def test_wrap_and_checkpoint_fns():
     assert not m.fsdp_wrap_fn(m.transformer) and not m.activation_checkpointing_fn(m.transformer.wte)
 
 
+def test_checkpoint_only_the_first_blocks():
+    """fsdp.activation_checkpointing_blocks=1 on 3 blocks, through the function composer's FSDP2 path applies: block 0
+    is recomputed in backward, blocks 1-2 are not, and the gradients equal those of the model without it."""
+    from composer.distributed.activation_checkpointing import apply_ac, generate_composer_model_check_fn
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from llmfoundry.train.composer_model import ComposerMPT
+    cfg = MPTConfig(d_model=32, n_heads=4, n_layers=3, max_seq_len=16, vocab_size=64)
+    torch.manual_seed(0)
+    plain = ComposerMPT(cfg)
+    torch.manual_seed(0)
+    ac = ComposerMPT(cfg, checkpoint_blocks=1)
+    apply_ac(ac, activation_checkpointing=True, activation_cpu_offload=False,
+             check_fn=generate_composer_model_check_fn(ac))
+    assert [isinstance(b, CheckpointWrapper) for b in ac.model.transformer.blocks] == [True, False, False]
+    batch = {"input_ids": torch.randint(0, 64, (2, 16))}
+    batch["labels"] = batch["input_ids"]
+    for m in (plain, ac):
+        m.train()
+        m.loss(m(batch), batch).backward()
+    grads = {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in ac.named_parameters()}
+    for n, p in plain.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad)
+
+
 # -------------------------------------------------------------------------------------------------- init
 
 def composer_style_meta_init(meta_model: MPTForCausalLM, device="cpu"):

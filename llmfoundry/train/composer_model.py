@@ -44,10 +44,11 @@ class ComposerMPT(ComposerModel):
     materializes them shard by shard with the model's ``param_init_fn`` (GPU only).
     """
 
-    def __init__(self, config: MPTConfig, train_metrics: bool = False):
+    def __init__(self, config: MPTConfig, train_metrics: bool = False, checkpoint_blocks: int | None = None):
         super().__init__()
         self.config = config
         self.model = MPTForCausalLM(config)
+        self.model.checkpoint_blocks = checkpoint_blocks  # fsdp.activation_checkpointing_blocks (None: every block)
         # plain dicts: metrics must not become children (see module docstring). Composer computes train metrics
         # from full logits on every micro-batch; without them training never materializes the fp32 logits.
         self.train_metrics = _metrics() if train_metrics else {}

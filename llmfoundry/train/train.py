@@ -225,7 +225,9 @@ def build_trainer(cfg: TrainConfig):
 
     reproducibility.seed_all(cfg.seed)  # same initial weights on every rank
     _check_init_device(cfg, device)
-    model = ComposerMPT(cfg.model, train_metrics=cfg.train_metrics)  # MPTForCausalLM creates the weights on cfg.model.init_device
+    # MPTForCausalLM creates the weights on cfg.model.init_device
+    model = ComposerMPT(cfg.model, train_metrics=cfg.train_metrics,
+                        checkpoint_blocks=cfg.fsdp.activation_checkpointing_blocks if cfg.fsdp else None)
     optimizer = builders.build_optimizer(cfg.optimizer, model.parameters())
 
     train_loader = _build_loader(cfg, cfg.train_loader, device_batch, tokenizer, eos_for_sequence_id)

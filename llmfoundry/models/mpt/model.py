@@ -47,8 +47,9 @@ class MPTMLP(nn.Module):
 class MPTBlock(nn.Module):
     """Pre-norm block: x + drop(attn(norm_1(x))), then + drop(ffn(norm_2(x)))."""
 
-    def __init__(self, cfg: MPTConfig):
+    def __init__(self, cfg: MPTConfig, index: int = 0):
         super().__init__()
+        self.index = index  # position in the stack (activation_checkpointing_fn; FSDP1 wraps the list's items)
         self.norm_1 = build_norm(cfg.norm_type, cfg.d_model, cfg.norm_eps, bias=not cfg.no_bias)
         self.attn = MPTAttention(cfg)
         self.norm_2 = build_norm(cfg.norm_type, cfg.d_model, cfg.norm_eps, bias=not cfg.no_bias)
@@ -85,7 +86,7 @@ class MPTModel(nn.Module):
         if cfg.learned_pos_emb:
             self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.emb_drop = nn.Dropout(cfg.emb_pdrop)
-        self.blocks = nn.ModuleList([MPTBlock(cfg) for _ in range(cfg.n_layers)])
+        self.blocks = nn.ModuleList([MPTBlock(cfg, i) for i in range(cfg.n_layers)])
         self.norm_f = build_norm(cfg.norm_type, cfg.d_model, cfg.norm_eps, bias=not cfg.no_bias)
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
@@ -136,6 +137,7 @@ class MPTForCausalLM(nn.Module):
         if not isinstance(config, MPTConfig):
             config = MPTConfig.from_dict(config)
         self.config = config
+        self.checkpoint_blocks: Optional[int] = None  # set by the trainer from fsdp.activation_checkpointing_blocks
         with torch.device("meta"):  # build without memory, then materialize once and run MPT's init
             self.transformer = MPTModel(config)
             if not config.tie_word_embeddings:
@@ -186,7 +188,10 @@ class MPTForCausalLM(nn.Module):
         return isinstance(module, MPTBlock)
 
     def activation_checkpointing_fn(self, module: nn.Module) -> bool:
-        return isinstance(module, MPTBlock)
+        """Recompute a block in backward: every block, or the first ``checkpoint_blocks`` of them when set."""
+        if not isinstance(module, MPTBlock):
+            return False
+        return self.checkpoint_blocks is None or module.index < self.checkpoint_blocks
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
