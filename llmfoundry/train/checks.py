@@ -124,6 +124,34 @@ def _existing_parent(path: str) -> str:
     return path
 
 
+def missing_folders(folder: str | None) -> list[str]:
+    """The levels of a local ``folder`` that do not exist yet, deepest first: what this process would create
+    (``remove_empty_folders`` takes them back after a failed start). Empty for remote folders and on local ranks
+    other than 0 (one process per machine tidies up)."""
+    from composer.utils import dist
+    if not folder or is_remote(folder) or dist.get_local_rank() != 0:
+        return []
+    missing, path = [], os.path.abspath(folder)
+    while not os.path.lexists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def remove_empty_folders(folders: list[str]) -> None:
+    """Remove each of ``folders`` (deepest first) that exists and is empty; stops at the first that is not."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except FileNotFoundError:
+            continue
+        except OSError:  # not empty (a checkpoint, a file of another process) or not a folder: keep it and above
+            return
+
+
 def check_free_disk(save_folder: str, needed: int) -> str | None:
     """None when the filesystem holding ``save_folder`` (or, for remote folders, the local staging dir) has
     ``needed`` bytes free; else a message."""

@@ -21,7 +21,10 @@ each node holds one full copy of the sharded model and nodes exchange gradients 
 
 Steps of ``build_trainer``: resolve device/precision -> start torch.distributed -> log the resolved config ->
 check batch sizes, object stores and disk -> tokenizer -> ``ComposerMPT`` -> optimizer -> loaders ->
-``composer.Trainer`` (FSDP wrap, checkpoint load / autoresume). ``train`` then calls ``fit``.
+``composer.Trainer`` (FSDP wrap, checkpoint load / autoresume) -> what ``resume.py`` adds across launches (the
+config copy written at the first batch, a warning when a resume changes the batch shape, checkpoint pruning that
+counts earlier launches). ``train`` then calls ``fit``. A launch that fails before training leaves nothing new in
+the save folder (nor an empty save folder it created).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import sys
 import torch
 
 from llmfoundry.checkpoint import ModelConfigRecorder
-from llmfoundry.train import builders, checks
+from llmfoundry.train import builders, checks, resume
 from llmfoundry.train.checks import TrainError
 from llmfoundry.train.composer_model import ComposerMPT
 from llmfoundry.train.config import TrainConfig, config_to_yaml, load_config
@@ -110,8 +113,7 @@ def _local_checkpoint(cfg: TrainConfig, loaded: str | None = None) -> str | None
     """The local checkpoint (file or sharded folder) composer loads or loaded, for shape checks and messages."""
     candidates = [loaded] if loaded else []
     if cfg.autoresume and cfg.save_folder and not checks.is_remote(cfg.save_folder):
-        folder = cfg.save_folder.replace("{run_name}", cfg.run_name or "")
-        candidates.append(os.path.join(folder, "latest-rank0.pt"))
+        candidates.append(os.path.join(resume.save_dir(cfg), "latest-rank0.pt"))
     if cfg.load_path and not checks.is_remote(cfg.load_path):
         candidates.append(cfg.load_path.replace("{rank}", "0").replace("{run_name}", cfg.run_name or ""))
     for path in candidates:
@@ -127,7 +129,7 @@ def _check_loaded_shapes(cfg: TrainConfig, model_shapes: dict, checkpoint: str |
     if problem:
         raise TrainError(checks.mismatch_message(checkpoint, problem, _model_description(cfg))) from error
     if error is not None and checks.is_shape_mismatch(error):
-        where = checkpoint or cfg.load_path or f"the latest checkpoint in {cfg.save_folder}"
+        where = checkpoint or cfg.load_path or f"the latest checkpoint in {resume.save_dir(cfg)}"
         raise TrainError(checks.shape_mismatch_message(error, where, _model_description(cfg))) from error
 
 
@@ -151,12 +153,12 @@ def _resume_point(cfg: TrainConfig, sharded: bool) -> tuple[str | None, bool, bo
     from composer.utils import dist
     found = [None]
     if dist.get_global_rank() == 0:
-        found[0] = checks.latest_s3_checkpoint(cfg.save_folder.replace("{run_name}", cfg.run_name or ""))
+        found[0] = checks.latest_s3_checkpoint(resume.save_dir(cfg))
     dist.broadcast_object_list(found)
     if found[0]:
         log.info("autoresume: continuing from %s", found[0])
         return found[0], False, False
-    log.info("autoresume: no checkpoint in %s yet; starting %s", cfg.save_folder,
+    log.info("autoresume: no checkpoint in %s yet; starting %s", resume.save_dir(cfg),
              f"from load_path {cfg.load_path}" if cfg.load_path else "from scratch")
     return cfg.load_path, cfg.load_weights_only, False
 
@@ -184,7 +186,18 @@ def _build_loader(cfg: TrainConfig, loader_cfg, batch_size: int, tokenizer, eos_
 
 
 def build_trainer(cfg: TrainConfig):
-    """Everything up to (not including) ``fit``: see the module docstring for the steps."""
+    """Everything up to (not including) ``fit``: see the module docstring for the steps. When it fails, the save
+    folder levels it created (composer creates the save folder when the Trainer is built) are removed again if
+    they are still empty."""
+    created = checks.missing_folders(resume.save_dir(cfg))
+    try:
+        return _build_trainer(cfg)
+    except BaseException:
+        checks.remove_empty_folders(created)
+        raise
+
+
+def _build_trainer(cfg: TrainConfig):
     from composer import Trainer
     from composer.core import Evaluator
     from composer.utils import dist, reproducibility
@@ -238,10 +251,11 @@ def build_trainer(cfg: TrainConfig):
         evaluators.append(Evaluator(label="eval", dataloader=eval_loader,
                                     metric_names=list(model.get_metrics(is_train=False))))
 
-    callbacks = builders.build_callbacks(cfg.callbacks, on_gpu=device == "gpu", save_folder=cfg.save_folder and
-                                         cfg.save_folder.replace("{run_name}", cfg.run_name or ""))
+    callbacks = builders.build_callbacks(cfg.callbacks, on_gpu=device == "gpu", save_folder=resume.save_dir(cfg))
     # the model config and tokenizer travel inside every checkpoint (s3 ones too): eval/export need nothing else
     callbacks.append(ModelConfigRecorder(cfg.model, cfg.tokenizer))
+    shape_recorder = resume.BatchShapeRecorder(cfg)
+    callbacks.append(shape_recorder)
     hparams = to_dict(cfg)
     loggers = builders.build_loggers(cfg.loggers, cfg.run_name, hparams)
     parallelism = builders.build_parallelism(cfg.fsdp, world_size, dist.get_local_world_size())
@@ -290,7 +304,14 @@ def build_trainer(cfg: TrainConfig):
             _check_loaded_shapes(cfg, model_shapes, _local_checkpoint(cfg), error=e)
         raise
     if trainer.state.load_path is not None:  # composer may load some mismatches non-strictly: check them all
-        _check_loaded_shapes(cfg, model_shapes, _local_checkpoint(cfg, trainer.state.load_path))
+        loaded = _local_checkpoint(cfg, trainer.state.load_path)
+        _check_loaded_shapes(cfg, model_shapes, loaded)
+        if dist.get_global_rank() == 0:
+            resume.warn_batch_shape_changes(cfg, shape_recorder.previous, trainer.state, loaded or trainer.state.load_path)
+        earlier = resume.earlier_checkpoints(cfg, trainer, sharded)
+        if earlier:  # after composer's CheckpointSaver, so that it runs after each save
+            trainer.state.callbacks.append(resume.PruneEarlierCheckpoints(trainer, earlier, cfg.save_num_checkpoints_to_keep))
+    trainer.state.callbacks.append(resume.ConfigCopy(cfg))  # added after the load: it keeps no state to restore
 
     peak = builders.peak_flops_used(callbacks)
     if peak:
@@ -302,34 +323,15 @@ def build_trainer(cfg: TrainConfig):
     # the full config went to the log above and to wandb's run config; record what was resolved at run time
     trainer.logger.log_hyperparameters({"mfu_peak_flops_per_device": peak or 0, "resolved_device": device,
                                         "resolved_precision": precision, "world_size": world_size})
-    _save_config_copy(cfg)
     return trainer
 
 
 def _save_conflict_message(cfg: TrainConfig, e: FileExistsError) -> str:
-    return (f"save_folder {cfg.save_folder!r} already holds checkpoints of a run ({e}). Fix: set autoresume: true to "
-            f"continue that run, save_overwrite: true to overwrite it, or pick another save_folder / run_name")
-
-
-def _save_config_copy(cfg: TrainConfig) -> None:
-    """Write the resolved config next to the checkpoints (local save folders, rank 0): ``config.yaml``, or a
-    time-stamped name when an earlier launch left a different one (nothing is overwritten)."""
-    import time
-
-    from composer.utils import dist
-    if not cfg.save_folder or checks.is_remote(cfg.save_folder) or dist.get_global_rank() != 0:
-        return
-    folder = cfg.save_folder.replace("{run_name}", cfg.run_name or "")
-    os.makedirs(folder, exist_ok=True)
-    text = config_to_yaml(cfg)
-    path = os.path.join(folder, "config.yaml")
-    if os.path.exists(path):
-        with open(path) as f:
-            if f.read() == text:
-                return
-        path = os.path.join(folder, f"config-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
-    with open(path, "w") as f:
-        f.write(text)
+    # composer's text: "<file> may conflict with a future checkpoint of the current run.Please delete that file, ..."
+    conflict = str(e).split(" may conflict with")[0].strip()
+    found = f" (e.g. {conflict})" if conflict and conflict != str(e).strip() else f" ({e})"
+    return (f"save_folder {resume.save_dir(cfg)} already holds checkpoints of another run{found}. Fix: set autoresume: "
+            f"true to continue that run, save_overwrite: true to overwrite it, or pick another save_folder / run_name")
 
 
 def _already_complete(trainer, cfg: TrainConfig) -> bool:
@@ -355,7 +357,17 @@ def _already_complete(trainer, cfg: TrainConfig) -> bool:
 
 def train(cfg: TrainConfig):
     """Build the trainer and train to ``max_duration``; returns the ``Trainer`` (call ``.close()`` when done).
-    A run launched again after it finished returns at once (autoresume finds it complete)."""
+    A run launched again after it finished returns at once (autoresume finds it complete). A run that fails
+    leaves no empty save folder it created behind (the config copy is only written once training starts)."""
+    created = checks.missing_folders(resume.save_dir(cfg))
+    try:
+        return _train(cfg)
+    except BaseException:
+        checks.remove_empty_folders(created)
+        raise
+
+
+def _train(cfg: TrainConfig):
     trainer = build_trainer(cfg)
     if _already_complete(trainer, cfg):
         return trainer
@@ -366,8 +378,7 @@ def train(cfg: TrainConfig):
     except Exception as e:
         if checks.is_no_space(e):
             needed = checks.checkpoint_bytes(cfg.model.num_params(), cfg.optimizer.name, cfg.save_weights_only)
-            raise TrainError(checks.no_space_message(
-                cfg.save_folder and cfg.save_folder.replace("{run_name}", cfg.run_name or ""), needed)) from e
+            raise TrainError(checks.no_space_message(resume.save_dir(cfg), needed)) from e
         raise
     return trainer
 

@@ -1,0 +1,162 @@
+"""What a run keeps in its save folder across launches, and reads back when it resumes.
+
+- ``ConfigCopy``: the resolved config as ``config.yaml`` next to the checkpoints, written when the first batch
+  starts (a launch that fails before training leaves none); a changed config gets a time-stamped copy.
+- ``BatchShapeRecorder`` + ``warn_batch_shape_changes``: ``global_train_batch_size`` and ``max_seq_len`` travel in
+  every checkpoint; a resume with other values gets one warning line per value (the run goes on).
+- ``earlier_checkpoints`` + ``PruneEarlierCheckpoints``: ``save_num_checkpoints_to_keep`` also counts the
+  checkpoints earlier launches of the run wrote (composer prunes only its own process's).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from composer.core import Callback
+
+from llmfoundry.train import checks
+from llmfoundry.train.config import TrainConfig, config_to_yaml
+
+log = logging.getLogger(__name__)
+
+
+def save_dir(cfg: TrainConfig) -> str | None:
+    """``save_folder`` with ``{run_name}`` filled in: the folder composer writes to (None when not saving)."""
+    return cfg.save_folder.replace("{run_name}", cfg.run_name or "") if cfg.save_folder else None
+
+
+class ConfigCopy(Callback):
+    """Writes the config copy (``save_config_copy``) when this process's first batch starts: a launch that stops
+    before training (a config, data or checkpoint error, a save-folder conflict) leaves no config file behind."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.written = False
+
+    def batch_start(self, state, logger) -> None:
+        if not self.written:
+            self.written = True
+            save_config_copy(self.cfg)
+
+
+def save_config_copy(cfg: TrainConfig) -> None:
+    """Write the resolved config next to the checkpoints (local save folders, rank 0): ``config.yaml``, or a
+    time-stamped name when an earlier launch left a different one (nothing is overwritten)."""
+    import time
+
+    from composer.utils import dist
+    if not cfg.save_folder or checks.is_remote(cfg.save_folder) or dist.get_global_rank() != 0:
+        return
+    folder = save_dir(cfg)
+    os.makedirs(folder, exist_ok=True)
+    text = config_to_yaml(cfg)
+    path = os.path.join(folder, "config.yaml")
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+        path = os.path.join(folder, f"config-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+    with open(path, "w") as f:
+        f.write(text)
+
+
+class BatchShapeRecorder(Callback):
+    """Records ``global_train_batch_size`` and ``train_loader.max_seq_len`` in every checkpoint; after a resume,
+    ``previous`` holds those of the run that wrote the loaded checkpoint (None on a fresh start, or for a
+    checkpoint written before this record existed).
+
+    The checkpoint, not the newest ``config-*.yaml`` next to it, is the source of the previous values: the record
+    belongs to exactly the checkpoint composer resumed (whole file or sharded, local or ``s3://``), whereas config
+    copies are local only, are written only when the config changed (so the newest one need not be the last
+    launch's), and can be edited or deleted by hand."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.current = {"global_train_batch_size": cfg.global_train_batch_size,
+                        "max_seq_len": cfg.train_loader.max_seq_len}
+        self.previous: dict | None = None
+
+    def state_dict(self) -> dict:
+        return dict(self.current)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.previous = dict(state)
+
+
+def warn_batch_shape_changes(cfg: TrainConfig, previous: dict | None, state, where: str) -> None:
+    """One warning line per training shape that differs from the resumed run's (the run goes on)."""
+    from llmfoundry.data.finetune import FinetuneLoaderConfig
+    previous = previous or {}
+    old, new = previous.get("global_train_batch_size"), cfg.global_train_batch_size
+    batch, sample = int(state.timestamp.batch), int(state.timestamp.sample)
+    if old and old != new:
+        if isinstance(cfg.train_loader, FinetuneLoaderConfig):  # composer skips batches of the new size
+            skipped, seen = int(state.timestamp.batch_in_epoch) * new, int(state.timestamp.sample_in_epoch)
+            data = (f"the data resumes after {skipped} samples of this epoch, not the {seen} already seen (this "
+                    f"loader's position is counted in batches)")
+        else:
+            data = f"the data continues at sample {sample} (the streaming loader's position is counted in samples)"
+        log.warning("global_train_batch_size is %d but the run resumed from %s (batch %d, sample %d) trained with %d: "
+                    "%s, while max_duration, the LR schedule and the save/eval intervals count batches, so each "
+                    "remaining batch takes %d samples instead of %d. Set global_train_batch_size=%d to continue the "
+                    "run as it was", new, where, batch, sample, old, data, new, old, old)
+    old, new = previous.get("max_seq_len"), cfg.train_loader.max_seq_len
+    if old and old != new:
+        log.warning("train_loader.max_seq_len is %d but the run resumed from %s trained with %d: each sample now "
+                    "has %d tokens instead of %d, so token counts (and any duration or schedule in tok) change; the "
+                    "data position is kept. Set train_loader.max_seq_len=%d to continue the run as it was",
+                    new, where, old, new, old, old)
+
+
+def earlier_checkpoints(cfg: TrainConfig, trainer, sharded: bool) -> list[str]:
+    """Whole-file checkpoints in the local save folder that earlier launches of this run wrote, oldest first, up
+    to the resumed one: composer's CheckpointSaver records every checkpoint the run saved inside each checkpoint.
+    Only on rank 0 (the one that writes whole-file checkpoints) and only when ``save_num_checkpoints_to_keep`` >= 1;
+    files elsewhere (another run's folder) are never listed."""
+    from composer.callbacks import CheckpointSaver
+    from composer.utils import dist
+    folder = save_dir(cfg)
+    if (not folder or checks.is_remote(folder) or sharded or cfg.save_num_checkpoints_to_keep < 1
+            or dist.get_global_rank() != 0):
+        return []
+    savers = [cb for cb in trainer.state.callbacks if isinstance(cb, CheckpointSaver)]
+    if not savers:
+        return []
+    here, resumed_at = os.path.realpath(folder), int(trainer.state.timestamp.batch)
+    found = [(int(ts.batch), path) for path, ts in savers[0].all_saved_checkpoints_to_timestamp.items()
+             if int(ts.batch) <= resumed_at and os.path.isfile(path) and not os.path.islink(path)
+             and os.path.dirname(os.path.realpath(path)) == here]
+    return [path for _, path in sorted(found)]
+
+
+class PruneEarlierCheckpoints(Callback):
+    """``save_num_checkpoints_to_keep`` over the checkpoints of earlier launches of this run too (composer prunes
+    only those its own process wrote): once this process has saved a checkpoint, the oldest earlier ones beyond
+    the limit are deleted. Appended after composer's CheckpointSaver, so it runs right after each save; the
+    checkpoint resumed from stays until a newer one exists."""
+
+    def __init__(self, trainer, earlier: list[str], keep: int):
+        self.trainer, self.earlier, self.keep = trainer, list(earlier), keep
+
+    def _prune(self) -> None:
+        written = [os.path.realpath(p) for p in self.trainer.saved_checkpoints]
+        excess = len(self.earlier) + len(written) - self.keep
+        if not written or excess <= 0:
+            return
+        for path in self.earlier[:excess]:
+            if os.path.realpath(path) not in written:
+                try:
+                    os.remove(path)
+                    log.info("save_num_checkpoints_to_keep=%d: removed %s (written by an earlier launch of this run)",
+                             self.keep, path)
+                except FileNotFoundError:
+                    pass
+        self.earlier = self.earlier[excess:]
+
+    def batch_checkpoint(self, state, logger) -> None:
+        self._prune()
+
+    def epoch_checkpoint(self, state, logger) -> None:
+        self._prune()
+
+    def iteration_checkpoint(self, state, logger) -> None:
+        self._prune()
