@@ -109,8 +109,11 @@ def test_nonfinite_loss_stops_every_rank(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp2_on_cpu_sharded_checkpoint_and_autoresume(tmp_path):
-    """FSDP2 over gloo (no GPU needed): sharded checkpoints (one file per rank) and autoresume from them."""
-    args = [TINY, *fast(tmp_path / "ck"), "fsdp.version=2", "fsdp.mixed_precision=FULL"]
+    """FSDP2 over gloo (no GPU needed): sharded checkpoints (one file per rank) and autoresume from them; with
+    save_num_checkpoints_to_keep=1 the resumed launch removes the earlier launch's checkpoint folder once it has
+    saved its own."""
+    args = [TINY, *fast(tmp_path / "ck"), "fsdp.version=2", "fsdp.mixed_precision=FULL",
+            "save_num_checkpoints_to_keep=1"]
     first = launch(2, [*args, "max_duration=3ba"], tmp_path / "logs-1")
     assert first.returncode == 0, explain(first, tmp_path / "logs-1")
     shards = sorted(os.listdir(tmp_path / "ck" / "ep0-ba3"))
@@ -121,6 +124,7 @@ def test_fsdp2_on_cpu_sharded_checkpoint_and_autoresume(tmp_path):
     assert "Autoresuming training from checkpoint" in out and f"[batch={N}/{N}]" in out
     assert "[batch=3/" not in out  # batches 1-3 were not trained again
     assert (tmp_path / "ck" / f"ep0-ba{N}" / ".metadata").exists()
+    assert not (tmp_path / "ck" / "ep0-ba3").exists()
 
 
 # ------------------------------------------------------------------------------------------------ GPU (lead runs)

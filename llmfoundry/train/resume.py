@@ -107,49 +107,62 @@ def warn_batch_shape_changes(cfg: TrainConfig, previous: dict | None, state, whe
                     new, where, old, new, old, old)
 
 
+def _checkpoint_unit(path: str, sharded: bool) -> str:
+    """What one checkpoint is on disk: the file, or for sharded checkpoints the folder of its ranks' files."""
+    return os.path.dirname(path) if sharded else path
+
+
 def earlier_checkpoints(cfg: TrainConfig, trainer, sharded: bool) -> list[str]:
-    """Whole-file checkpoints in the local save folder that earlier launches of this run wrote, oldest first, up
-    to the resumed one: composer's CheckpointSaver records every checkpoint the run saved inside each checkpoint.
-    Only on rank 0 (the one that writes whole-file checkpoints) and only when ``save_num_checkpoints_to_keep`` >= 1;
-    files elsewhere (another run's folder) are never listed."""
+    """Checkpoints in the local save folder that earlier launches of this run wrote, oldest first, up to the resumed
+    one: whole-file checkpoints, or sharded checkpoint folders (``.metadata`` + one file per rank). Composer's
+    CheckpointSaver records every checkpoint the run saved inside each checkpoint. Only on rank 0 (which prunes, as
+    composer does) and only when ``save_num_checkpoints_to_keep`` >= 1; anything outside the run's save folder is
+    never listed."""
     from composer.callbacks import CheckpointSaver
     from composer.utils import dist
     folder = save_dir(cfg)
-    if (not folder or checks.is_remote(folder) or sharded or cfg.save_num_checkpoints_to_keep < 1
+    if (not folder or checks.is_remote(folder) or cfg.save_num_checkpoints_to_keep < 1
             or dist.get_global_rank() != 0):
         return []
     savers = [cb for cb in trainer.state.callbacks if isinstance(cb, CheckpointSaver)]
     if not savers:
         return []
     here, resumed_at = os.path.realpath(folder), int(trainer.state.timestamp.batch)
-    found = [(int(ts.batch), path) for path, ts in savers[0].all_saved_checkpoints_to_timestamp.items()
-             if int(ts.batch) <= resumed_at and os.path.isfile(path) and not os.path.islink(path)
-             and os.path.dirname(os.path.realpath(path)) == here]
-    return [path for _, path in sorted(found)]
+    found = {}
+    for path, ts in savers[0].all_saved_checkpoints_to_timestamp.items():
+        unit = _checkpoint_unit(path, sharded)
+        exists = (os.path.isfile(os.path.join(unit, ".metadata")) if sharded else os.path.isfile(unit))
+        if (int(ts.batch) <= resumed_at and exists and not os.path.islink(unit)
+                and os.path.dirname(os.path.realpath(unit)) == here):
+            found[unit] = int(ts.batch)
+    return sorted(found, key=found.get)
 
 
 class PruneEarlierCheckpoints(Callback):
     """``save_num_checkpoints_to_keep`` over the checkpoints of earlier launches of this run too (composer prunes
     only those its own process wrote): once this process has saved a checkpoint, the oldest earlier ones beyond
-    the limit are deleted. Appended after composer's CheckpointSaver, so it runs right after each save; the
-    checkpoint resumed from stays until a newer one exists."""
+    the limit are deleted (files, or sharded folders). Appended after composer's CheckpointSaver, so it runs right
+    after each save; the checkpoint resumed from stays until a newer one exists."""
 
-    def __init__(self, trainer, earlier: list[str], keep: int):
-        self.trainer, self.earlier, self.keep = trainer, list(earlier), keep
+    def __init__(self, trainer, earlier: list[str], keep: int, sharded: bool = False):
+        self.trainer, self.earlier, self.keep, self.sharded = trainer, list(earlier), keep, sharded
 
     def _prune(self) -> None:
-        written = [os.path.realpath(p) for p in self.trainer.saved_checkpoints]
+        import shutil
+        written = list(dict.fromkeys(os.path.realpath(_checkpoint_unit(p, self.sharded))
+                                     for p in self.trainer.saved_checkpoints))
         excess = len(self.earlier) + len(written) - self.keep
         if not written or excess <= 0:
             return
         for path in self.earlier[:excess]:
-            if os.path.realpath(path) not in written:
-                try:
-                    os.remove(path)
-                    log.info("save_num_checkpoints_to_keep=%d: removed %s (written by an earlier launch of this run)",
-                             self.keep, path)
-                except FileNotFoundError:
-                    pass
+            if os.path.realpath(path) in written:
+                continue
+            try:
+                shutil.rmtree(path) if self.sharded else os.remove(path)
+                log.info("save_num_checkpoints_to_keep=%d: removed %s (written by an earlier launch of this run)",
+                         self.keep, path)
+            except FileNotFoundError:
+                pass
         self.earlier = self.earlier[excess:]
 
     def batch_checkpoint(self, state, logger) -> None:

@@ -307,10 +307,12 @@ def _build_trainer(cfg: TrainConfig):
         loaded = _local_checkpoint(cfg, trainer.state.load_path)
         _check_loaded_shapes(cfg, model_shapes, loaded)
         if dist.get_global_rank() == 0:
-            resume.warn_batch_shape_changes(cfg, shape_recorder.previous, trainer.state, loaded or trainer.state.load_path)
+            resume.warn_batch_shape_changes(cfg, shape_recorder.previous, trainer.state,
+                                            loaded or trainer.state.load_path)
         earlier = resume.earlier_checkpoints(cfg, trainer, sharded)
         if earlier:  # after composer's CheckpointSaver, so that it runs after each save
-            trainer.state.callbacks.append(resume.PruneEarlierCheckpoints(trainer, earlier, cfg.save_num_checkpoints_to_keep))
+            keep = cfg.save_num_checkpoints_to_keep
+            trainer.state.callbacks.append(resume.PruneEarlierCheckpoints(trainer, earlier, keep, sharded))
     trainer.state.callbacks.append(resume.ConfigCopy(cfg))  # added after the load: it keeps no state to restore
 
     peak = builders.peak_flops_used(callbacks)
