@@ -355,7 +355,8 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], cfg, source: str = 
     """Raise ``CheckpointError`` naming the tensor and both shapes when ``state_dict`` does not fit ``cfg``."""
     expected = expected_shapes(cfg)
     fix = ("the weights were made with a different model config: pass the config of the run that wrote them "
-           "(--model_config path/to/train.yaml) or correct the model keys")
+           "(--model_config path/to/train.yaml; in an eval config, model_config=path/to/train.yaml) or correct the "
+           "model keys")
     for k, shape in expected.items():
         if k in state_dict and tuple(state_dict[k].shape) != shape:
             raise CheckpointError(f"{source}: tensor '{k}' has shape {tuple(state_dict[k].shape)}, but the model "
@@ -398,7 +399,8 @@ def load_composer_checkpoint(path: str, model_config=None) -> tuple[dict[str, to
         tokenizer = tokenizer or stored_tok or side_tok
     if cfg is None:
         raise CheckpointError(f"checkpoint {path} records no model config and there is no config.yaml next to it; "
-                              "pass the training YAML of the run (--model_config path/to/train.yaml)")
+                              "pass the training YAML of the run (--model_config path/to/train.yaml; in an eval "
+                              "config, model_config=path/to/train.yaml)")
     log.info("model config for %s from %s", path, source)
     check_state_dict(state_dict, cfg, f"checkpoint {path}")
     return state_dict, cfg, tokenizer
@@ -506,11 +508,13 @@ def _check_hf_output(out_dir: str, overwrite: bool) -> None:
                               "to replace it")
 
 
-def _without_token_type_ids(tok):
-    """``tok`` returning only input_ids and attention_mask, also once saved (transformers' ``generate(**tok(...))``
-    refuses token_type_ids, which MPT does not take)."""
+def _tokenizer_for_export(tok, max_seq_len: int):
+    """``tok`` as the export saves it: only input_ids and attention_mask (transformers' ``generate(**tok(...))``
+    refuses token_type_ids, which MPT does not take), and ``model_max_length`` = the model's ``max_seq_len`` (as
+    mosaicml/mpt-7b's tokenizer has) instead of transformers' 'no limit' placeholder."""
     tok.model_input_names = ["input_ids", "attention_mask"]
-    tok.init_kwargs["model_input_names"] = list(tok.model_input_names)  # what save_pretrained writes
+    tok.model_max_length = max_seq_len
+    tok.init_kwargs.update(model_input_names=list(tok.model_input_names), model_max_length=max_seq_len)
     return tok
 
 
@@ -545,7 +549,7 @@ def convert_composer_to_hf(path: str, out_dir: str, *, tokenizer: Optional[str] 
         raise CheckpointError(f"tokenizer '{tokenizer or recorded_tok}' has {len(tok)} tokens but the model's "
                               f"vocab_size is {cfg.vocab_size}; pass the tokenizer the run was trained with")
     model = model_from_state_dict(state_dict, cfg, dtype=dtype)
-    _write_hf_export(model, _without_token_type_ids(tok), out_dir)
+    _write_hf_export(model, _tokenizer_for_export(tok, cfg.max_seq_len), out_dir)
     return out_dir
 
 

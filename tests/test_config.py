@@ -416,6 +416,9 @@ def test_config_file_errors_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="cannot parse config file") as e:
         load_config(tmp_path / "bad.yaml")
     assert "\n" not in str(e.value)
+    (tmp_path / "indent.yaml").write_text("a: 1\nb:\n  c: 2\n   d: 3\n")  # a mis-indented key: where it is
+    with pytest.raises(ConfigError, match="indent.yaml' at line 4, column 5: mapping values are not allowed"):
+        load_config(tmp_path / "indent.yaml")
 
 
 def test_train_cli_bad_list_index_is_one_line(capsys):
@@ -424,6 +427,9 @@ def test_train_cli_bad_list_index_is_one_line(capsys):
     err = capsys.readouterr().err
     assert "error: config key 'optimizer.betas.5': the list has 2 items (0..1)" in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert main([str(TINY), "max_duration"]) == 1  # an override without '='
+    err = capsys.readouterr().err
+    assert err.startswith("error: command-line override 'max_duration' must look like key=value"), err
 
 
 def test_loader_raises_only_config_errors(tmp_path):

@@ -433,5 +433,6 @@ def test_exported_folder_works_with_transformers_generate(run, tmp_path):
     assert ids.shape == (1, inputs["input_ids"].shape[1] + 4)
     assert json.loads((out / "tokenizer_config.json").read_text())["model_input_names"] == ["input_ids",
                                                                                           "attention_mask"]
+    assert tok.model_max_length == model.config.max_seq_len == run["cfg"].model.max_seq_len
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert modes["model.safetensors"] == _umask_mode() and set(modes.values()) == {_umask_mode()}, modes

@@ -118,12 +118,16 @@ def test_resume_with_another_batch_shape_warns(tmp_path):
     assert (f"WARNING: llmfoundry.train.resume: global_train_batch_size is 8 but the run resumed from {folder}/"
             f"ep0-ba4-rank0.pt (batch 4, sample 16) trained with 4: the data continues at sample 16") in warnings[0]
     assert "the LR schedule" in warnings[0] and "Set global_train_batch_size=4 to continue" in warnings[0]
+    assert (f"max_duration is 6ba but the run resumed from {folder}/ep0-ba4-rank0.pt (batch 4) was scheduled for "
+            "4ba: scheduler.t_max is a fraction of max_duration, so the cosine schedule is recomputed over 6ba") in out
+    assert "set scheduler.t_max=4ba" in out
     state = torch.load(folder / "ep0-ba6-rank0.pt", map_location="cpu", weights_only=False)["state"]
     assert state["dataset_state"]["train"]["sample_in_epoch"] == 16 + 2 * 8  # no sample skipped or repeated
 
     out = ok(run_cli([TINY, *fast(folder), "global_train_batch_size=8", "device_train_microbatch_size=4",
                       "max_duration=7ba", "variables.seq_len=128"]))
     assert "global_train_batch_size is" not in out  # resumed from a checkpoint of the 8-sample run
+    assert "max_duration is 7ba but the run resumed" in out
     assert (f"train_loader.max_seq_len is 128 but the run resumed from {folder}/ep0-ba6-rank0.pt trained with 256"
             in out)
 

@@ -61,7 +61,7 @@ def save_config_copy(cfg: TrainConfig) -> None:
 
 
 class BatchShapeRecorder(Callback):
-    """Records ``global_train_batch_size`` and ``train_loader.max_seq_len`` in every checkpoint; after a resume,
+    """Records ``global_train_batch_size``, ``train_loader.max_seq_len`` and ``max_duration`` in every checkpoint; after a resume,
     ``previous`` holds those of the run that wrote the loaded checkpoint (None on a fresh start, or for a
     checkpoint written before this record existed).
 
@@ -72,7 +72,7 @@ class BatchShapeRecorder(Callback):
 
     def __init__(self, cfg: TrainConfig):
         self.current = {"global_train_batch_size": cfg.global_train_batch_size,
-                        "max_seq_len": cfg.train_loader.max_seq_len}
+                        "max_seq_len": cfg.train_loader.max_seq_len, "max_duration": str(cfg.max_duration)}
         self.previous: dict | None = None
 
     def state_dict(self) -> dict:
@@ -80,6 +80,23 @@ class BatchShapeRecorder(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.previous = dict(state)
+
+
+def _warn_schedule_stretch(cfg: TrainConfig, old: str | None, batch: int, where: str) -> None:
+    """A resume with another ``max_duration`` moves the end of a schedule measured in ``dur``: say so once."""
+    sched = cfg.scheduler
+    in_dur = [k for k in ("t_warmup", "t_max") if str(getattr(sched, k)).endswith("dur")]
+    if not old or old == str(cfg.max_duration) or sched.name == "constant" or not in_dur:
+        return
+    fix = "set scheduler.t_warmup in batches"
+    if "t_max" in in_dur:
+        from composer.core import Time
+        end = Time.from_timestring(old)
+        fix = f"set scheduler.t_max={round(end.value * float(str(sched.t_max)[:-3]))}{end.unit.value}"
+    log.warning("max_duration is %s but the run resumed from %s (batch %d) was scheduled for %s: scheduler.%s is a "
+                "fraction of max_duration, so the %s schedule is recomputed over %s and the learning rate jumps "
+                "to that schedule's value at batch %d instead of continuing the old one. To keep the old schedule, "
+                "%s", cfg.max_duration, where, batch, old, "/".join(in_dur), sched.name, cfg.max_duration, batch, fix)
 
 
 def warn_batch_shape_changes(cfg: TrainConfig, previous: dict | None, state, where: str) -> None:
@@ -99,6 +116,7 @@ def warn_batch_shape_changes(cfg: TrainConfig, previous: dict | None, state, whe
                     "%s, while max_duration, the LR schedule and the save/eval intervals count batches, so each "
                     "remaining batch takes %d samples instead of %d. Set global_train_batch_size=%d to continue the "
                     "run as it was", new, where, batch, sample, old, data, new, old, old)
+    _warn_schedule_stretch(cfg, previous.get("max_duration"), batch, where)
     old, new = previous.get("max_seq_len"), cfg.train_loader.max_seq_len
     if old and old != new:
         log.warning("train_loader.max_seq_len is %d but the run resumed from %s trained with %d: each sample now "

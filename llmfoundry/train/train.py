@@ -395,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE + "\n\n" + (__doc__ or ""))
         return 0
     paths = [a for a in argv if "=" not in a]
+    if len(paths) > 1 and paths[0].endswith((".yaml", ".yml")):  # CONFIG.yaml then a word without '='
+        print(f"error: command-line override {paths[1]!r} must look like key=value, e.g. optimizer.lr=1e-4\n{USAGE}",
+              file=sys.stderr)
+        return 1
     if len(paths) != 1:
         print(f"error: expected one config file, got {paths or 'none'}\n{USAGE}", file=sys.stderr)
         return 2

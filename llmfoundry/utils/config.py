@@ -145,6 +145,12 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _yaml_position(e: BaseException) -> str:
+    """' at line L, column C' of a YAML syntax error (1-based, as editors count), else ''."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
 def _split_key(key: str) -> list[str]:
     """``'a.b.0.c'`` / ``'a.b[0].c'`` -> ``['a', 'b', '0', 'c']`` (omegaconf's own key syntax)."""
     try:
@@ -282,7 +288,7 @@ def load_yaml_with_overrides(yaml_path: Any, overrides: list[str] | None = None,
     except OSError as e:
         raise ConfigError(f"cannot read config file {name!r}: {e.strerror or e}") from None
     except Exception as e:  # YAML syntax errors, omegaconf errors
-        raise ConfigError(f"cannot parse config file {name!r}: {_first_line(e)}") from None
+        raise ConfigError(f"cannot parse config file {name!r}{_yaml_position(e)}: {_first_line(e)}") from None
     if not OmegaConf.is_dict(cfg):
         raise ConfigError(f"config file {name!r} must be a mapping of keys at the top level")
     apply_overrides(cfg, overrides)
