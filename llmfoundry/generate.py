@@ -79,8 +79,10 @@ def check_length(model, prompt_len: int, max_new_tokens: int) -> None:
         return
     cfg = model.config
     alibi = getattr(getattr(cfg, "attn_config", None), "alibi", False)
+    room = limit - prompt_len
+    shorter = f", or lower max_new_tokens to {room}" if room > 0 else ""
     fix = (f"raise max_seq_len to at least {prompt_len + max_new_tokens} (--max_seq_len; this ALiBi model runs "
-           "past its training length)" if alibi else
+           f"past its training length){shorter}" if alibi else
            "shorten the prompt or max_new_tokens (a model with learned position embeddings cannot run longer)")
     raise ValueError(f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
                      f"max_seq_len={limit}; {fix}")

@@ -6,8 +6,10 @@ import gzip
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -204,6 +206,62 @@ def test_s3_out_root(tmp_path, s3_bucket):
     assert len(read_mds(tmp_path / "cache2", remote=out)) == small.samples < remote.samples
     with pytest.raises(DataError, match="bucket 'no-such-bucket' of --out_root s3://no-such-bucket/x does not exist"):
         convert(source, cfg("s3://no-such-bucket/x"))
+
+
+
+def _convert_to_s3_env(tmp_path, env: dict[str, str], out: str = "s3://my-bucket/mds/x/train"):
+    """data_prep/convert_text_to_mds.py to ``out`` in a fresh process with ``env`` instead of any AWS settings."""
+    (tmp_path / "in").mkdir(exist_ok=True)
+    (tmp_path / "in" / "a.txt").write_text("some text " * 200)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "S3_ENDPOINT_URL"}
+    base.update(AWS_EC2_METADATA_DISABLED="true", AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_CONFIG_FILE=os.devnull)
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "data_prep/convert_text_to_mds.py", str(tmp_path / "in"), "--out_root", out,
+                          "--concat_tokens", "256"], cwd=REPO, env={**base, **env}, capture_output=True, text=True,
+                         timeout=120)
+    return res, time.monotonic() - t0
+
+
+def test_s3_out_root_unreachable_endpoint_is_one_line_exit_1(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    res, seconds = _convert_to_s3_env(tmp_path, {"S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "dummy",
+                                                 "AWS_SECRET_ACCESS_KEY": "dummy", "AWS_DEFAULT_REGION": "us-east-1"})
+    assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith(f"error: --out_root s3://my-bucket/mds/x/train: cannot list bucket 'my-bucket' at "
+                                 f"{endpoint}: EndpointConnectionError: "), res.stderr
+    assert "Fix: check that the endpoint is up and reachable from here (S3_ENDPOINT_URL)" in res.stderr
+    assert seconds < 60, seconds
+
+
+def test_s3_out_root_without_credentials_is_one_line_exit_1(tmp_path):
+    res, _ = _convert_to_s3_env(tmp_path, {})
+    assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith("error: --out_root s3://my-bucket/mds/x/train: cannot list bucket 'my-bucket' at "
+                                 "AWS S3 (no S3_ENDPOINT_URL set): NoCredentialsError: Unable to locate credentials. "
+                                 "Fix: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"), res.stderr
+
+
+def test_s3_upload_failure_is_one_line_exit_1(s3_bucket, capsys, monkeypatch):
+    """The store fails while shards upload (after the out_root check passed): one line naming the real error."""
+    from botocore.exceptions import EndpointConnectionError
+    from streaming.base.storage.upload import S3Uploader
+
+    def refuse(self, filename):
+        raise EndpointConnectionError(endpoint_url=os.environ["S3_ENDPOINT_URL"])
+
+    monkeypatch.setattr(S3Uploader, "upload_file", refuse)
+    out = f"{s3_bucket}/mds/x"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        run_cli(lambda: load_script("convert_text_to_mds").main([CODE, "--out_root", out, "--concat_tokens", "64",
+                                                                   "--no_progress"]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit.value.code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: --out_root {out}: cannot upload to bucket '{s3_bucket[5:]}' at "
+                             f"{os.environ['S3_ENDPOINT_URL']}: EndpointConnectionError: "), err
 
 
 def test_overwrite_replaces_a_local_output(tmp_path):

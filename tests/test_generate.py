@@ -72,6 +72,10 @@ def test_long_prompt_needs_max_seq_len_then_works(tmp_path, model, tok):
     long_prompt = "def f(x):\n    return x\n" * 12  # ~100 tokens > max_seq_len 64
     with pytest.raises(ValueError, match=r"exceeds the model's max_seq_len=64; raise max_seq_len to at least"):
         generate_texts(model, tok, [long_prompt], SamplingConfig(max_new_tokens=8))
+    short = "def f(x): return x"  # fits, but not with 64 new tokens: the message offers both fixes
+    n = len(tok(short)["input_ids"])
+    with pytest.raises(ValueError, match=rf"runs past its training length\), or lower max_new_tokens to {64 - n}$"):
+        generate_texts(model, tok, [short], SamplingConfig(max_new_tokens=64))
     longer, _ = load_model(path, overrides={"max_seq_len": 256})
     assert longer.config.max_seq_len == 256
     out = generate_texts(longer, tok, [long_prompt, "x"], SamplingConfig(max_new_tokens=8, stop_at_eos=False))

@@ -16,6 +16,7 @@ With ``processes > 1`` each process writes its own sub-folder ``part-NNNNN/`` (a
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -139,11 +140,74 @@ def join_out(root: str, *parts: str) -> str:
     return os.path.join(root, *parts)
 
 
+class StorageError(DataError):
+    """The object store of ``--out_root`` cannot be reached, or refuses the request (credentials, bucket).
+
+    A data_prep script prints it as one ``error:`` line and exits with status 1 (an environment problem, like the
+    train and eval entry points), where other ``DataError``s exit with 2 (bad arguments or input)."""
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _storage_cause(e: BaseException) -> BaseException | None:
+    """The botocore/boto3 error behind ``e`` (itself, its cause or context), or None."""
+    try:
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover - boto3 is a dependency of mosaicml-streaming
+        return None
+    return next((c for c in _chain(e) if isinstance(c, (BotoCoreError, ClientError, Boto3Error))), None)
+
+
+def storage_message(url: str, what: str, e: BaseException) -> str:
+    """One line for a failed request to the object store of ``url``: the URL, the endpoint, the error and the fix
+    (worded as ``llmfoundry.train.checks.check_remote`` words a save_folder / load_path it cannot reach)."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError, NoCredentialsError
+
+    from llmfoundry.data.streams import endpoint_description
+
+    bucket = urllib.parse.urlparse(url).netloc
+    endpoint = endpoint_description(url, None)
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, NoCredentialsError):
+        fix = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and S3_ENDPOINT_URL for a store "
+               "other than AWS S3")
+    elif isinstance(e, BotoConnectionError):
+        fix = "check that the endpoint is up and reachable from here (S3_ENDPOINT_URL), then run again"
+    else:
+        fix = ("check the bucket name (it must exist), that the endpoint is up (S3_ENDPOINT_URL), and the "
+               "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE)")
+    return f"--out_root {url}: cannot {what} bucket '{bucket}' at {endpoint}: {type(e).__name__}: {detail}. Fix: {fix}"
+
+
+@contextlib.contextmanager
+def _storage_errors(url: str, what: str):
+    """Turn a failed object-store request under ``url`` into a ``StorageError`` (one line, exit status 1)."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:
+        cause = _storage_cause(e)
+        if cause is None or not urllib.parse.urlparse(url).scheme:
+            raise
+        raise StorageError(storage_message(url, what, cause)) from e
+
+
 def _s3(url: str):
     import boto3
+    from botocore.config import Config
 
     obj = urllib.parse.urlparse(url)
-    client = boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None)
+    # bounded waits, as llmfoundry.data.streams: a store that is down fails in seconds, not minutes of retries
+    config = Config(connect_timeout=10, read_timeout=60, retries={"mode": "standard", "max_attempts": 2})
+    client = boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None, config=config)
     prefix = obj.path.strip("/")
     return client, obj.netloc, prefix + "/" if prefix else ""
 
@@ -156,12 +220,13 @@ def existing_output(out_root: str, limit: int = 5) -> list[str]:
             raise DataError(f"--out_root {out_root} is a file; pass a folder")
         return sorted(os.listdir(out_root))[:limit] if os.path.isdir(out_root) else []
     if scheme == "s3":
-        client, bucket, prefix = _s3(out_root)
-        try:
-            resp = client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=limit)
-        except client.exceptions.NoSuchBucket:
-            raise DataError(f"bucket '{bucket}' of --out_root {out_root} does not exist (endpoint "
-                            f"{os.environ.get('S3_ENDPOINT_URL') or 'AWS'}); create it first") from None
+        with _storage_errors(out_root, "list"):
+            client, bucket, prefix = _s3(out_root)
+            try:
+                resp = client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=limit)
+            except client.exceptions.NoSuchBucket:
+                raise DataError(f"bucket '{bucket}' of --out_root {out_root} does not exist (endpoint "
+                                f"{os.environ.get('S3_ENDPOINT_URL') or 'AWS'}); create it first") from None
         return [o["Key"][len(prefix):] for o in resp.get("Contents", [])]
     from streaming.base.storage.upload import CloudUploader
 
@@ -176,11 +241,12 @@ def clear_output(out_root: str) -> None:
     if not scheme:
         shutil.rmtree(out_root, ignore_errors=True)
     elif scheme == "s3":
-        client, bucket, prefix = _s3(out_root)
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if keys:
-                client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+        with _storage_errors(out_root, "delete from"):
+            client, bucket, prefix = _s3(out_root)
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if keys:
+                    client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
     else:
         raise DataError(f"--overwrite can clear local and s3:// outputs only; empty {out_root} yourself")
 
@@ -225,11 +291,38 @@ def _compression(cfg: ConvertConfig) -> str | None:
     return algo
 
 
+@contextlib.contextmanager
 def _writer(out: str, cfg: ConvertConfig):
+    """An ``MDSWriter`` at ``out``, as a context manager; a failed upload to a remote ``out`` raises a
+    ``StorageError`` naming the error, where streaming would only say "One of the threads failed"."""
     from streaming import MDSWriter
 
-    return MDSWriter(out=out, columns=COLUMNS, compression=_compression(cfg), size_limit=cfg.shard_size_limit,
-                     exist_ok=False)  # out_root was checked empty; True would log a warning and rmtree it
+    failed: list[BaseException] = []
+    with _storage_errors(out, "upload to"):
+        try:
+            writer = MDSWriter(out=out, columns=COLUMNS, compression=_compression(cfg),
+                               size_limit=cfg.shard_size_limit,
+                               exist_ok=False)  # out_root was checked empty; True would log a warning and rmtree it
+            uploader = getattr(writer, "cloud_writer", None)
+            if uploader is not None:  # uploads run in threads, which streaming only logs the error of: keep it
+                upload = uploader.upload_file
+
+                def upload_file(filename: str):
+                    try:
+                        return upload(filename)
+                    except BaseException as e:
+                        failed.append(e)
+                        raise
+
+                uploader.upload_file = upload_file
+            with writer:
+                yield writer
+        except DataError:
+            raise
+        except Exception as e:
+            if failed and _storage_cause(e) is None:
+                raise failed[0] from e
+            raise
 
 
 # ---------------------------------------------------------------------------------------------- conversion
@@ -314,6 +407,8 @@ def _worker(rank: int, source: Source, units: list[tuple[int, Unit]], cfg: Conve
             part = _pack_units(source, units, cfg, writer, lambda d, t: q.put(("progress", rank, d, t)))
         part.shards = len(writer.shards)
         q.put(("done", rank, part))
+    except StorageError as e:
+        q.put(("storage_error", rank, str(e)))
     except DataError as e:
         q.put(("data_error", rank, str(e)))
     except BaseException:
@@ -354,6 +449,8 @@ def _run_processes(source: Source, groups, cfg: ConvertConfig, bar) -> list[_Par
                 parts[rank] = payload[0]
             elif kind == "data_error":
                 raise DataError(payload[0])
+            elif kind == "storage_error":
+                raise StorageError(payload[0])
             else:
                 raise RuntimeError(f"conversion process {rank} failed:\n{payload[0]}")
     finally:
@@ -371,7 +468,8 @@ def _merge_index(out_root: str, part_names: list[str]) -> None:
     urls = [join_out(out_root, name, "index.json") for name in part_names]
     logging.disable(logging.WARNING)  # merge_index logs a warning about its temporary folder
     try:
-        merge_index(urls, out_root, keep_local=not remote)
+        with _storage_errors(out_root, "upload to"):
+            merge_index(urls, out_root, keep_local=not remote)
     finally:
         logging.disable(logging.NOTSET)
 
@@ -470,8 +568,13 @@ def convert(source: Source, cfg: ConvertConfig) -> ConvertSummary:
         if samples == 0:
             raise DataError(f"the inputs hold {sum(p.tokens for p in parts):,} tokens, fewer than one sample of "
                             f"--concat_tokens {cfg.concat_tokens}; nothing was written")
-    except BaseException:
-        clear_output(cfg.out_root)
+    except BaseException as e:
+        try:
+            clear_output(cfg.out_root)
+        except StorageError:
+            if not isinstance(e, StorageError):
+                raise
+            # the store already failed; its error (the one to show) is the first, not this one
         raise
     finally:
         close()
@@ -519,9 +622,10 @@ def config_from_args(args) -> ConvertConfig:
 
 
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a data_prep script's ``main``; a ``DataError`` prints as one line and exits with status 2."""
+    """Run a data_prep script's ``main``; a ``DataError`` prints as one line and exits with status 2 (1 for a
+    ``StorageError``: the object store of --out_root cannot be reached, as the train and eval entry points do)."""
     try:
         main()
     except DataError as e:
         print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if isinstance(e, StorageError) else 2)
