@@ -444,9 +444,9 @@ def load_model(path: str, *, model_config=None, overrides: Optional[Mapping[str,
     """``(MPTForCausalLM in eval mode, tokenizer name or None)`` from a composer checkpoint or an HF directory.
 
     ``overrides`` are config keys applied on top (e.g. ``{'max_seq_len': 8192, 'attn_config': {'attn_impl':
-    'torch'}}``); only keys that do not change tensor shapes make sense here. A model trained with a GPU-only ``attn_impl``
-    ('triton', 'flash') loaded onto another device runs with 'torch' (the same attention, another kernel; a
-    warning says so) unless ``overrides`` set ``attn_config``."""
+    'torch'}}``); only keys that do not change tensor shapes make sense here. A model trained with a GPU-only
+    ``attn_impl`` ('triton', 'flash') loaded onto another device runs with 'torch' (the same attention, another
+    kernel; a warning says so) unless ``overrides`` set ``attn_config``."""
     from llmfoundry.models.mpt import MPTForCausalLM
     overrides = dict(overrides or {})
     if is_hf_dir(path):
@@ -462,7 +462,8 @@ def load_model(path: str, *, model_config=None, overrides: Optional[Mapping[str,
             cfg = cfg.replace(**overrides)
         model = model_from_state_dict(state_dict, cfg, device=device, dtype=dtype)
     attn = model.config.attn_config
-    if attn.attn_impl in ("triton", "flash") and torch.device(device).type != "cuda" and "attn_config" not in overrides:
+    gpu_only = attn.attn_impl in ("triton", "flash")
+    if gpu_only and torch.device(device).type != "cuda" and "attn_config" not in overrides:
         log.warning(f"{path} was trained with attn_impl '{attn.attn_impl}', which needs a CUDA GPU; running it on "
                     f"{device} with attn_impl 'torch' (same attention, another kernel)")
         attn.attn_impl = "torch"

@@ -2,8 +2,9 @@
 
 - ``ConfigCopy``: the resolved config as ``config.yaml`` next to the checkpoints, written when the first batch
   starts (a launch that fails before training leaves none); a changed config gets a time-stamped copy.
-- ``BatchShapeRecorder`` + ``warn_batch_shape_changes``: ``global_train_batch_size`` and ``max_seq_len`` travel in
-  every checkpoint; a resume with other values gets one warning line per value (the run goes on).
+- ``BatchShapeRecorder`` + ``warn_batch_shape_changes``: ``global_train_batch_size``, ``max_seq_len`` and
+  ``max_duration`` travel in every checkpoint; a resume with other values gets one warning line per value (the run
+  goes on; for ``max_duration``, only when the schedule is measured in ``dur``).
 - ``earlier_checkpoints`` + ``PruneEarlierCheckpoints``: ``save_num_checkpoints_to_keep`` also counts the
   checkpoints earlier launches of the run wrote (composer prunes only its own process's).
 """
@@ -61,9 +62,9 @@ def save_config_copy(cfg: TrainConfig) -> None:
 
 
 class BatchShapeRecorder(Callback):
-    """Records ``global_train_batch_size``, ``train_loader.max_seq_len`` and ``max_duration`` in every checkpoint; after a resume,
-    ``previous`` holds those of the run that wrote the loaded checkpoint (None on a fresh start, or for a
-    checkpoint written before this record existed).
+    """Records ``global_train_batch_size``, ``train_loader.max_seq_len`` and ``max_duration`` in every checkpoint;
+    after a resume, ``previous`` holds those of the run that wrote the loaded checkpoint (None on a fresh start, or
+    for a checkpoint written before this record existed).
 
     The checkpoint, not the newest ``config-*.yaml`` next to it, is the source of the previous values: the record
     belongs to exactly the checkpoint composer resumed (whole file or sharded, local or ``s3://``), whereas config
