@@ -33,6 +33,7 @@ import numpy as np
 
 from llmfoundry.data import DataError
 from llmfoundry.data.readers import BLOCK_BYTES, Source, Unit
+from llmfoundry.utils.errors import exception_chain
 
 COLUMNS = {"tokens": "ndarray:int32"}
 TAIL_PART = "part-tail"
@@ -147,14 +148,6 @@ class StorageError(DataError):
     train and eval entry points), where other ``DataError``s exit with 2 (bad arguments or input)."""
 
 
-def _chain(e: BaseException):
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
-
-
 def _storage_cause(e: BaseException) -> BaseException | None:
     """The botocore/boto3 error behind ``e`` (itself, its cause or context), or None."""
     try:
@@ -162,7 +155,7 @@ def _storage_cause(e: BaseException) -> BaseException | None:
         from botocore.exceptions import BotoCoreError, ClientError
     except ImportError:  # pragma: no cover - boto3 is a dependency of mosaicml-streaming
         return None
-    return next((c for c in _chain(e) if isinstance(c, (BotoCoreError, ClientError, Boto3Error))), None)
+    return next((c for c in exception_chain(e) if isinstance(c, (BotoCoreError, ClientError, Boto3Error))), None)
 
 
 def storage_message(url: str, what: str, e: BaseException) -> str:

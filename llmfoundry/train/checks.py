@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -15,6 +16,7 @@ import urllib.parse
 import uuid
 
 from llmfoundry.utils.config import ConfigError
+from llmfoundry.utils.errors import exception_chain
 
 GB = 1024 ** 3
 
@@ -141,6 +143,18 @@ def missing_folders(folder: str | None) -> list[str]:
     return missing
 
 
+@contextlib.contextmanager
+def removing_created_folders(folder: str | None):
+    """On a failure inside the ``with``, remove the levels of ``folder`` that did not exist before it and are still
+    empty (``missing_folders`` / ``remove_empty_folders``); then the failure goes on."""
+    created = missing_folders(folder)
+    try:
+        yield
+    except BaseException:
+        remove_empty_folders(created)
+        raise
+
+
 def remove_empty_folders(folders: list[str]) -> None:
     """Remove each of ``folders`` (deepest first) that exists and is empty; stops at the first that is not."""
     for folder in folders:
@@ -167,17 +181,9 @@ def check_free_disk(save_folder: str, needed: int) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ errors in flight
-def _chain(e: BaseException):
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
-
-
 def is_no_space(e: BaseException) -> bool:
     """True when ``e`` (or its cause) is a full disk (ENOSPC), including torch.save's wrapped write failure."""
-    for x in _chain(e):
+    for x in exception_chain(e):
         if isinstance(x, OSError) and x.errno == errno.ENOSPC:
             return True
         text = str(x)

@@ -189,12 +189,8 @@ def build_trainer(cfg: TrainConfig):
     """Everything up to (not including) ``fit``: see the module docstring for the steps. When it fails, the save
     folder levels it created (composer creates the save folder when the Trainer is built) are removed again if
     they are still empty."""
-    created = checks.missing_folders(resume.save_dir(cfg))
-    try:
+    with checks.removing_created_folders(resume.save_dir(cfg)):
         return _build_trainer(cfg)
-    except BaseException:
-        checks.remove_empty_folders(created)
-        raise
 
 
 def _build_trainer(cfg: TrainConfig):
@@ -361,12 +357,8 @@ def train(cfg: TrainConfig):
     """Build the trainer and train to ``max_duration``; returns the ``Trainer`` (call ``.close()`` when done).
     A run launched again after it finished returns at once (autoresume finds it complete). A run that fails
     leaves no empty save folder it created behind (the config copy is only written once training starts)."""
-    created = checks.missing_folders(resume.save_dir(cfg))
-    try:
+    with checks.removing_created_folders(resume.save_dir(cfg)):
         return _train(cfg)
-    except BaseException:
-        checks.remove_empty_folders(created)
-        raise
 
 
 def _train(cfg: TrainConfig):
