@@ -78,7 +78,7 @@ def test_s3_remote_without_index_is_named(s3_server, s3_bucket):
     with pytest.raises(StreamError) as info:
         build_text_dataloader(cfg, 8)
     message = str(info.value)
-    assert f"stream 'wiki'" in message and f"{s3_bucket}/nothing/here/index.json" in message
+    assert "stream 'wiki'" in message and f"{s3_bucket}/nothing/here/index.json" in message
     assert s3_server.url in message and "MDSWriter" in message
     assert time.time() - start < 30
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from llmfoundry.kernels.cross_entropy import cross_entropy_loss, cross_entropy_loss_and_grad_
 

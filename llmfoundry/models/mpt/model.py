@@ -33,6 +33,16 @@ class MPTOutput(NamedTuple):
     loss: Optional[torch.Tensor] = None  # next-token cross-entropy, when ``labels`` are given
 
 
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact GELU: on CUDA our Triton kernels (``llmfoundry/kernels/gelu.py``: the same function at about the
+    memory rate, where Inductor's version ran at half of it), else torch's. ``LLMFOUNDRY_GELU=torch`` forces
+    torch's everywhere (to compare)."""
+    if x.is_cuda and os.environ.get("LLMFOUNDRY_GELU", "triton") != "torch":
+        from llmfoundry.kernels.gelu import gelu
+        return gelu(x)
+    return F.gelu(x, approximate="none")
+
+
 class MPTMLP(nn.Module):
     def __init__(self, cfg: MPTConfig):
         super().__init__()
@@ -41,7 +51,7 @@ class MPTMLP(nn.Module):
         self.down_proj._is_residual = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="none"))
+        return self.down_proj(_gelu(self.up_proj(x)))
 
 
 class MPTBlock(nn.Module):
