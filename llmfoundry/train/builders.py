@@ -157,6 +157,20 @@ def build_parallelism(cfg: FSDPConfig | None, world_size: int, local_world_size:
     return ParallelismConfig(fsdp=fsdp1)
 
 
+def build_grad_sync(cfg: FSDPConfig | None, precision: str) -> list:
+    """``[SyncGradsOnLastMicrobatch()]`` for ``fsdp.reduce_grads_every_microbatch: false`` (FSDP2: reduce the
+    gradients once per optimizer step, see grad_sync.py), else ``[]``. ``precision``: the resolved one."""
+    if cfg is None or cfg.reduce_grads_every_microbatch:
+        return []
+    if cfg.mixed_precision == "PURE" and precision != "fp32":
+        raise ConfigError("fsdp.reduce_grads_every_microbatch: false with fsdp.mixed_precision: PURE would sum the "
+                          f"micro-batches' gradients in 16 bits (precision {precision}: torch accumulates unsharded "
+                          "gradients in the reduce dtype, which PURE makes the same); set fsdp.mixed_precision: "
+                          "DEFAULT (sums in fp32, one fp32 reduce-scatter per step)")
+    from llmfoundry.train.grad_sync import SyncGradsOnLastMicrobatch
+    return [SyncGradsOnLastMicrobatch()]
+
+
 # ---------------------------------------------------------------------------------------------------- callbacks
 def build_callbacks(cfg: CallbacksConfig, on_gpu: bool, save_folder: str | None = None) -> list:
     """SpeedMonitor (throughput; MFU from the model's ``flops_per_batch``), LRMonitor, MemoryMonitor (GPU only),

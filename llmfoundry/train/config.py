@@ -37,6 +37,8 @@ YAML key                       used by
 ``device``                     ``Trainer(device=...)``; ``auto`` = ``gpu`` when CUDA is available
 ``fsdp.*``                     builders.build_parallelism -> composer ``FSDP2Config`` (default) or ``FSDPConfig``;
                                ``fsdp: null`` = plain DDP (CPU, or one GPU); FSDP2 also runs on CPU (gloo, tests)
+``fsdp.reduce_grads_every_microbatch``  ``false``: builders.build_grad_sync -> grad_sync.SyncGradsOnLastMicrobatch
+                               (FSDP2: one gradient reduce-scatter per optimizer step; see ``FSDPConfig``)
 ``save_*``, ``load_*``,        ``Trainer(save_folder=..., save_interval=..., save_num_checkpoints_to_keep=...,
 ``autoresume``,                load_path=..., autoresume=...)``; ``s3://`` folders are checked for reachability and
 ``check_free_disk``            the disk for room for one checkpoint before training (train.py ``_preflight``)
@@ -156,6 +158,16 @@ class FSDPConfig:
     - ``sync_module_states``: broadcast rank 0's weights to all ranks at wrap time (FSDP1; FSDP2 does it when rank 0
       alone holds real weights).
     - ``limit_all_gathers``, ``forward_prefetch``, ``backward_prefetch``: FSDP1 performance knobs.
+    - ``reduce_grads_every_microbatch``: true (default): every micro-batch's backward reduce-scatters its gradients
+      (composer 0.32.1 never skips that under FSDP). false (FSDP2 only; train/grad_sync.py): the micro-batches of a
+      batch sum their gradients unsharded in fp32 and the last backward reduce-scatters the sum, and the gathered
+      weights stay gathered until then: one reduce-scatter and (with ``SHARD_GRAD_OP``) one gather per optimizer
+      step instead of per micro-batch, with their copies and casts (on one GPU that is all they are). Needs
+      ``mixed_precision: DEFAULT`` (or ``FULL``): with ``PURE`` torch would sum the micro-batches in bf16. The price
+      is memory: from the first backward to the last, each GPU holds the whole model's fp32 gradient and bf16
+      weights, 6 bytes per parameter, where the default holds 4 / ranks plus one block's gathered weights. So it
+      pays for small models and on one GPU (MPT-1B: +8 GB), not for a 7B model over many GPUs (+40 GB per GPU).
+      No effect with one micro-batch per batch.
     """
     version: Literal[1, 2] = 2
     sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"] = "FULL_SHARD"
@@ -170,6 +182,7 @@ class FSDPConfig:
     limit_all_gathers: bool = True
     forward_prefetch: bool = False
     backward_prefetch: Literal["BACKWARD_PRE", "BACKWARD_POST", "NONE"] = "BACKWARD_PRE"
+    reduce_grads_every_microbatch: bool = True
     verbose: bool = False
 
     def __post_init__(self):
@@ -180,6 +193,10 @@ class FSDPConfig:
             raise ValueError(f"'activation_checkpointing_blocks' = {n} must be >= 0 (null = every block)")
         if n is not None and not self.activation_checkpointing:
             raise ValueError(f"'activation_checkpointing_blocks' = {n} needs 'activation_checkpointing: true'")
+        if not self.reduce_grads_every_microbatch and self.version != 2:
+            raise ValueError("'reduce_grads_every_microbatch: false' needs 'version: 2' (FSDP2); composer's FSDP1 "
+                             "path reduces every micro-batch's gradients. Use fsdp.version: 2, or "
+                             "reduce_grads_every_microbatch: true")
 
 
 @dataclass

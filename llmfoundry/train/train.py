@@ -248,6 +248,7 @@ def _build_trainer(cfg: TrainConfig):
                                     metric_names=list(model.get_metrics(is_train=False))))
 
     callbacks = builders.build_callbacks(cfg.callbacks, on_gpu=device == "gpu", save_folder=resume.save_dir(cfg))
+    callbacks += builders.build_grad_sync(cfg.fsdp, precision)
     # the model config and tokenizer travel inside every checkpoint (s3 ones too): eval/export need nothing else
     callbacks.append(ModelConfigRecorder(cfg.model, cfg.tokenizer))
     shape_recorder = resume.BatchShapeRecorder(cfg)
