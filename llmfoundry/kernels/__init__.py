@@ -5,4 +5,5 @@ eagerly so that importing it never requires triton.
 - ``cross_entropy``: cross-entropy loss and its gradient in one pass over a chunk of logits (the training loss,
   fused with the output head in ``llmfoundry.models.mpt.loss``).
 - ``lion``: the LION optimizer step in one pass over each parameter (``llmfoundry.train.lion``).
+- ``gelu``: the exact (erf) GELU and its gradient, one elementwise pass each (the MPT MLP on CUDA).
 """

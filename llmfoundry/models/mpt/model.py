@@ -34,8 +34,8 @@ class MPTOutput(NamedTuple):
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
-    """Exact GELU: on CUDA our Triton kernels (``llmfoundry/kernels/gelu.py``: the same function at about the
-    memory rate, where Inductor's version ran at half of it), else torch's. ``LLMFOUNDRY_GELU=torch`` forces
+    """Exact GELU: on CUDA our Triton kernels (``llmfoundry/kernels/gelu.py``: the same function, ~20% faster than
+    Inductor's on an H200 and accurate in the negative tail), else torch's. ``LLMFOUNDRY_GELU=torch`` forces
     torch's everywhere (to compare)."""
     if x.is_cuda and os.environ.get("LLMFOUNDRY_GELU", "triton") != "torch":
         from llmfoundry.kernels.gelu import gelu
