@@ -108,12 +108,16 @@ def test_nonfinite_loss_stops_every_rank(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_on_cpu_sharded_checkpoint_and_autoresume(tmp_path):
+@pytest.mark.parametrize("fsdp", [[], ["fsdp.sharding_strategy=SHARD_GRAD_OP",
+                                      "fsdp.reduce_grads_every_microbatch=false"]],
+                         ids=["full_shard", "small_model_recipe"])
+def test_fsdp2_on_cpu_sharded_checkpoint_and_autoresume(tmp_path, fsdp):
     """FSDP2 over gloo (no GPU needed): sharded checkpoints (one file per rank) and autoresume from them; with
     save_num_checkpoints_to_keep=1 the resumed launch removes the earlier launch's checkpoint folder once it has
-    saved its own."""
+    saved its own. Also with the <=1B recipes' settings (weights kept gathered, one gradient reduction per step over
+    the 2 micro-batches of each rank; an evaluation after batch 3)."""
     args = [TINY, *fast(tmp_path / "ck"), "fsdp.version=2", "fsdp.mixed_precision=FULL",
-            "save_num_checkpoints_to_keep=1"]
+            "save_num_checkpoints_to_keep=1", *fsdp]
     first = launch(2, [*args, "max_duration=3ba"], tmp_path / "logs-1")
     assert first.returncode == 0, explain(first, tmp_path / "logs-1")
     shards = sorted(os.listdir(tmp_path / "ck" / "ep0-ba3"))
