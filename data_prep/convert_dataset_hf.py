@@ -1,4 +1,4 @@
-"""Convert a Hugging Face dataset (hub name or local path), split by split, into MDS shards of packed tokens.
+r"""Convert a Hugging Face dataset (hub name or local path), split by split, into MDS shards of packed tokens.
 
 Data is read in streaming mode; each split goes to <out_root>/<split>. Examples:
 

@@ -1,4 +1,4 @@
-"""Convert JSON Lines files (or files holding a JSON list of records) into MDS shards of packed tokens.
+r"""Convert JSON Lines files (or files holding a JSON list of records) into MDS shards of packed tokens.
 
 Each record is one document; its text is in --text_field. .gz files are read too. Example:
 

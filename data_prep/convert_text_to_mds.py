@@ -1,4 +1,4 @@
-"""Convert text or source files (files, folders, glob patterns) into MDS shards of packed tokens.
+r"""Convert text or source files (files, folders, glob patterns) into MDS shards of packed tokens.
 
 Each file is one document. Example:
 

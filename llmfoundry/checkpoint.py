@@ -439,6 +439,18 @@ def model_from_state_dict(state_dict: Mapping[str, torch.Tensor], cfg, *, device
     return model.eval()
 
 
+def check_max_seq_len_override(cfg, overrides: Mapping[str, Any], path: str) -> None:
+    """A model with a learned position table (``learned_pos_emb``) has exactly ``max_seq_len`` positions: an
+    override to another length is refused naming the key and the fix, not as a tensor shape mismatch that blames
+    the checkpoint's config."""
+    new = overrides.get("max_seq_len")
+    if new is not None and new != cfg.max_seq_len and cfg.learned_pos_emb:
+        raise CheckpointError(f"max_seq_len={new} cannot be used with {path}: it has a learned position table "
+                              f"(learned_pos_emb: true) of max_seq_len={cfg.max_seq_len} positions; drop the "
+                              f"max_seq_len override (model_overrides.max_seq_len in an eval config, --max_seq_len "
+                              f"for generate)")
+
+
 def load_model(path: str, *, model_config=None, overrides: Optional[Mapping[str, Any]] = None, device="cpu",
                dtype: Union[str, torch.dtype, None] = None):
     """``(MPTForCausalLM in eval mode, tokenizer name or None)`` from a composer checkpoint or an HF directory.
@@ -452,12 +464,15 @@ def load_model(path: str, *, model_config=None, overrides: Optional[Mapping[str,
     if is_hf_dir(path):
         if model_config is not None:
             raise CheckpointError(f"{path} is a Hugging Face directory with its own config.json; drop model_config")
+        if "max_seq_len" in overrides:
+            check_max_seq_len_override(read_config_file(os.path.join(path, "config.json"))[0], overrides, path)
         model = MPTForCausalLM.from_pretrained(path, dtype=to_dtype(dtype) or torch.float32, device=device,
                                                **overrides)
         tok = path if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")) \
             else None
     else:
         state_dict, cfg, tok = load_composer_checkpoint(path, model_config)
+        check_max_seq_len_override(cfg, overrides, path)
         if overrides:
             cfg = cfg.replace(**overrides)
         model = model_from_state_dict(state_dict, cfg, device=device, dtype=dtype)

@@ -420,6 +420,17 @@ def test_bad_tokenizer_fails_fast_offline_in_one_line(tmp_path):
     assert "unset HF_HUB_OFFLINE" in res.stderr and not (tmp_path / "o").exists()
 
 
+def test_help_names_the_default_tokenizer():
+    """--help says what --tokenizer is when not given, and prints the docstring's example commands as written
+    (a line ending in a backslash stays a shell continuation)."""
+    res = run_script("data_prep/convert_dataset_json.py", "--help")
+    assert res.returncode == 0, res.stderr
+    flat = " ".join(res.stdout.split())
+    assert "--tokenizer TOKENIZER 'bundled' (default: the byte-level BPE tokenizer shipped in " \
+           "llmfoundry/assets/tokenizer)" in flat, res.stdout
+    assert "--text_field text \\\n        --out_root s3://bucket/mds/mydata" in res.stdout, res.stdout
+
+
 def test_hf_converter_bad_data_files_and_splits(tmp_path, capsys):
     good, empty, bad = tmp_path / "good.jsonl", tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
     good.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(20)))

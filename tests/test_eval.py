@@ -195,6 +195,29 @@ def test_evaluate_tiny_yaml_end_to_end(ckpt, tmp_path, capsys):
     assert results["perplexity"]["val"]["perplexity"] == pytest.approx(math.exp(results["perplexity"]["val"]["loss"]))
 
 
+def test_samples_longer_than_the_model_are_truncated_with_a_warning(ckpt, tmp_path, caplog, capsys):
+    """The bundled 256-token shards scored by a model overridden to max_seq_len=64: one warning line naming the
+    length and the keys, and each sample scored on its first 64 tokens. A model with a position table cannot take
+    another max_seq_len: a one-line error naming the override."""
+    args = [str(REPO / "yamls/eval/tiny-cpu.yaml"), f"load_path={ckpt}", "icl_tasks=null", "results_path=null",
+            "eval_subset_num_batches=1", "device=cpu", "model_overrides.max_seq_len=64"]
+    results = evaluate(load_eval_config(args[0], args[1:]))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == ["eval_loaders.val: samples are truncated to the model's max_seq_len=64 tokens (the loader "
+                      "reads 256); set eval_loaders.val.max_seq_len=64 to silence this, or "
+                      "model_overrides.max_seq_len=256 to score all 256 (this model has no position table, so it can "
+                      "run past the length it was trained for)"], warned
+    assert results["perplexity"]["val"]["tokens"] == 16 * 63
+    torch.manual_seed(0)
+    wpe = MPTForCausalLM(MPTConfig(d_model=32, n_heads=2, n_layers=1, max_seq_len=128, vocab_size=4096,
+                                   learned_pos_emb=True, attn_config={"alibi": False}))
+    args[1] = f"load_path={save_composer_weights(wpe.state_dict(), wpe.config, str(tmp_path / 'wpe.pt'))}"
+    assert main(args + ["tokenizer=bundled"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: max_seq_len=64 cannot be used with") and err.count("\n") == 1, err
+    assert "learned_pos_emb: true) of max_seq_len=128 positions; drop the max_seq_len override" in err
+
+
 def test_evaluate_hf_directory_gives_same_numbers(model, ckpt, tmp_path):
     model.save_pretrained(str(tmp_path / "hf"))
     load_tokenizer("bundled").save_pretrained(str(tmp_path / "hf"))

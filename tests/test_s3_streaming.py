@@ -79,8 +79,13 @@ def test_s3_remote_without_index_is_named(s3_server, s3_bucket):
         build_text_dataloader(cfg, 8)
     message = str(info.value)
     assert "stream 'wiki'" in message and f"{s3_bucket}/nothing/here/index.json" in message
-    assert s3_server.url in message and "MDSWriter" in message
+    assert s3_server.url in message and "MDSWriter" in message and "Note" not in message
     assert time.time() - start < 30
+    cfg.split = "train"  # remote names the split folder itself: the split is appended to it
+    cfg.streams["wiki"].remote = f"{s3_bucket}/mds/train"
+    with pytest.raises(StreamError, match=rf"mds/train/train/index\.json.*Note: the split \('train'\) is appended "
+                                          rf"to remote; did you mean remote={s3_bucket}/mds\?$"):
+        build_text_dataloader(cfg, 8)
 
 
 @pytest.mark.timeout(180)

@@ -150,6 +150,21 @@ def test_missing_sources_are_named(tmp_path, data):
         build_text_dataloader(make(data["a"], split="val"), 4)
 
 
+def test_split_folder_given_as_local_gets_a_hint(tmp_path, data):
+    """local=<mds>/train with split 'train' looks in <mds>/train/train: the error says the split is appended and
+    names the folder meant; a missing folder whose name is not the split gets no such note."""
+    write_mds(tmp_path / "mds" / "train", 8, 12)
+    with pytest.raises(StreamError) as e:
+        build_text_dataloader(make(str(tmp_path / "mds" / "train"), split="train"), 4)
+    assert str(e.value).endswith(f"does not exist. Fix: point 'local' at a directory written by streaming.MDSWriter "
+                                 f"(or set 'remote' to download it). Note: the split ('train') is appended to local; "
+                                 f"did you mean local={tmp_path / 'mds'}?"), str(e.value)
+    assert len(take(build_text_dataloader(make(str(tmp_path / "mds"), split="train"), 4))) == 2  # the fix works
+    with pytest.raises(StreamError) as e:
+        build_text_dataloader(make(data["a"], split="val"), 4)
+    assert "Note" not in str(e.value)
+
+
 def test_wrong_column_is_rejected(tmp_path):
     with MDSWriter(out=str(tmp_path), columns={"text": "str"}) as w:
         w.write({"text": "hello"})

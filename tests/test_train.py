@@ -293,6 +293,23 @@ def test_wandb_offline(tmp_path, monkeypatch):
     assert runs, os.listdir(tmp_path)
 
 
+def test_config_without_run_name_saves_where_the_log_says(tmp_path, monkeypatch, caplog):
+    """A config built without run_name (and none in the environment): composer's run name, the checkpoint, the
+    config copy and resume.save_dir all use the same default ('run'), not a random name beside an empty one."""
+    from llmfoundry.train import resume
+    monkeypatch.delenv("RUN_NAME", raising=False)
+    monkeypatch.delenv("COMPOSER_RUN_NAME", raising=False)
+    cfg = load_config(TINY, fast(f"{tmp_path}/{{run_name}}/ck", "max_duration=1ba", "save_interval=1ba",
+                                 "eval_loader=null", "autoresume=false"))
+    cfg.run_name = None
+    trainer = train(cfg)
+    trainer.close()
+    assert "Run name: run" in caplog.messages and trainer.state.run_name == "run"
+    assert resume.save_dir(cfg) == f"{tmp_path}/run/ck"
+    assert os.listdir(tmp_path) == ["run"]
+    assert sorted(os.listdir(tmp_path / "run" / "ck")) == ["config.yaml", "ep0-ba1-rank0.pt", "latest-rank0.pt"]
+
+
 @pytest.mark.slow
 def test_s3_checkpoints_and_autoresume(s3_bucket, tmp_path):
     """Checkpoints go to s3://, and the same command continues from the newest one there, every time."""

@@ -587,7 +587,9 @@ def add_convert_args(parser) -> None:
     """The flags every data_prep/convert_* script shares."""
     parser.add_argument("--out_root", required=True, help="output folder or s3://bucket/prefix")
     parser.add_argument("--tokenizer", default="bundled",
-                        help="'bundled', a local tokenizer folder, or a hub name (e.g. EleutherAI/gpt-neox-20b)")
+                        help="'bundled' (default: the byte-level BPE tokenizer shipped in "
+                             "llmfoundry/assets/tokenizer), a local tokenizer folder, or a hub name "
+                             "(e.g. EleutherAI/gpt-neox-20b)")
     parser.add_argument("--concat_tokens", type=int, default=2048, help="tokens per sample (default 2048)")
     parser.add_argument("--eos_text", default=None,
                         help="text after each document (default: the tokenizer's EOS token; '' for none)")

@@ -118,16 +118,18 @@ class NamedStream(Stream):
         except Exception as e:
             remote = os.path.join(self.remote or "", self.split, from_basename)
             endpoint = endpoint_description(self.remote, self.s3_endpoint_url)
+            hint = ""
             if from_basename == "index.json":
                 fix = ("point 'remote' at a directory written by streaming.MDSWriter (it holds index.json), "
                        "and check that the endpoint is reachable")
+                hint = split_hint(self.remote or "", self.split or "", "remote")
             else:
                 fix = ("check that the object store is up and reachable; raise download_retry / download_timeout "
                        "for a slow store")
             raise StreamError(
                 f"{self.describe()}: could not download {remote} from {endpoint} "
                 f"(download_retry={self.download_retry} attempts, download_timeout={self.download_timeout}s): "
-                f"{type(e).__name__}: {e}. Fix: {fix}.") from e
+                f"{type(e).__name__}: {e}. Fix: {fix}.{hint}") from e
 
 
 _loader_counter = itertools.count()
@@ -151,16 +153,27 @@ def auto_cache_root() -> str:
     return os.path.join(tempfile.gettempdir(), "llmfoundry-mds-cache", f"{_job_token()}-{next(_loader_counter)}")
 
 
+def split_hint(path: str, split: str, what: str) -> str:
+    """A note for a source that names the split folder itself (local=/data/mds/train with split 'train'): the
+    split is appended to it, so the loader looks in /data/mds/train/train. Empty when that is not the case."""
+    trimmed = path.rstrip("/")
+    parent, last = trimmed.rsplit("/", 1) if "/" in trimmed else ("", trimmed)
+    if not split or last != split or not parent:
+        return ""
+    return f" Note: the split ('{split}') is appended to {what}; did you mean {what}={parent}?"
+
+
 def _check_local_source(name: str, path: str, split: str, what: str) -> None:
     directory = os.path.join(path, split) if split else path
+    hint = split_hint(path, split, what)
     if not os.path.isdir(directory):
         raise StreamError(f"stream '{name}': {what} directory {directory} does not exist. "
                           f"Fix: point '{what}' at a directory written by streaming.MDSWriter"
-                          + (" (or set 'remote' to download it)" if what == "local" else "") + ".")
+                          + (" (or set 'remote' to download it)" if what == "local" else "") + "." + hint)
     if not os.path.isfile(os.path.join(directory, "index.json")):
         raise StreamError(f"stream '{name}': no index.json in {what} directory {directory}. "
                           f"Fix: point '{what}' at a directory written by streaming.MDSWriter "
-                          f"(it holds index.json and shard.*.mds files).")
+                          f"(it holds index.json and shard.*.mds files)." + hint)
 
 
 def build_streams(named: dict[str, StreamConfig], *, default_split: str | None, download_retry: int,

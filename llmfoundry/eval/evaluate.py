@@ -13,7 +13,9 @@ YAML keys (``EvalConfig``):
 ``device``, ``precision``   ``auto`` = GPU + ``bf16`` when CUDA is available, else CPU + ``fp32``; precision is
                             one of ``fp32``, ``bf16``, ``fp16`` (weights cast) or ``amp_bf16`` (fp32 weights, autocast)
 ``device_eval_batch_size``  rows per forward (perplexity samples, ICL context + continuation rows)
-``eval_loaders``            ``{label: TextLoaderConfig}``: loss and perplexity over MDS streams
+``eval_loaders``            ``{label: TextLoaderConfig}``: loss and perplexity over MDS streams; samples longer than
+                            the model's ``max_seq_len`` are scored on their first ``max_seq_len`` tokens (a warning
+                            says so)
 ``eval_subset_num_batches`` score at most this many batches of each loader (null = all)
 ``icl_tasks``               list of ``ICLTaskConfig`` (``llmfoundry/eval/icl.py``)
 ``results_path``            JSON file with every number (null = do not write)
@@ -184,6 +186,20 @@ def check_results_path(path: Optional[str]) -> None:
         raise ConfigError(f"results_path {path!r} is not writable")
 
 
+def warn_truncation(label: str, loader_len: int, mcfg) -> None:
+    """One warning line when an eval loader reads samples longer than the model's ``max_seq_len`` (e.g. after
+    ``model_overrides.max_seq_len=128`` on 256-token shards): they are scored on their first ``max_seq_len`` tokens,
+    the context the model is evaluated at (ICL prompts are cut to it too)."""
+    n = mcfg.max_seq_len
+    if loader_len <= n:
+        return
+    longer = ("" if mcfg.learned_pos_emb else
+              f", or model_overrides.max_seq_len={loader_len} to score all {loader_len} (this model has no position "
+              f"table, so it can run past the length it was trained for)")
+    log.warning("eval_loaders.%s: samples are truncated to the model's max_seq_len=%d tokens (the loader reads %d); "
+                "set eval_loaders.%s.max_seq_len=%d to silence this%s", label, n, loader_len, label, n, longer)
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every eval in ``cfg``; returns the results (also printed as a table and written to results_path)."""
     check_results_path(cfg.results_path)
@@ -205,11 +221,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     with _autocast(device, precision):
         eos = tokenizer.eos_token_id if mcfg.attn_config.attn_uses_sequence_id else None
         for label, loader_cfg in cfg.eval_loaders.items():
-            if loader_cfg.max_seq_len > mcfg.max_seq_len and not mcfg.attn_config.alibi:
-                raise ConfigError(f"eval_loaders.{label}.max_seq_len={loader_cfg.max_seq_len} exceeds the model's "
-                                  f"max_seq_len={mcfg.max_seq_len}")
+            warn_truncation(label, loader_cfg.max_seq_len, mcfg)
             loader = build_eval_batches(loader_cfg, cfg.device_eval_batch_size, eos, vocab_size=mcfg.vocab_size)
-            r = evaluate_perplexity(model, loader, device, cfg.eval_subset_num_batches)
+            r = evaluate_perplexity(model, loader, device, cfg.eval_subset_num_batches, max_seq_len=mcfg.max_seq_len)
             log.info("%s: loss %.4f perplexity %.3f over %d tokens", label, r["loss"], r["perplexity"], r["tokens"])
             results["perplexity"][label] = r
         for task in cfg.icl_tasks:

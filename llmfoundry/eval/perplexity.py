@@ -44,19 +44,20 @@ def token_losses(model, input_ids: torch.Tensor, labels: torch.Tensor,
 
 @torch.no_grad()
 def evaluate_perplexity(model, batches: Iterable[dict], device: torch.device | str = "cpu",
-                        max_batches: Optional[int] = None) -> dict[str, Any]:
+                        max_batches: Optional[int] = None, max_seq_len: Optional[int] = None) -> dict[str, Any]:
     """``{'loss', 'perplexity', 'tokens', 'batches'}`` over ``batches`` (dicts with ``input_ids``, ``labels`` and
-    optionally ``sequence_id``, as ``build_text_dataloader`` yields them)."""
+    optionally ``sequence_id``, as ``build_text_dataloader`` yields them). ``max_seq_len``: score only the first
+    that many tokens of each sample (the model's context, when the samples are longer)."""
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     n = 0
     for batch in batches:
         if max_batches is not None and n >= max_batches:
             break
-        ids = batch["input_ids"].to(device)
-        labels = batch.get("labels", batch["input_ids"]).to(device)
+        ids = batch["input_ids"][:, :max_seq_len].to(device)
+        labels = batch.get("labels", batch["input_ids"])[:, :max_seq_len].to(device)
         seq = batch.get("sequence_id")
-        loss, tokens = token_losses(model, ids, labels, seq.to(device) if seq is not None else None)
+        loss, tokens = token_losses(model, ids, labels, seq[:, :max_seq_len].to(device) if seq is not None else None)
         total += loss.double().cpu()
         count += int(tokens)
         n += 1

@@ -15,7 +15,8 @@ YAML key                       used by
                                (``${bundled:mds}`` / ``${bundled:tokenizer}`` / ``${bundled:finetune}`` name the
                                assets shipped in the package)
 ``run_name``                   ``Trainer(run_name=...)``; names the checkpoint folder via ``{run_name}``;
-                               default: ``$RUN_NAME`` or the YAML file's stem (so the same command resumes)
+                               default: ``$RUN_NAME`` or the YAML file's stem (so the same command resumes);
+                               ``run`` for a config built in Python with neither (``run_name_of``)
 ``seed``                       initial weights and ``Trainer(seed=...)``; the data order is ``train_loader.shuffle_seed``
 ``model.*``                    ``MPTConfig`` -> ``MPTForCausalLM`` inside ``ComposerMPT`` (composer_model.py)
 ``model.init_device``          where the weights are created: ``cpu``, or ``meta`` with FSDP (materialized shard by
@@ -374,6 +375,26 @@ def _register_resolvers() -> None:
         (OmegaConf.register_resolver if new_api else OmegaConf.register_new_resolver)("bundled", bundled)
 
 
+DEFAULT_RUN_NAME = "run"
+
+
+def env_run_name() -> str | None:
+    """``$RUN_NAME``, else ``$COMPOSER_RUN_NAME`` (None when neither is set)."""
+    return os.environ.get("RUN_NAME") or os.environ.get("COMPOSER_RUN_NAME") or None
+
+
+def run_name_of(cfg: TrainConfig) -> str:
+    """The run's name: ``run_name``, else ``$RUN_NAME`` / ``$COMPOSER_RUN_NAME``, else ``'run'``.
+
+    The one place the default is decided: composer's ``Trainer(run_name=...)`` gets it, and every ``{run_name}``
+    (save folder, load_path) is filled with it, so the folder that is checked for free disk, gets ``config.yaml``
+    and is named in messages is the one composer saves to (left to itself, composer would make up a random name).
+    ``load_config`` already fills in the environment's name or the YAML's stem; a config built in Python (or with
+    ``run_name: ''``) falls through to the environment, then to ``'run'``.
+    """
+    return cfg.run_name or env_run_name() or DEFAULT_RUN_NAME
+
+
 def load_config(yaml_path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read ``yaml_path``, apply ``key=value`` ``overrides`` in order (``optimizer.lr=1e-4``; a number indexes a list:
     ``optimizer.betas.0=0.8``; see ``llmfoundry.utils.config.apply_overrides``), and convert strictly. Every mistake
@@ -387,11 +408,7 @@ def load_config(yaml_path: str | os.PathLike | None, overrides: list[str] | None
     _register_resolvers()
     data = load_yaml_with_overrides(yaml_path, overrides, example="optimizer.lr=1e-4")
     if data.get("run_name") is None:
-        env_name = os.environ.get("RUN_NAME") or os.environ.get("COMPOSER_RUN_NAME")
-        if env_name:
-            data["run_name"] = env_name
-        elif yaml_path is not None:
-            data["run_name"] = Path(yaml_path).stem
+        data["run_name"] = env_run_name() or (Path(yaml_path).stem if yaml_path is not None else None)
     return config_from_dict(data)
 
 

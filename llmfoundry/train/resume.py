@@ -16,14 +16,14 @@ import os
 from composer.core import Callback
 
 from llmfoundry.train import checks
-from llmfoundry.train.config import TrainConfig, config_to_yaml
+from llmfoundry.train.config import TrainConfig, config_to_yaml, run_name_of
 
 log = logging.getLogger(__name__)
 
 
 def save_dir(cfg: TrainConfig) -> str | None:
     """``save_folder`` with ``{run_name}`` filled in: the folder composer writes to (None when not saving)."""
-    return cfg.save_folder.replace("{run_name}", cfg.run_name or "") if cfg.save_folder else None
+    return cfg.save_folder.replace("{run_name}", run_name_of(cfg)) if cfg.save_folder else None
 
 
 class ConfigCopy(Callback):

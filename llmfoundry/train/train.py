@@ -38,7 +38,7 @@ from llmfoundry.checkpoint import ModelConfigRecorder
 from llmfoundry.train import builders, checks, resume
 from llmfoundry.train.checks import TrainError
 from llmfoundry.train.composer_model import ComposerMPT
-from llmfoundry.train.config import TrainConfig, config_to_yaml, load_config
+from llmfoundry.train.config import TrainConfig, config_to_yaml, env_run_name, load_config, run_name_of
 from llmfoundry.utils.config import ConfigError, to_dict
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,7 @@ def _preflight(cfg: TrainConfig) -> None:
         per_ckpt = checks.checkpoint_bytes(cfg.model.num_params(), cfg.optimizer.name, cfg.save_weights_only)
         if cfg.fsdp is not None and cfg.fsdp.state_dict_type == "sharded":
             per_ckpt = per_ckpt * dist.get_local_world_size() // dist.get_world_size()
-        folder = cfg.save_folder.replace("{run_name}", cfg.run_name or "run")
-        problems.append(checks.check_free_disk(folder, per_ckpt))
+        problems.append(checks.check_free_disk(resume.save_dir(cfg), per_ckpt))
     problems = [p for p in problems if p]
     gathered = dist.all_gather_object(problems) if dist.get_world_size() > 1 else [problems]
     found = [p for rank_problems in gathered for p in rank_problems]
@@ -115,7 +114,7 @@ def _local_checkpoint(cfg: TrainConfig, loaded: str | None = None) -> str | None
     if cfg.autoresume and cfg.save_folder and not checks.is_remote(cfg.save_folder):
         candidates.append(os.path.join(resume.save_dir(cfg), "latest-rank0.pt"))
     if cfg.load_path and not checks.is_remote(cfg.load_path):
-        candidates.append(cfg.load_path.replace("{rank}", "0").replace("{run_name}", cfg.run_name or ""))
+        candidates.append(cfg.load_path.replace("{rank}", "0").replace("{run_name}", run_name_of(cfg)))
     for path in candidates:
         if path and os.path.exists(path):
             return os.path.realpath(path)
@@ -224,7 +223,7 @@ def _build_trainer(cfg: TrainConfig):
     device_batch = checks.device_batch_size(cfg.global_train_batch_size, world_size)
     microbatch = checks.check_microbatch(cfg.device_train_microbatch_size, device_batch, device == "gpu",
                                          cfg.fsdp.version if cfg.fsdp else None)
-    if cfg.autoresume and not cfg.run_name:
+    if cfg.autoresume and not (cfg.run_name or env_run_name()):
         raise ConfigError("autoresume needs a run_name (set run_name, or RUN_NAME in the environment)")
     _preflight(cfg)
 
@@ -254,7 +253,7 @@ def _build_trainer(cfg: TrainConfig):
     shape_recorder = resume.BatchShapeRecorder(cfg)
     callbacks.append(shape_recorder)
     hparams = to_dict(cfg)
-    loggers = builders.build_loggers(cfg.loggers, cfg.run_name, hparams)
+    loggers = builders.build_loggers(cfg.loggers, run_name_of(cfg), hparams)
     parallelism = builders.build_parallelism(cfg.fsdp, world_size, dist.get_local_world_size())
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # before FSDP shards them
     sharded = cfg.fsdp is not None and cfg.fsdp.state_dict_type == "sharded"
@@ -262,7 +261,7 @@ def _build_trainer(cfg: TrainConfig):
 
     try:
         trainer = Trainer(
-            run_name=cfg.run_name,
+            run_name=run_name_of(cfg),
             model=model,
             train_dataloader=train_loader,
             eval_dataloader=evaluators or None,
@@ -346,7 +345,7 @@ def _already_complete(trainer, cfg: TrainConfig) -> bool:
     where = trainer.state.load_path or "the checkpoint"
     if elapsed == max_duration:
         log.warning("run %s is already complete: resumed from %s at %s = max_duration, nothing to train. Raise "
-                    "max_duration to train longer, or set a new run_name to start another run", cfg.run_name,
+                    "max_duration to train longer, or set a new run_name to start another run", run_name_of(cfg),
                     where, elapsed)
         return True
     raise TrainError(f"the checkpoint loaded from {where} is at {elapsed}, past max_duration = {max_duration}; "
