@@ -173,6 +173,22 @@ def test_gpu_fsdp_train_save_autoresume(tmp_path, version, strategy, state_dict_
 
 @pytest.mark.gpu
 @gpus(2)
+def test_gpu_small_model_recipe_fsdp_train_save_autoresume(tmp_path):
+    """The <=1B recipes' FSDP settings over NCCL: SHARD_GRAD_OP, DEFAULT mixed precision, one gradient reduction
+    per optimizer step (2 micro-batches per rank): trains, saves sharded checkpoints, and resumes."""
+    args = [TINY, *fast(tmp_path / "ck"), *GPU_FAST, "fsdp.version=2", "fsdp.sharding_strategy=SHARD_GRAD_OP",
+            "fsdp.mixed_precision=DEFAULT", "fsdp.reduce_grads_every_microbatch=false", "model.init_device=meta"]
+    first = launch(2, [*args, "max_duration=3ba"], tmp_path / "logs-1")
+    assert first.returncode == 0, explain(first, tmp_path / "logs-1")
+    assert "3 micro-batches ran without gradient reduction" in first.stdout + first.stderr
+    second = launch(2, args, tmp_path / "logs-2")
+    assert second.returncode == 0, explain(second, tmp_path / "logs-2")
+    out = second.stdout + second.stderr
+    assert "Autoresuming training from checkpoint" in out and f"[batch={N}/{N}]" in out and "[batch=3/" not in out
+
+
+@pytest.mark.gpu
+@gpus(2)
 def test_gpu_fsdp2_stop_and_resume_same_losses(tmp_path):
     """FSDP2 FULL_SHARD, PURE bf16, sharded checkpoints: N batches in one go, and 3 batches then the same command
     to N (autoresume) log the same loss at every batch, within bf16 noise.
