@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # kind of kernel -> name fragments (checked in this order, case-insensitively)
 KERNEL_GROUPS = [
     ("attention", ("_fwd_kernel", "_bwd_", "_kmax_kernel", "flex", "attention")),
-    ("gelu", ("_gelu_", "gelu_")),  # ours (kernels/gelu.py) or Inductor's fused ones
+    ("gelu", ("gelu_",)),  # ours (kernels/gelu.py) or Inductor's fused ones
     ("matmul", ("gemm", "nvjet", "sm90_xmma", "cutlass", "matmul", "_mm_")),
     ("communication", ("nccl",)),
     ("optimizer", ("_lion_kernel", "foreach", "multi_tensor")),
