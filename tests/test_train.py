@@ -363,11 +363,13 @@ def test_trace_summary_merges_overlapping_gpu_intervals():
     assert s["groups"] == {"matmul": 0.010, "attention": 0.010, "copies": 0.005}
 
 
-def test_kernel_groups_tell_gelu_from_attention():
+def test_kernel_groups_tell_gelu_norm_and_attention_apart():
     from llmfoundry.train.profiler import kernel_group
     assert kernel_group("_gelu_kernel") == kernel_group("_gelu_grad_kernel") == "gelu"  # kernels/gelu.py
     assert kernel_group("triton_poi_fused_gelu_view_7") == "gelu"  # Inductor's
     assert kernel_group("_fwd_kernel") == kernel_group("_bwd_dkdv_kernel") == "attention"
+    assert kernel_group("_add_norm_fwd_kernel") == kernel_group("_add_norm_bwd_kernel") == "norm"  # layer_norm.py
+    assert kernel_group("triton_red_fused__unsafe_view_add_native_layer_norm_2") == "norm"  # Inductor's
 
 
 # AdamW at lr 1e12 (no clipping, no warm-up) turns batch 2's loss into NaN

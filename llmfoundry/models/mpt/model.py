@@ -55,7 +55,11 @@ class MPTMLP(nn.Module):
 
 
 class MPTBlock(nn.Module):
-    """Pre-norm block: x + drop(attn(norm_1(x))), then + drop(ffn(norm_2(x)))."""
+    """Pre-norm block: x + drop(attn(norm_1(x))), then + drop(ffn(norm_2(x))).
+
+    The last residual add is left to the next norm: ``forward(x, ..., branch)`` takes the stream as ``x + branch``
+    (the previous block's MLP output, None for the first block) and returns it the same way, so every add meets
+    the norm after it in one pass (``LayerNorm.add_forward``); ``norm_f`` takes the last block's pair."""
 
     def __init__(self, cfg: MPTConfig, index: int = 0):
         super().__init__()
@@ -66,9 +70,11 @@ class MPTBlock(nn.Module):
         self.ffn = MPTMLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
 
-    def forward(self, x: torch.Tensor, ctx, cache: Optional[KVCache] = None, layer_idx: int = 0) -> torch.Tensor:
-        x = x + self.resid_dropout(self.attn(self.norm_1(x), ctx, cache, layer_idx))
-        return x + self.resid_dropout(self.ffn(self.norm_2(x)))
+    def forward(self, x: torch.Tensor, ctx, cache: Optional[KVCache] = None, layer_idx: int = 0,
+                branch: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x, h = self.norm_1.add_forward(x, branch)
+        x, h = self.norm_2.add_forward(x, self.resid_dropout(self.attn(h, ctx, cache, layer_idx)))
+        return x, self.resid_dropout(self.ffn(h))
 
 
 def _positions(input_ids, past_len, attention_mask, sequence_id) -> torch.Tensor:
@@ -128,9 +134,10 @@ class MPTModel(nn.Module):
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         ctx = build_attn_context(cfg, b, s, past, x.device, dtype, attention_mask, sequence_id)
+        branch = None
         for i, block in enumerate(self.blocks):
-            x = block(x, ctx, past_key_values, i)
-        return self.norm_f(x)
+            x, branch = block(x, ctx, past_key_values, i, branch)
+        return self.norm_f.add_forward(x, branch)[1]
 
 
 def _init_device(name: str) -> str:
