@@ -10,7 +10,8 @@ and multiplies that straight back through the head: ``grad_h[c] = G_c @ W`` and 
 (fp32 accumulator). The gradients are saved for backward, which only scales them by the incoming gradient.
 So the head matmul is never recomputed, and no fp32 logits exist. Memory: one chunk's logits (``chunk_tokens x
 V`` in the compute dtype) at a time, plus ``grad_h`` (hidden-sized), the fp32 ``V x d`` accumulator (returned in
-the weight's dtype) and, for a low-precision compute dtype, one ``V x d`` product per chunk before it is added.
+the weight's dtype) and, for a low-precision compute dtype where the matmul cannot accumulate into fp32 itself
+(CPU, torch < 2.9), one ``V x d`` product per chunk before it is added.
 It is a torch custom op, so ``torch.compile`` keeps it as one opaque node instead of tracing into it.
 
 """
@@ -35,11 +36,35 @@ def _shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, 1:], pad], dim=1).reshape(-1)
 
 
+_MIXED_ADDMM: dict = {}  # device -> whether torch.addmm accumulates low-precision products into fp32 in place
+
+
+def _mixed_addmm(device: torch.device) -> bool:
+    """Whether ``torch.addmm(c, a, b, out_dtype=torch.float32, out=c)`` works on ``device`` for bf16 ``a``, ``b`` and
+    fp32 ``c`` (torch >= 2.9 on CUDA: cuBLAS adds the product into the fp32 accumulator in the same pass). Tried
+    once per device on a 2 x 2 product."""
+    if device not in _MIXED_ADDMM:
+        ok = False
+        if device.type == "cuda":
+            try:
+                c = torch.zeros(2, 2, device=device)
+                a = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+                for _ in range(2):
+                    torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+                ok = bool((c == 4).all())
+            except (TypeError, RuntimeError):
+                ok = False
+        _MIXED_ADDMM[device] = ok
+    return _MIXED_ADDMM[device]
+
+
 def _add_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
     """grad_w (fp32) += g^T @ h."""
     if g.dtype == grad_w.dtype:
         grad_w.addmm_(g.t(), h)
-    else:  # no mixed-dtype (bf16 in, fp32 out) matmul here: one low-precision product per chunk, added in fp32
+    elif _mixed_addmm(grad_w.device):  # bf16 in, fp32 accumulated by the matmul itself
+        torch.addmm(grad_w, g.t(), h, out_dtype=grad_w.dtype, out=grad_w)
+    else:  # one low-precision product per chunk, added in fp32
         grad_w.add_(torch.mm(g.t(), h))
 
 
