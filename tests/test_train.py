@@ -368,7 +368,6 @@ def test_kernel_groups_tell_gelu_norm_and_attention_apart():
     assert kernel_group("_gelu_kernel") == kernel_group("_gelu_grad_kernel") == "gelu"  # kernels/gelu.py
     assert kernel_group("triton_poi_fused_gelu_view_7") == "gelu"  # Inductor's
     assert kernel_group("_fwd_kernel") == kernel_group("_bwd_dkdv_kernel") == "attention"
-    assert kernel_group("_add_norm_fwd_kernel") == kernel_group("_add_norm_bwd_kernel") == "norm"  # layer_norm.py
     assert kernel_group("triton_red_fused__unsafe_view_add_native_layer_norm_2") == "norm"  # Inductor's
 
 

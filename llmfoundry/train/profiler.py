@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # kind of kernel -> name fragments (checked in this order, case-insensitively)
 KERNEL_GROUPS = [
-    ("norm", ("_norm_", "layer_norm")),  # ours (kernels/layer_norm.py: _add_norm_*), Inductor's or torch's
+    ("norm", ("layer_norm",)),  # Inductor's (fused with the residual adds) or torch's
     ("attention", ("_fwd_kernel", "_bwd_", "_kmax_kernel", "flex", "attention")),
     ("gelu", ("gelu_",)),  # ours (kernels/gelu.py) or Inductor's fused ones
     ("matmul", ("gemm", "nvjet", "sm90_xmma", "cutlass", "matmul", "_mm_")),

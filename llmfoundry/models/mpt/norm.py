@@ -1,13 +1,11 @@
 """Normalization layers: LayerNorm / RMSNorm, each with a low-precision variant that runs in the autocast dtype.
 
 Both have ``add_forward(x, branch)``, which returns ``(x + branch, norm(x + branch))``: the blocks add each branch
-to the residual stream through it. For LayerNorm on CUDA under autocast (training and evaluation) it is one Triton
-pass each way (``llmfoundry/kernels/layer_norm.py``); elsewhere, or with ``LLMFOUNDRY_LAYERNORM=torch``, the torch
-ops below.
+to the residual stream through it, so that the add and the norm after it sit in one compiled graph and Inductor
+fuses them into one pass (``MPTBlock``).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -39,15 +37,7 @@ class LayerNorm(nn.LayerNorm):
             return F.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps)
 
     def add_forward(self, x: torch.Tensor, branch: Optional[torch.Tensor] = None):
-        """``(r, self(r))`` with ``r = x + branch`` (``x`` when branch is None), fused where the kernel applies:
-        under autocast, whose dtype (low precision) or fp32 the norm then runs in, as ``forward`` does."""
-        dev = x.device.type
-        if (torch.is_autocast_enabled(dev) and len(self.normalized_shape) == 1
-                and os.environ.get("LLMFOUNDRY_LAYERNORM", "triton") != "torch"):
-            from llmfoundry.kernels import layer_norm as kernel
-            if kernel.supports(x, branch, self.weight):
-                dtype = torch.get_autocast_dtype(dev) if self.low_precision else torch.float32
-                return kernel.add_layer_norm(x, branch, self.weight, self.bias, self.eps, dtype)
+        """``(r, self(r))`` with ``r = x + branch`` (``x`` when branch is None)."""
         r = x if branch is None else x + branch
         return r, self(r)
 
