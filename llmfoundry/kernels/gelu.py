@@ -5,8 +5,8 @@
 
 Why: between MPT's up- and down-projection, GELU moves 2 (forward) and 3 (backward) bytes x elements per layer
 (MPT-1B at micro-batch 16 x 2048: 0.5 GB each). On an H200 (``bench/bench_gelu.py``, BENCHMARKS.md) Inductor's
-kernels for it take 0.388 / 0.519 ms a layer (forward / backward; a plain copy of the same bytes 0.26 / 0.37) and
-these 0.317 / 0.422 ms. Here ``Phi(-|x|) = 0.5 * erfc(|x| / sqrt 2)`` comes from one formula over the whole range,
+kernels for it take about 0.39 / 0.52 ms a layer (forward / backward; a plain copy of the same bytes 0.26 / 0.37)
+and these 0.33 / 0.41 ms. Here ``Phi(-|x|) = 0.5 * erfc(|x| / sqrt 2)`` comes from one formula over the whole range,
 
     erfc(z) = t * exp(-z^2) * Q(t),    t = 1 / (1 + z / 2),    z >= 0
 

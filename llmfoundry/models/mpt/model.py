@@ -60,8 +60,7 @@ class MPTBlock(nn.Module):
     The last residual add is left to the next norm: ``forward(x, ..., branch)`` takes the stream as ``x + branch``
     (the previous block's MLP output, None for the first block) and returns it the same way, so every add sits
     in one graph with the norm after it (``add_forward``) and a compiled model fuses the two into one pass, also
-    across the blocks' graph breaks (FSDP wraps each block); ``norm_f`` takes the last block's pair. On an H200
-    this took MPT-350M from 0.549 to 0.560 MFU (BENCHMARKS.md, session 9)."""
+    across the blocks' graph breaks (FSDP wraps each block); ``norm_f`` takes the last block's pair."""
 
     def __init__(self, cfg: MPTConfig, index: int = 0):
         super().__init__()
