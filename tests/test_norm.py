@@ -1,5 +1,5 @@
 """Tests of the blocks' residual bookkeeping: each block adds its MLP output to the residual stream through the
-next norm (``add_forward``), so that a compiled model fuses every residual add with the norm after it."""
+next norm (``add_norm``), so that a compiled model fuses every residual add with the norm after it."""
 from __future__ import annotations
 
 import torch
@@ -27,11 +27,11 @@ def test_blocks_compute_the_pre_norm_formula_bit_for_bit():
         assert torch.equal(t(ids), expected)
 
 
-def test_add_forward_returns_the_sum_and_its_norm():
-    from llmfoundry.models.mpt.norm import LayerNorm, RMSNorm
+def test_add_norm_returns_the_sum_and_its_norm():
+    from llmfoundry.models.mpt.norm import LayerNorm, RMSNorm, add_norm
     x, a = torch.randn(3, 16), torch.randn(3, 16)
     for norm in (LayerNorm(16, bias=False, low_precision=True), RMSNorm(16)):
-        r, y = norm.add_forward(x)
+        r, y = add_norm(norm, x)
         assert r is x and torch.equal(y, norm(x))  # no branch: the stream itself, no copy
-        r, y = norm.add_forward(x, a)
+        r, y = add_norm(norm, x, a)
         assert torch.equal(r, x + a) and torch.equal(y, norm(x + a))

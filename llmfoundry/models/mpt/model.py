@@ -21,7 +21,7 @@ from llmfoundry.models.mpt.attention import KVCache, MPTAttention, build_attn_co
 from llmfoundry.models.mpt.config import MPTConfig
 from llmfoundry.models.mpt.init import init_module
 from llmfoundry.models.mpt.loss import fused_linear_cross_entropy
-from llmfoundry.models.mpt.norm import build_norm
+from llmfoundry.models.mpt.norm import add_norm, build_norm
 
 
 class MPTOutput(NamedTuple):
@@ -59,7 +59,7 @@ class MPTBlock(nn.Module):
 
     The last residual add is left to the next norm: ``forward(x, ..., branch)`` takes the stream as ``x + branch``
     (the previous block's MLP output, None for the first block) and returns it the same way, so every add sits
-    in one graph with the norm after it (``add_forward``) and a compiled model fuses the two into one pass, also
+    in one graph with the norm after it (``add_norm``) and a compiled model fuses the two into one pass, also
     across the blocks' graph breaks (FSDP wraps each block); ``norm_f`` takes the last block's pair."""
 
     def __init__(self, cfg: MPTConfig, index: int = 0):
@@ -73,8 +73,8 @@ class MPTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx, cache: Optional[KVCache] = None, layer_idx: int = 0,
                 branch: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x, h = self.norm_1.add_forward(x, branch)
-        x, h = self.norm_2.add_forward(x, self.resid_dropout(self.attn(h, ctx, cache, layer_idx)))
+        x, h = add_norm(self.norm_1, x, branch)
+        x, h = add_norm(self.norm_2, x, self.resid_dropout(self.attn(h, ctx, cache, layer_idx)))
         return x, self.resid_dropout(self.ffn(h))
 
 
@@ -138,7 +138,7 @@ class MPTModel(nn.Module):
         branch = None
         for i, block in enumerate(self.blocks):
             x, branch = block(x, ctx, past_key_values, i, branch)
-        return self.norm_f.add_forward(x, branch)[1]
+        return add_norm(self.norm_f, x, branch)[1]
 
 
 def _init_device(name: str) -> str:

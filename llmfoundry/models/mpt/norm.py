@@ -1,8 +1,8 @@
 """Normalization layers: LayerNorm / RMSNorm, each with a low-precision variant that runs in the autocast dtype.
 
-Both have ``add_forward(x, branch)``, which returns ``(x + branch, norm(x + branch))``: the blocks add each branch
-to the residual stream through it, so that the add and the norm after it sit in one compiled graph and Inductor
-fuses them into one pass (``MPTBlock``).
+``add_norm(norm, x, branch)`` returns ``(x + branch, norm(x + branch))``: the blocks add each branch to the
+residual stream through it, so that the add and the norm after it sit in one compiled graph and Inductor fuses
+them into one pass (``MPTBlock``).
 """
 from __future__ import annotations
 
@@ -36,11 +36,6 @@ class LayerNorm(nn.LayerNorm):
         with torch.autocast(x.device.type, enabled=False):
             return F.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps)
 
-    def add_forward(self, x: torch.Tensor, branch: Optional[torch.Tensor] = None):
-        """``(r, self(r))`` with ``r = x + branch`` (``x`` when branch is None)."""
-        r = x if branch is None else x + branch
-        return r, self(r)
-
 
 class RMSNorm(nn.Module):
     """RMSNorm with a weight and no bias; computed in fp32 (or in the autocast dtype with ``low_precision``)."""
@@ -62,10 +57,11 @@ class RMSNorm(nn.Module):
             y = y * self.weight.to(y.dtype)
         return y if dt is not None else y.to(x.dtype)
 
-    def add_forward(self, x: torch.Tensor, branch: Optional[torch.Tensor] = None):
-        """``(r, self(r))`` with ``r = x + branch`` (``x`` when branch is None)."""
-        r = x if branch is None else x + branch
-        return r, self(r)
+
+def add_norm(norm: nn.Module, x: torch.Tensor, branch: Optional[torch.Tensor] = None):
+    """``(r, norm(r))`` with ``r = x + branch`` (``x`` itself when branch is None)."""
+    r = x if branch is None else x + branch
+    return r, norm(r)
 
 
 def build_norm(norm_type: str, dim: int, eps: float, bias: bool) -> nn.Module:
