@@ -10,8 +10,9 @@ callbacks.profiler.start_batch=5"``).
     PYTHONPATH=$PWD python3 bench/profile_step.py --yaml yamls/mpt-1b.yaml --mb 8 [--compile blocks|whole] \
         [--attn flex] [--fsdp] [--set key=value ...]
 
-``--fsdp`` wraps each block and the root with FSDP2 (one rank, bf16 params and gradient reduction: the recipes'
-``mixed_precision: PURE``), and ``--compile whole`` compiles the wrapped model as composer's ``compile_config`` does,
+``--fsdp`` wraps each block and the root with FSDP2 (one rank, bf16 params and gradient reduction: the 3B+
+recipes' ``mixed_precision: PURE``; the <=1B recipes' fp32 reduction once per optimizer step is timed through the
+trainer by bench_train.py), and ``--compile whole`` compiles the wrapped model as composer's ``compile_config`` does,
 so that ``--fsdp --compile whole`` is the trainer's step without the trainer.
 """
 from __future__ import annotations
