@@ -91,6 +91,23 @@ def test_language_modeling_accuracy_with_known_answers(model, tok, tmp_path):
     assert evaluate_icl_task(model, tok, cfg, max_seq_len=128)[0]["accuracy"] == 0.0
 
 
+def test_prompts_longer_than_max_seq_len_are_counted_and_warned(model, tok, caplog):
+    cfg = ICLTaskConfig(label="piqa", path=str(ICL / "piqa_tiny.jsonl"), type="multiple_choice", num_fewshot=[0, 2])
+    n = len(load_task_examples(cfg.path, cfg.type))
+    with caplog.at_level("WARNING", logger="llmfoundry.eval.icl"):
+        whole = evaluate_icl_task(model, tok, cfg, max_seq_len=512)
+    assert [r["truncated_examples"] for r in whole] == [0, 0] and not caplog.records
+    with caplog.at_level("WARNING", logger="llmfoundry.eval.icl"):
+        rows = evaluate_icl_task(model, tok, cfg, max_seq_len=24)
+    cut = [r["truncated_examples"] for r in rows]
+    assert 0 < cut[1] <= n and cut[0] <= cut[1]
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == (cut[0] > 0) + 1
+    assert warned[-1] == (f"ICL task 'piqa' 2-shot: {cut[1]} of {n} examples are longer than max_seq_len=24 and were "
+                          "scored on their last 24 tokens (the front of the prompt dropped); fewer shots or a larger "
+                          "max_seq_len keep them whole")
+
+
 def test_fewshot_prompt_construction(tok):
     cfg = ICLTaskConfig(label="t", path=str(ICL / "lambada_tiny.jsonl"), type="language_modeling",
                         prompt_string="Complete:\n", example_delimiter="\n###\n", continuation_delimiter=" ",
@@ -117,6 +134,12 @@ def test_fewshot_prompt_construction(tok):
     assert len(reqs) == sum(len(e["choices"]) for e in mex)
     assert all(len(r.context) + len(r.continuation) <= 24 for r in reqs)
     assert any(len(r.context) + len(r.continuation) == 24 for r in reqs)  # some were truncated
+    whole = {(r.example, r.choice): r for r in build_requests(mc, mex, tok, 1, max_seq_len=512)}
+    assert all(w.cut == 0 for w in whole.values())
+    for r in reqs:  # and say how many tokens they lost
+        w = whole[r.example, r.choice]
+        assert w.context[r.cut:] == r.context and len(w.context) == r.cut + len(r.context)
+        assert (r.cut > 0) == (len(w.context) + len(w.continuation) > 24)
     assert reqs[0].continuation == tok(" " + mex[0]["choices"][0], add_special_tokens=False)["input_ids"]
     with pytest.raises(ValueError, match=r"num_fewshot=12 needs at least 13 examples.*it has 10"):
         fewshot_indices(10, 0, 12, seed=1)

@@ -17,7 +17,8 @@ YAML keys (``EvalConfig``):
                             the model's ``max_seq_len`` are scored on their first ``max_seq_len`` tokens (a warning
                             says so)
 ``eval_subset_num_batches`` score at most this many batches of each loader (null = all)
-``icl_tasks``               list of ``ICLTaskConfig`` (``llmfoundry/eval/icl.py``)
+``icl_tasks``               list of ``ICLTaskConfig`` (``llmfoundry/eval/icl.py``); prompts longer than
+                            ``max_seq_len`` lose their front (a warning and ``truncated_examples`` count them)
 ``results_path``            JSON file with every number (null = do not write)
 ==========================  =========================================================================================
 
@@ -159,8 +160,9 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"| {label} | - | loss | {r['loss']:.4f} | {r['tokens']} tok |")
         lines.append(f"| {label} | - | perplexity | {r['perplexity']:.3f} | {r['tokens']} tok |")
     for r in results.get("icl", []):
+        cut = f", {r['truncated_examples']} truncated" if r.get("truncated_examples") else ""
         lines.append(f"| {r['task']} | {r['num_fewshot']} | accuracy | {r['accuracy']:.4f} "
-                     f"(chance {r['random_baseline']:.2f}) | {r['num_examples']} |")
+                     f"(chance {r['random_baseline']:.2f}) | {r['num_examples']}{cut} |")
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory that holds `llmfoundry/`
 BUNDLED_ICL_DIR = Path(__file__).resolve().parents[1] / "assets" / "icl"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -150,6 +152,7 @@ class Request:
     context: list[int]
     continuation: list[int]
     chars: int  # characters in the continuation text (for 'chars' normalization)
+    cut: int = 0  # context tokens dropped from the front to fit max_seq_len
 
 
 def build_requests(cfg: ICLTaskConfig, examples: Sequence[dict], tokenizer, num_fewshot: int,
@@ -174,7 +177,7 @@ def build_requests(cfg: ICLTaskConfig, examples: Sequence[dict], tokenizer, num_
             keep = max_seq_len - len(cont_ids)
             if not ctx:  # a continuation must be predicted from something: fall back to the EOS/BOS token
                 ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
-            requests.append(Request(i, c, ctx[-keep:], cont_ids, len(cont_text)))
+            requests.append(Request(i, c, ctx[-keep:], cont_ids, len(cont_text), max(0, len(ctx) - keep)))
     return requests
 
 
@@ -266,8 +269,13 @@ def evaluate_icl_task(model, tokenizer, cfg: ICLTaskConfig, *, max_seq_len: int,
         requests = build_requests(cfg, examples, tokenizer, k, max_seq_len)
         scores = score_requests(model, requests, cfg.batch_size or batch_size, device, pad)
         acc, preds = accuracy_from_scores(cfg, examples, requests, scores)
+        cut = sorted({r.example for r in requests if r.cut})
+        if cut:
+            log.warning("ICL task '%s' %d-shot: %d of %d examples are longer than max_seq_len=%d and were scored on "
+                        "their last %d tokens (the front of the prompt dropped); fewer shots or a larger max_seq_len "
+                        "keep them whole", cfg.label, k, len(cut), len(preds), max_seq_len, max_seq_len)
         rows.append({"task": cfg.label, "type": cfg.type, "num_fewshot": k, "num_examples": len(preds),
-                     "accuracy": acc, "predictions": preds})
+                     "accuracy": acc, "predictions": preds, "truncated_examples": len(cut)})
     return rows
 
 
