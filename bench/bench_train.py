@@ -37,17 +37,26 @@ WINDOW = 5  # SpeedMonitor's window (batches): the throughput is logged from bat
 
 # per-GPU micro-batches that fit an H200 (141 GB) with the recipes' settings (1b: 70 GB at 16)
 MICRO_BATCH = {"125m": 16, "350m": 16, "760m": 16, "1b": 16, "3b": 8, "7b": 4, "13b": 2, "30b": 1}
+# --suite: settings for the H200s it runs on (141 GB), as the recipes' comments give them; 7B at micro-batch 4 needs
+# no recomputation there (77 GB per GPU on 2 GPUs, BENCHMARKS.md)
+SUITE_OVERRIDES = {"7b": ["fsdp.activation_checkpointing=false"]}
 METRIC = re.compile(r"(throughput/device/[a-z_]+|memory/peak_allocated_mem|memory/peak_reserved_mem)"
                     r"\s*:\s*([0-9.eE+-]+)")
 
 
 def write_random_mds(root: Path, n_samples: int, seq_len: int, vocab: int) -> Path:
-    """``n_samples`` random-token samples in the project's MDS format (``tokens`` ndarray:int32)."""
+    """``n_samples`` random-token samples in the project's MDS format (``tokens`` ndarray:int32). Shards already at
+    ``root`` are kept when they hold at least as many samples: fewer would make a timing run cross epoch boundaries
+    (a loader restart each time, slower steps)."""
     import numpy as np
     from streaming import MDSWriter
     out = root / "train"
     if (out / "index.json").exists():
-        return root
+        have = sum(s["samples"] for s in json.loads((out / "index.json").read_text())["shards"])
+        if have >= n_samples:
+            return root
+        print(f"{out} holds {have} samples, fewer than the {n_samples} these runs read: writing them again",
+              flush=True)
     shutil.rmtree(root, ignore_errors=True)
     rng = np.random.default_rng(0)
     with MDSWriter(out=str(out), columns={"tokens": "ndarray:int32"}, size_limit="64mb") as w:
@@ -216,7 +225,8 @@ def main(argv=None) -> None:
                         "with none)")
     p.add_argument("--suite", action="store_true",
                    help="the speed issue's table: 125m/350m/1b x --attn on 1 GPU, 1b triton on 2 and 4 GPUs, 7b "
-                        "triton on 4 GPUs (runs needing more GPUs than this machine has are skipped, and said so)")
+                        "triton on 4 GPUs with SUITE_OVERRIDES (runs needing more GPUs than this machine has are "
+                        "skipped, and said so)")
     p.add_argument("extra", nargs="*", help="more key=value overrides for every run (e.g. compile_config={})")
     args = p.parse_args(argv)
     if args.steps <= WINDOW:
@@ -241,8 +251,9 @@ def main(argv=None) -> None:
             rows.append(run_hf_peer(model, args.steps, accum=args.accum))
         for _, attn, g in (run for run in plan if run[0] == model):
             for name, overrides in variants:
-                rows.append(run_recipe(model, attn, g, args.steps, data, [*args.extra, *overrides], logs, name,
-                                       args.accum, args.mb))
+                suite = SUITE_OVERRIDES.get(model, []) if args.suite else []
+                rows.append(run_recipe(model, attn, g, args.steps, data, [*args.extra, *suite, *overrides], logs,
+                                       name, args.accum, args.mb))
                 print(json.dumps(rows[-1]), flush=True)
         for r in rows:
             if r["model"] == model and r.get("ok"):

@@ -44,3 +44,16 @@ def test_variant_env_items_are_split_from_overrides():
     env, rest = bench_train.split_env(["env.LLMFOUNDRY_ALIBI_SKIP=0", "fsdp.sharding_strategy=SHARD_GRAD_OP",
                                        "env.X=a=b"])
     assert env == {"LLMFOUNDRY_ALIBI_SKIP": "0", "X": "a=b"} and rest == ["fsdp.sharding_strategy=SHARD_GRAD_OP"]
+
+
+def test_random_shards_are_rewritten_when_too_few_for_the_runs(tmp_path, capsys):
+    """A 7B run's small data set, reused by a 1B run with 4x the samples per step, would wrap around epochs."""
+    from streaming import StreamingDataset
+    def count():
+        return StreamingDataset(local=str(tmp_path / "d" / "train"), batch_size=1).num_samples
+    bench_train.write_random_mds(tmp_path / "d", 12, 16, 100)
+    assert count() == 12
+    bench_train.write_random_mds(tmp_path / "d", 8, 16, 100)  # enough: kept
+    assert count() == 12 and "writing them again" not in capsys.readouterr().out
+    bench_train.write_random_mds(tmp_path / "d", 40, 16, 100)
+    assert count() == 40 and "holds 12 samples, fewer than the 40 these runs read" in capsys.readouterr().out
