@@ -10,6 +10,7 @@ import pytest
 from conftest import S3Server
 from streaming import MDSWriter
 
+from llmfoundry.data.streams import user_message
 from llmfoundry.data.text_loader import StreamError, TextLoaderConfig, build_text_dataloader
 from llmfoundry.utils.config import from_dict
 
@@ -86,6 +87,36 @@ def test_s3_remote_without_index_is_named(s3_server, s3_bucket):
     with pytest.raises(StreamError, match=rf"mds/train/train/index\.json.*Note: the split \('train'\) is appended "
                                           rf"to remote; did you mean remote={s3_bucket}/mds\?$"):
         build_text_dataloader(cfg, 8)
+
+
+def test_s3_missing_bucket_shard_and_credentials_each_get_their_fix(s3_server, s3_bucket, tmp_path, monkeypatch):
+    write_mds(str(tmp_path / "d"), 300, marker=6)  # 3 shards
+    upload(s3_server.client(), tmp_path / "d", f"{s3_bucket}/d")
+
+    def error(remote: str) -> str:
+        cfg = TextLoaderConfig(max_seq_len=SEQ, remote=remote, shuffle=False, download_retry=1, download_timeout=5)
+        with pytest.raises(StreamError) as info:
+            for _ in build_text_dataloader(cfg, 10):
+                pass
+        return user_message(info.value)  # a worker's error arrives wrapped with its traceback
+
+    message = error("s3://no-such-bucket/d")
+    assert "s3://no-such-bucket/d/index.json" in message and message.endswith(
+        "Fix: bucket 'no-such-bucket' does not exist at this endpoint; correct the bucket name in 'remote'."), message
+    assert ".." not in message
+    bucket = s3_bucket[len("s3://"):]
+    s3_server.client().delete_object(Bucket=bucket, Key="d/shard.00001.mds")
+    message = error(f"{s3_bucket}/d")
+    assert f"{s3_bucket}/d/shard.00001.mds" in message and message.endswith(
+        "Fix: the shard is listed in index.json but missing from the store: convert this source again (it writes "
+        "index.json and its shards together), or restore the file."), message
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    message = error(f"{s3_bucket}/d")
+    assert "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)" in message, message
 
 
 @pytest.mark.timeout(180)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -162,7 +163,48 @@ def test_split_folder_given_as_local_gets_a_hint(tmp_path, data):
     assert len(take(build_text_dataloader(make(str(tmp_path / "mds"), split="train"), 4))) == 2  # the fix works
     with pytest.raises(StreamError) as e:
         build_text_dataloader(make(data["a"], split="val"), 4)
-    assert "Note" not in str(e.value)
+    assert "is appended" not in str(e.value)
+
+
+def test_stream_split_empty_reads_the_folder_itself(tmp_path, data):
+    """split: '' on one stream means no split folder for it, whatever the loader's split; a folder that holds
+    index.json itself, read with a split, gets a note saying so."""
+    write_mds(tmp_path / "flat", 40, 12, marker=5)  # shards directly in flat/, no train/ under it
+    write_mds(tmp_path / "nested" / "train", 40, 12, marker=6)
+    cfg = make(None, split="train", shuffle=False, streams={"flat": {"local": str(tmp_path / "flat"), "split": ""},
+                                                            "nested": {"local": str(tmp_path / "nested")}})
+    assert sorted(set(m for m, _ in sample_keys(take(build_text_dataloader(cfg, 4))))) == [5, 6]
+    cfg.streams["flat"].split = None  # the loader's 'train' again
+    with pytest.raises(StreamError) as e:
+        build_text_dataloader(cfg, 4)
+    assert str(e.value).endswith(f"Note: {tmp_path / 'flat'} holds an index.json itself; to read it without a split "
+                                 "folder, set split: '' on this stream."), str(e.value)
+
+
+def test_missing_shard_files_are_named_before_training(tmp_path):
+    src = write_mds(tmp_path / "d", 200, 12, samples_per_shard=50)
+    assert len(take(build_text_dataloader(make(src), 4))) == 50
+    shard = sorted(f for f in os.listdir(src) if f.startswith("shard."))[1]
+    os.remove(os.path.join(src, shard))
+    with pytest.raises(StreamError) as e:
+        build_text_dataloader(make(src), 4)
+    assert str(e.value) == (f"stream 'default': 1 shard file(s) listed in {src}/index.json are missing, e.g. "
+                            f"{src}/{shard}. Fix: convert this source again (index.json and its shards are written "
+                            f"together), or restore the files.")
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_shard_file_removed_during_the_run_is_named(tmp_path, num_workers):
+    """A shard that vanishes after the up-front check: the error names the file, not a download from a remote."""
+    src = write_mds(tmp_path / "d", 200, 12, samples_per_shard=50)
+    loader = build_text_dataloader(make(src, shuffle=False, num_workers=num_workers), 4)
+    for name in os.listdir(src):
+        if name.startswith("shard."):
+            os.remove(os.path.join(src, name))
+    with pytest.raises(StreamError) as e:
+        take(loader)
+    assert re.search(rf"stream 'default' \({re.escape(src)}\): {re.escape(src)}/shard\.\d+\.mds is listed in its "
+                     r"index\.json but missing\. Fix: convert this source again", str(e.value)), str(e.value)
 
 
 def test_wrong_column_is_rejected(tmp_path):

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from streaming import Stream
 from streaming.base.storage.download import S3Downloader
 
+from llmfoundry.utils.errors import exception_chain
+
 
 class StreamError(RuntimeError):
     """A data source is missing, unreachable or malformed. The message names it and the fix."""
@@ -44,7 +46,8 @@ class StreamConfig:
     remote: where the shards live (`s3://bucket/dir`, a directory, ...); None when they are all in `local`.
     local: cache directory the shards are downloaded to (or read from, without remote). When a remote is
         set and local is not, each loader gets its own fresh temporary directory, removed when it is freed.
-    split: subdirectory of remote and local (e.g. 'train'); defaults to the loader's `split`.
+    split: subdirectory of remote and local (e.g. 'train'); defaults to the loader's `split`; '' = none (the
+        shards sit in remote/local itself).
     proportion / repeat / choose: at most one; how much this stream is up/down-sampled per epoch
         (streaming semantics: proportion = share of the epoch, relative to the other streams; repeat =
         multiplier on its samples; choose = exact sample count). Proportions can't mix with the others.
@@ -116,20 +119,58 @@ class NamedStream(Stream):
         try:
             return super()._download_file(from_basename, to_basename)
         except Exception as e:
-            remote = os.path.join(self.remote or "", self.split, from_basename)
+            if self.remote is None:  # nothing to download from: a file of the local dataset is gone
+                path = os.path.join(self.local, self.split, from_basename)
+                raise StreamError(
+                    f"{self.describe()}: {path} is listed in its index.json but missing. Fix: convert this source "
+                    f"again (index.json and its shards are written together), or restore the file.") from e
+            remote = os.path.join(self.remote, self.split, from_basename)
             endpoint = endpoint_description(self.remote, self.s3_endpoint_url)
-            hint = ""
-            if from_basename == "index.json":
-                fix = ("point 'remote' at a directory written by streaming.MDSWriter (it holds index.json), "
-                       "and check that the endpoint is reachable")
-                hint = split_hint(self.remote or "", self.split or "", "remote")
-            else:
-                fix = ("check that the object store is up and reachable; raise download_retry / download_timeout "
-                       "for a slow store")
+            fix = self._download_fix(e, from_basename == "index.json")
+            hint = split_hint(self.remote, self.split or "", "remote") if from_basename == "index.json" else ""
+            detail = (str(e).strip().splitlines() or [""])[0].rstrip(".")
             raise StreamError(
                 f"{self.describe()}: could not download {remote} from {endpoint} "
                 f"(download_retry={self.download_retry} attempts, download_timeout={self.download_timeout}s): "
-                f"{type(e).__name__}: {e}. Fix: {fix}.{hint}") from e
+                f"{type(e).__name__}: {detail}. Fix: {fix}.{hint}") from e
+
+    def _download_fix(self, e: BaseException, index: bool) -> str:
+        """What to do about a failed download, from the object store's answer."""
+        from botocore.exceptions import ClientError, NoCredentialsError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        cause = next((c for c in exception_chain(e)
+                      if isinstance(c, (ClientError, NoCredentialsError, BotoConnectionError))), None)
+        if isinstance(cause, NoCredentialsError):
+            return ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and S3_ENDPOINT_URL or "
+                    "s3_endpoint_url for a store other than AWS S3")
+        if isinstance(cause, BotoConnectionError):
+            return ("check that the endpoint is up and reachable from here (S3_ENDPOINT_URL or s3_endpoint_url); "
+                    "raise download_retry / download_timeout for a slow store")
+        code = cause.response.get("Error", {}).get("Code") if isinstance(cause, ClientError) else None
+        if code in ("403", "AccessDenied"):
+            return "check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE) and their access"
+        if code in ("404", "NoSuchKey", "NoSuchBucket"):
+            bucket = urllib.parse.urlparse(self.remote).netloc
+            if self._bucket_missing(bucket):
+                return f"bucket '{bucket}' does not exist at this endpoint; correct the bucket name in 'remote'"
+            if not index:
+                return ("the shard is listed in index.json but missing from the store: convert this source again "
+                        "(it writes index.json and its shards together), or restore the file")
+            return "point 'remote' at a directory written by streaming.MDSWriter (it holds index.json)"
+        if index:
+            return ("point 'remote' at a directory written by streaming.MDSWriter (it holds index.json), "
+                    "and check that the endpoint is reachable")
+        return "check that the object store is up and reachable; raise download_retry / download_timeout for a slow store"
+
+    def _bucket_missing(self, bucket: str) -> bool:
+        """Whether the store answers that ``bucket`` does not exist (False when it cannot tell)."""
+        probe = _S3Downloader(self.s3_endpoint_url)  # the stream's own client is dropped after a failed download
+        try:
+            probe._create_s3_client(timeout=self.download_timeout)
+            probe._s3_client.head_bucket(Bucket=bucket)
+        except Exception as e:  # noqa: BLE001 - any other answer: cannot tell
+            return str(getattr(e, "response", {}).get("Error", {}).get("Code")) in ("404", "NoSuchBucket")
+        return False
 
 
 _loader_counter = itertools.count()
@@ -164,16 +205,45 @@ def split_hint(path: str, split: str, what: str) -> str:
 
 
 def _check_local_source(name: str, path: str, split: str, what: str) -> None:
+    """A dataset on this machine: its folder, its index.json, and every shard file the index lists."""
     directory = os.path.join(path, split) if split else path
     hint = split_hint(path, split, what)
+    if split and not hint and os.path.isfile(os.path.join(path, "index.json")):
+        hint = (f" Note: {path} holds an index.json itself; to read it without a split folder, set split: '' on "
+                f"this stream.")
     if not os.path.isdir(directory):
         raise StreamError(f"stream '{name}': {what} directory {directory} does not exist. "
                           f"Fix: point '{what}' at a directory written by streaming.MDSWriter"
                           + (" (or set 'remote' to download it)" if what == "local" else "") + "." + hint)
-    if not os.path.isfile(os.path.join(directory, "index.json")):
+    index = os.path.join(directory, "index.json")
+    if not os.path.isfile(index):
         raise StreamError(f"stream '{name}': no index.json in {what} directory {directory}. "
                           f"Fix: point '{what}' at a directory written by streaming.MDSWriter "
                           f"(it holds index.json and shard.*.mds files)." + hint)
+    missing = missing_shards(index)
+    if missing:
+        raise StreamError(f"stream '{name}': {len(missing)} shard file(s) listed in {index} are missing, e.g. "
+                          f"{os.path.join(directory, missing[0])}. Fix: convert this source again (index.json and "
+                          f"its shards are written together), or restore the files.")
+
+
+def missing_shards(index_path: str) -> list[str]:
+    """Shards listed in an MDS ``index.json`` with neither their raw nor their compressed file beside it."""
+    import json
+    directory = os.path.dirname(index_path)
+    try:
+        with open(index_path) as f:
+            shards = json.load(f).get("shards", [])
+    except (OSError, ValueError, AttributeError) as e:
+        raise StreamError(f"{index_path} is not a readable MDS index ({type(e).__name__}: {e}). Fix: convert "
+                          f"this source again.") from e
+    missing = []
+    for shard in shards:
+        names = [(shard.get(k) or {}).get("basename") for k in ("raw_data", "zip_data")]
+        names = [n for n in names if n]
+        if names and not any(os.path.isfile(os.path.join(directory, n)) for n in names):
+            missing.append(names[0])
+    return missing
 
 
 def build_streams(named: dict[str, StreamConfig], *, default_split: str | None, download_retry: int,

@@ -54,7 +54,7 @@ class TextLoaderConfig:
     """Text dataloader settings (YAML `train_loader:` / `eval_loader:`); device batch size comes from the trainer.
 
     Sources: either `streams` (name -> StreamConfig, a mixture) or one top-level `remote` and/or `local`.
-    `split`: subdirectory of every source (e.g. 'train', 'val'), unless a stream sets its own.
+    `split`: subdirectory of every source (e.g. 'train', 'val'), unless a stream sets its own ('' = none).
     `epoch_size`: samples per epoch when streams are weighted by proportion (default: all samples).
     Shuffling (streaming semantics): `shuffle`, `shuffle_algo`, `shuffle_seed`, `shuffle_block_size`.
     `num_canonical_nodes`: fixes the sample order independently of the number of nodes (default: streaming's,
@@ -341,7 +341,9 @@ def build_text_dataloader(cfg: TextLoaderConfig, device_batch_size: int, eos_tok
                                        s3_endpoint_url=cfg.s3_endpoint_url)
     try:
         dataset = TextStreamingDataset(
-            max_seq_len=cfg.max_seq_len, vocab_size=vocab_size, streams=streams, split=cfg.split,
+            # each stream carries its own split (resolved by build_streams; '' = none); a dataset-wide split
+            # would replace a stream's '' (streaming treats '' as unset)
+            max_seq_len=cfg.max_seq_len, vocab_size=vocab_size, streams=streams, split=None,
             epoch_size=cfg.epoch_size,
             batch_size=device_batch_size, shuffle=cfg.shuffle, shuffle_algo=cfg.shuffle_algo,
             shuffle_seed=cfg.shuffle_seed, shuffle_block_size=cfg.shuffle_block_size,
