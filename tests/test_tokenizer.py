@@ -45,6 +45,8 @@ def test_autotokenizer_loads_the_bundled_directory():
 def test_load_tokenizer_names_missing_and_empty_paths(tmp_path):
     with pytest.raises(DataError, match=r"nope/tok does not exist; pass an existing directory"):
         load_tokenizer(str(tmp_path / "nope" / "tok"))
+    with pytest.raises(DataError, match=r"tokenizer path .*/tokenizer does not exist"):  # a path, not a hub name
+        load_tokenizer("./tokenizer")
     with pytest.raises(DataError, match=rf"{tmp_path} holds no tokenizer files"):
         load_tokenizer(str(tmp_path))
     (tmp_path / "file.json").write_text("{}")

@@ -42,7 +42,7 @@ def load_tokenizer(name_or_path: str = "bundled"):
         return AutoTokenizer.from_pretrained(path)
     if os.path.exists(path):
         raise DataError(f"tokenizer {path} is a file; pass the directory that holds it")
-    if not _HUB_NAME.match(name_or_path):
+    if name_or_path.startswith((".", "/", "~")) or not _HUB_NAME.match(name_or_path):  # a path, not a repo id
         raise DataError(f"tokenizer path {os.path.abspath(path)} does not exist; pass an existing directory, "
                         f"'bundled', or a hub name such as EleutherAI/gpt-neox-20b")
     try:  # the local hub cache first: no request at all (air-gapped nodes, hundreds of ranks loading at once)

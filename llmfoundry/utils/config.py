@@ -88,6 +88,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"config key '{path}' must be true or false, got {value!r}")
         return value
     if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ConfigError(f"config key '{path}' must be a string, got the number {value!r}; a time takes its "
+                              f"unit, e.g. '{value}ba' (batches), '{value}ep' (epochs) or '{value}tok' (tokens)")
         if not isinstance(value, str):
             raise ConfigError(f"config key '{path}' must be a string, got {value!r}")
         return value
