@@ -153,3 +153,24 @@ def test_checkpoints_to_keep_holds_across_resumes(tmp_path):
 
     ok(run_cli([TINY, *fast(folder, "save_num_checkpoints_to_keep=1"), "max_duration=12ba"]))
     assert checkpoints(folder) == ["ep0-ba1-rank0.pt", "ep0-ba12-rank0.pt"]
+
+
+def test_truncated_latest_checkpoint_is_named_with_the_way_back(tmp_path):
+    """A latest checkpoint cut short (a full disk or a dead machine while it was written): one message naming the
+    file and the commands that continue from the checkpoint before it; following them resumes from there."""
+    ck = tmp_path / "ck"
+    ok(run_cli([TINY, *fast(ck, "save_interval=1ba", "max_duration=3ba")]))
+    latest = os.path.realpath(ck / "latest-rank0.pt")
+    assert os.path.basename(latest) == "ep0-ba3-rank0.pt"
+    with open(latest, "r+b") as f:
+        f.truncate(os.path.getsize(latest) // 2)
+    r = run_cli([TINY, *fast(ck, "save_interval=1ba", "max_duration=5ba")])
+    assert r.returncode != 0
+    last = (r.stdout + r.stderr).strip().splitlines()[-1]
+    fix = f"mv {latest} {latest}.bad && ln -sfn ep0-ba2-rank0.pt {ck / 'latest-rank0.pt'}"
+    assert f"checkpoint {latest} cannot be read (" in last and "truncated or corrupt" in last, last
+    assert last.endswith(f"then run the same command again: {fix}"), last
+    assert "Traceback" not in r.stderr
+    subprocess.run(fix, shell=True, check=True)
+    out = ok(run_cli([TINY, *fast(ck, "save_interval=1ba", "max_duration=5ba")]))
+    assert "[batch=3/5]" in out and "[batch=5/5]" in out and "[batch=2/5]" not in out

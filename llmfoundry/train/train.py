@@ -297,7 +297,10 @@ def _build_trainer(cfg: TrainConfig):
         raise TrainError(_save_conflict_message(cfg, e)) from e
     except Exception as e:
         if cfg.load_path or cfg.autoresume:
-            _check_loaded_shapes(cfg, model_shapes, _local_checkpoint(cfg), error=e)
+            checkpoint = _local_checkpoint(cfg)
+            if checkpoint and os.path.isfile(checkpoint) and checks.is_unreadable_checkpoint(e):
+                raise TrainError(checks.unreadable_checkpoint_message(checkpoint, e)) from e
+            _check_loaded_shapes(cfg, model_shapes, checkpoint, error=e)
         raise
     if trainer.state.load_path is not None:  # composer may load some mismatches non-strictly: check them all
         loaded = _local_checkpoint(cfg, trainer.state.load_path)
