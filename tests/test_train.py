@@ -314,7 +314,8 @@ def test_config_without_run_name_saves_where_the_log_says(tmp_path, monkeypatch,
 def test_s3_checkpoints_and_autoresume(s3_bucket, tmp_path):
     """Checkpoints go to s3://, and the same command continues from the newest one there, every time."""
     folder = f"{s3_bucket}/runs/{{run_name}}"
-    args = fast(folder, f"scheduler.t_max={N}ba", "eval_loader=null", "save_interval=100ba")  # save at the end
+    args = fast(folder, f"scheduler.t_max={N}ba", "eval_loader=null", "save_interval=100ba",  # save at the end
+                "save_num_checkpoints_to_keep=1")
     outputs = []
     for batches in (2, 3, 4):  # three launches: each must continue from the previous one's last checkpoint
         r = run_cli([TINY, *args, f"max_duration={batches}ba"], cwd=tmp_path)
@@ -329,6 +330,9 @@ def test_s3_checkpoints_and_autoresume(s3_bucket, tmp_path):
     s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket[5:])["Contents"]]
     assert {f"runs/tiny-cpu/ep0-ba{b}-rank0.pt" for b in (2, 3, 4)} <= set(keys), keys
+    # ... all of them, whatever save_num_checkpoints_to_keep says, and the run says so
+    assert all("save_num_checkpoints_to_keep=1 counts the local copies only: every checkpoint uploaded to "
+               f"{s3_bucket}/runs/{{run_name}} stays there" in out for out in outputs)
 
 
 def test_compile_config_reaches_trainer(tmp_path):

@@ -90,6 +90,10 @@ def _preflight(cfg: TrainConfig) -> None:
     if dist.get_global_rank() == 0:
         if checks.is_remote(cfg.save_folder):
             problems.append(checks.check_remote(cfg.save_folder, "save_folder", write=True))
+            if cfg.save_num_checkpoints_to_keep >= 0:
+                log.warning("save_num_checkpoints_to_keep=%d counts the local copies only: every checkpoint "
+                            "uploaded to %s stays there (composer deletes no remote files; a lifecycle rule on the "
+                            "bucket can expire old ones)", cfg.save_num_checkpoints_to_keep, cfg.save_folder)
         if checks.is_remote(cfg.load_path):
             problems.append(checks.check_remote(cfg.load_path, "load_path", write=False))
         elif cfg.load_path and "{" not in cfg.load_path:
