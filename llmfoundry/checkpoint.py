@@ -534,6 +534,18 @@ def _tokenizer_for_export(tok, max_seq_len: int):
     return tok
 
 
+def _write_generation_settings(folder: str, tok) -> None:
+    """The tokenizer's BOS/EOS ids in ``config.json``, and a ``generation_config.json`` with them, a pad id and the
+    KV cache on: without them transformers' ``generate`` runs past the end-of-text token, and without its cache
+    (MPT's config keeps ``use_cache: false`` for training)."""
+    ids = {k: v for k, v in (("bos_token_id", tok.bos_token_id), ("eos_token_id", tok.eos_token_id)) if v is not None}
+    config = Path(folder) / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **ids}, indent=2, sort_keys=True) + "\n")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    generation = {**ids, **({"pad_token_id": pad} if pad is not None else {}), "use_cache": True}
+    (Path(folder) / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+
+
 def _write_hf_export(model, tok, out_dir: str) -> None:
     """Save into a staging folder beside ``out_dir``, then move the files in. Files of ``out_dir`` the export
     does not write are kept, except old weight files (a stale layout, e.g. a sharded index, would shadow the new)."""
@@ -542,6 +554,7 @@ def _write_hf_export(model, tok, out_dir: str) -> None:
     with tempfile.TemporaryDirectory(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out_dir))}.") as stage:
         model.save_pretrained(stage)
         tok.save_pretrained(stage)
+        _write_generation_settings(stage, tok)
         os.makedirs(out_dir, exist_ok=True)
         for name in os.listdir(out_dir):
             if name in HF_WEIGHT_FILES or _HF_WEIGHT_SHARD.match(name):

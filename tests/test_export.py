@@ -428,9 +428,15 @@ def test_exported_folder_works_with_transformers_generate(run, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     inputs = tok("def main(", return_tensors="pt")
     assert set(inputs) == {"input_ids", "attention_mask"}
-    ids = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                         pad_token_id=tok.eos_token_id)
+    ids = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert ids.shape == (1, inputs["input_ids"].shape[1] + 4)
+    # generate stops at the end-of-text token and uses the KV cache, with no arguments for either
+    gen = model.generation_config
+    assert gen.eos_token_id == tok.eos_token_id == model.config.eos_token_id and gen.use_cache is True
+    assert gen.pad_token_id == tok.eos_token_id and gen.bos_token_id == tok.bos_token_id
+    eos_first = model.generate(**inputs, max_new_tokens=6, do_sample=False,
+                               bad_words_ids=[[t] for t in range(len(tok)) if t != tok.eos_token_id])
+    assert eos_first[0, inputs["input_ids"].shape[1]:].tolist() == [tok.eos_token_id]  # stopped right there
     assert json.loads((out / "tokenizer_config.json").read_text())["model_input_names"] == ["input_ids",
                                                                                           "attention_mask"]
     assert tok.model_max_length == model.config.max_seq_len == run["cfg"].model.max_seq_len
