@@ -254,6 +254,20 @@ def test_finished_run_launched_again(uninterrupted):
     assert sorted(p for p in os.listdir(folder) if p.endswith(".pt")) == before
 
 
+def test_finished_checkpoint_as_load_path_of_a_new_run_points_at_load_weights_only(uninterrupted, tmp_path,
+                                                                                  caplog):
+    """A finished run's checkpoint given as load_path to a shorter new run: the message offers load_weights_only
+    (what the user most likely wants), and no warning about a schedule that will never run comes first."""
+    ckpt = str(uninterrupted[0] / f"ep0-ba{N}-rank0.pt")
+    cfg = load_config(TINY, fast(tmp_path / "new", f"load_path={ckpt}", "max_duration=5ba", "autoresume=false",
+                                 "scheduler.t_max=1dur"))
+    with pytest.raises(TrainError) as e:
+        train(cfg)
+    assert str(e.value).endswith("or add load_weights_only=true to start a new run from its weights (step, "
+                                 "optimizer and schedule from zero)"), str(e.value)
+    assert not [r for r in caplog.records if "schedule is recomputed" in r.getMessage()]
+
+
 def test_gpu_attention_on_cpu_is_refused(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for attn in ("triton", "flash"):

@@ -117,7 +117,12 @@ def warn_batch_shape_changes(cfg: TrainConfig, previous: dict | None, state, whe
                     "%s, while max_duration, the LR schedule and the save/eval intervals count batches, so each "
                     "remaining batch takes %d samples instead of %d. Set global_train_batch_size=%d to continue the "
                     "run as it was", new, where, batch, sample, old, data, new, old, old)
-    _warn_schedule_stretch(cfg, previous.get("max_duration"), batch, where)
+    try:  # a checkpoint at or past max_duration trains nothing (train.py says why): no schedule to warn about
+        finished = state.timestamp.get(state.max_duration.unit) >= state.max_duration
+    except (ValueError, KeyError, AttributeError):
+        finished = False
+    if not finished:
+        _warn_schedule_stretch(cfg, previous.get("max_duration"), batch, where)
     old, new = previous.get("max_seq_len"), cfg.train_loader.max_seq_len
     if old and old != new:
         log.warning("train_loader.max_seq_len is %d but the run resumed from %s trained with %d: each sample now "

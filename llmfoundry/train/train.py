@@ -350,14 +350,17 @@ def _already_complete(trainer, cfg: TrainConfig) -> bool:
     if elapsed < max_duration:
         return False
     where = trainer.state.load_path or "the checkpoint"
+    # a checkpoint given as load_path (not found by autoresume) may be meant as the start of a new run
+    weights = (", or add load_weights_only=true to start a new run from its weights (step, optimizer and schedule "
+               "from zero)") if cfg.load_path and not cfg.load_weights_only and where == cfg.load_path else ""
     if elapsed == max_duration:
         log.warning("run %s is already complete: resumed from %s at %s = max_duration, nothing to train. Raise "
-                    "max_duration to train longer, or set a new run_name to start another run", run_name_of(cfg),
-                    where, elapsed)
+                    "max_duration to train longer, or set a new run_name to start another run%s", run_name_of(cfg),
+                    where, elapsed, weights)
         return True
     raise TrainError(f"the checkpoint loaded from {where} is at {elapsed}, past max_duration = {max_duration}; "
                      f"raise max_duration above {elapsed} to continue this run, or set a new run_name (or "
-                     f"save_folder) to start another")
+                     f"save_folder) to start another{weights}")
 
 
 def train(cfg: TrainConfig):
