@@ -40,6 +40,9 @@ class SamplingConfig:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off)")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 = off)")
+        if self.temperature == 0 and (self.top_k or self.top_p < 1.0):
+            raise ValueError(f"top_k={self.top_k} / top_p={self.top_p} only shape sampling, and temperature=0 is "
+                             f"greedy decoding; set a temperature > 0 (e.g. 0.8) to sample")
 
 
 def model_device(model) -> torch.device:

@@ -257,7 +257,7 @@ def test_evaluate_hf_directory_gives_same_numbers(model, ckpt, tmp_path):
 
 
 def test_eval_config_and_cli_errors(model, ckpt, tmp_path, capsys):
-    with pytest.raises(ConfigError, match="exactly one of 'load_path'"):
+    with pytest.raises(ConfigError, match="set one of 'load_path'"):
         from_dict(EvalConfig, {"icl_tasks": [{"label": "a", "path": "p", "type": "multiple_choice"}]})
     with pytest.raises(ConfigError, match="nothing to evaluate"):
         from_dict(EvalConfig, {"load_path": ckpt})
@@ -275,6 +275,8 @@ def test_eval_config_and_cli_errors(model, ckpt, tmp_path, capsys):
     model.save_pretrained(str(tmp_path / "hf_no_tokenizer"))
     assert main([str(REPO / "yamls/eval/tiny-cpu.yaml"), "load_path=null", f"hf_path={tmp_path}/hf_no_tokenizer"]) == 1
     assert "no tokenizer known for this model" in capsys.readouterr().err
+    assert main([str(REPO / "yamls/eval/tiny-cpu.yaml"), f"hf_path={tmp_path}/hf_no_tokenizer"]) == 1  # + the YAML's
+    assert "add load_path=null to evaluate the Hugging Face directory" in capsys.readouterr().err
 
 
 
@@ -347,6 +349,10 @@ def test_eval_cli_icl_task_path_override(ckpt, tmp_path, capsys):
     n = {(r["task"], r["num_fewshot"]): r["num_examples"] for r in saved["icl"]}
     assert n[("lambada_tiny", 0)] == n[("lambada_tiny", 3)] == 5  # the override's file
     assert n[("python_tiny", 0)] == 12 and n[("piqa_tiny", 0)] == 10  # the others unchanged
+    assert f"results written to {out}\n" in capsys.readouterr().out
+    assert main([str(EVAL_TINY), f"load_path={ckpt}", "icl_tasks=null", "eval_subset_num_batches=1",
+                 "eval_loaders.val.max_seq_len=128", f"results_path={out}"]) == 0
+    assert f"results written to {out} (replacing the earlier file)" in capsys.readouterr().out
 
 
 def test_results_path_checked_before_evaluating(ckpt, tmp_path, capsys):

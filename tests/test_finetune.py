@@ -235,7 +235,7 @@ def test_too_long_modes(tmp_path, tok):
 GOOD = {"prompt": "p", "response": "r"}
 USER, ASSISTANT = {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}
 MALFORMED = {
-    "not_json": ('{"prompt": "p", "response": ', ["line 2", "not valid JSON"]),
+    "not_json": ('{"prompt": "p", "response": ', ["line 2", "not valid JSON (Expecting value at column 29)"]),
     "json_array": ("[", ["line 2", "not JSON Lines"]),
     "not_object": ('["p", "r"]', ["line 2", "must be a JSON object"]),
     "missing_key": ({"prompt": "p", "respons": "r"}, ["line 2", "missing field 'response'", "did you mean 'respons'",

@@ -103,6 +103,8 @@ def test_read_prompts(tmp_path):
         read_prompts(None, str(tmp_path / "empty.txt"))
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError, match=r"top_k=5 / top_p=1.0 only shape sampling.*set a temperature > 0"):
+        SamplingConfig(top_k=5)  # greedy by default: a top_k alone would be ignored
 
 
 def test_generate_script(tmp_path, model, capsys):

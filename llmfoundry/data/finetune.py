@@ -252,7 +252,7 @@ def _read_jsonl(paths: Sequence[str]) -> Iterator[tuple[Any, str]]:
                     continue
                 where = f"{path}, line {line_no}"
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line.rstrip("\r\n"))  # a cut-off line's error points into the line
                 except json.JSONDecodeError as e:
                     hint = (" (a .json file holding one array is not JSON Lines: convert it with "
                             "`jq -c '.[]' in.json > out.jsonl`)" if line.strip() in ("[", "[{") else "")

@@ -67,9 +67,13 @@ class EvalConfig:
     seed: int = 17
 
     def __post_init__(self):
-        if (self.load_path is None) == (self.hf_path is None):
-            raise ValueError("set exactly one of 'load_path' (a composer checkpoint) and 'hf_path' (a Hugging Face "
-                             "MPT directory)")
+        if self.load_path is not None and self.hf_path is not None:
+            raise ValueError(f"both load_path ({self.load_path}) and hf_path ({self.hf_path}) are set; keep one: "
+                             "add load_path=null to evaluate the Hugging Face directory, or hf_path=null for the "
+                             "composer checkpoint")
+        if self.load_path is None and self.hf_path is None:
+            raise ValueError("set one of 'load_path' (a composer checkpoint) and 'hf_path' (a Hugging Face MPT "
+                             "directory)")
         if self.hf_path is not None and self.model_config is not None:
             raise ValueError("'model_config' is only for composer checkpoints; an hf_path directory has its own "
                              "config.json")
@@ -237,6 +241,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     results["time_s"] = time.time() - t0
     print(format_table(results))
     if cfg.results_path:
+        replaced = os.path.exists(cfg.results_path)
         try:
             os.makedirs(os.path.dirname(os.path.abspath(cfg.results_path)), exist_ok=True)
             with open(cfg.results_path, "w") as f:
@@ -244,7 +249,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         except OSError as e:  # changed since the check at the start; the table above has the numbers
             raise ConfigError(f"results_path {cfg.results_path!r} cannot be written ({e.strerror or e}); "
                               "the results are in the table above") from None
-        print(f"results written to {cfg.results_path}")
+        print(f"results written to {cfg.results_path}" + (" (replacing the earlier file)" if replaced else ""))
     return results
 
 
