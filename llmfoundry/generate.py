@@ -207,11 +207,15 @@ def read_prompts(prompts: Sequence[str] | None = None, prompts_file: str | None 
                 continue
             if line.lstrip().startswith("{"):
                 try:
-                    out.append(json.loads(line)["prompt"])
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # not JSON: a plain prompt that starts with '{' (code, say)
+                    record = None
+                if record is not None:
+                    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                        raise ValueError(f"{prompts_file}:{n}: a JSON line must be an object with a 'prompt' "
+                                         "string")
+                    out.append(record["prompt"])
                     continue
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{prompts_file}:{n}: a JSON line must be an object with a 'prompt' "
-                                     "string") from None
             out.append(line.replace("\\n", "\n"))
     if not out:
         raise ValueError("no prompts: pass --prompts 'text' ... or --prompts_file FILE (one prompt per line)")

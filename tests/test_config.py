@@ -110,6 +110,7 @@ def test_run_name_defaults(monkeypatch, tmp_path):
     (["optimizer.lr=[1,2"], ["optimizer.lr=[1,2", "cannot parse the value"]),
     (["optimizer..lr=1"], ["optimizer..lr", "key path"]),
     (["=1"], ["key=value"]),
+    (["optimizer.betas=0.9"], ["'optimizer.betas' must be a list, got 0.9 (a list of one: [0.9])"]),
     (["max_duration=4"], ["'max_duration' must be a string, got the number 4", "'4ba' (batches)"]),
     (["fsdp={}", "fsdp.activation_checkpointing_blocks=1"], ["activation_checkpointing_blocks", "needs"]),
     (["fsdp={activation_checkpointing: true}", "fsdp.activation_checkpointing_blocks=-1"], [">= 0"]),

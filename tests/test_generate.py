@@ -94,8 +94,11 @@ def test_matches_transformers_greedy(tmp_path, model, tok):
 
 def test_read_prompts(tmp_path):
     f = tmp_path / "p.txt"
-    f.write_text('first\n\n{"prompt": "second\\nline"}\nthird\\nwith newline\n')
-    assert read_prompts(["cli"], str(f)) == ["cli", "first", "second\nline", "third\nwith newline"]
+    f.write_text('first\n\n{"prompt": "second\\nline"}\nthird\\nwith newline\n{x: 1\n')
+    assert read_prompts(["cli"], str(f)) == ["cli", "first", "second\nline", "third\nwith newline", "{x: 1"]
+    f.write_text('{"text": "no prompt key"}\n')
+    with pytest.raises(ValueError, match=r"p\.txt:1: a JSON line must be an object with a 'prompt' string"):
+        read_prompts(None, str(f))
     with pytest.raises(FileNotFoundError, match="prompts file"):
         read_prompts(None, str(tmp_path / "missing.txt"))
     (tmp_path / "empty.txt").write_text("\n")

@@ -64,7 +64,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return from_dict(tp, value, path)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{path}' must be a list, got {value!r}")
+            one = f" (a list of one: [{value}])" if isinstance(value, (int, float, str)) else ""
+            raise ConfigError(f"config key '{path}' must be a list, got {value!r}{one}")
         args = get_args(tp)
         item_tp = args[0] if args else Any
         items = [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
