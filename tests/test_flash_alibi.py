@@ -308,5 +308,53 @@ def test_gpu_matches_float64_reference(name, monkeypatch):
         assert err <= 2 * base + 1e-3 * e.abs().max().item(), (what, err, base)
 
 
+SWEEP_CASES = {  # (B, H, Hkv, S, D, sequence ids): the GPU model test's shape, and a longer packed one
+    "model_test_d64_s256": (2, 4, 2, 256, 64, "blocks100"),
+    "d128_s1024_packed": (2, 4, 2, 1024, 128, "sorted"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv"])
+@pytest.mark.parametrize("name", list(SWEEP_CASES))
+def test_gpu_every_autotune_config_is_accurate(name, kind, monkeypatch):
+    """The autotuner may pick any of its configs on a given machine: each one, forced in turn for one kernel
+    (the others at their defaults), must meet the float64 bound of test_gpu_matches_float64_reference, with
+    ALiBi, causal masking, grouped-query heads and packed documents (the key skipping depends on the tiles)."""
+    import llmfoundry.kernels.flash_alibi as fa
+    B, H, Hkv, S, D, seq = SWEEP_CASES[name]
+    monkeypatch.setenv("LLMFOUNDRY_FLASH_ALIBI_AUTOTUNE", "0")
+    default = fa._fixed_config
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, h, S, D, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
+               for h in (H, Hkv, Hkv))
+    do = torch.randn(B, H, S, D, generator=gen).to("cuda", torch.bfloat16)
+    slopes = alibi_slopes(H).to("cuda")
+    seq_id = ((torch.arange(S) // 100).expand(B, -1).to("cuda") if seq == "blocks100"
+              else packed_ids(B, S, 5, gen, "cuda"))
+
+    def run(fn):
+        out = fn(q, k, v, slopes, causal=True, sequence_id=seq_id)
+        return [out, *torch.autograd.grad(out, (q, k, v), do.to(out.dtype))]
+
+    exact = run(lambda *a, causal, sequence_id: reference_attention(*a, causal, None, sequence_id))
+    lowp = run(lambda *a, causal, sequence_id: reference_attention(*a, causal, None, sequence_id,
+                                                                    dtype=torch.bfloat16))
+    configs = {"fwd": fa._FWD_CONFIGS, "dq": fa._DQ_CONFIGS, "dkdv": fa._DKDV_CONFIGS}[kind]
+    worst = []
+    for c in configs:
+        forced = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        monkeypatch.setattr(fa, "_fixed_config", lambda k_, sq, d, forced=forced: forced if k_ == kind else
+                            default(k_, sq, d))
+        ours = run(fa.flash_alibi_attention)
+        for what, o, e, lo in zip(["out", "dq", "dk", "dv"], ours, exact, lowp):
+            err = (o.double() - e).abs().max().item()
+            base = (lo.double() - e).abs().max().item()
+            worst.append((err / (2 * base + 1e-3 * e.abs().max().item()), what, forced))
+    bad = [w for w in worst if not w[0] <= 1.0]
+    assert not bad, f"{len(bad)} of {len(worst)} (ratio to the bound, tensor, config): {sorted(bad, key=lambda w: w[0])[-4:]}"
+
+
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker()
