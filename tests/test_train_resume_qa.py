@@ -174,3 +174,20 @@ def test_truncated_latest_checkpoint_is_named_with_the_way_back(tmp_path):
     subprocess.run(fix, shell=True, check=True)
     out = ok(run_cli([TINY, *fast(ck, "save_interval=1ba", "max_duration=5ba")]))
     assert "[batch=3/5]" in out and "[batch=5/5]" in out and "[batch=2/5]" not in out
+
+
+def test_unreadable_load_path_checkpoint_points_at_an_earlier_one(tmp_path):
+    """Given as load_path (no latest-rank0.pt link to it), a corrupt checkpoint's fix names the newest earlier one,
+    never a later one."""
+    from llmfoundry.train.checks import is_unreadable_checkpoint, unreadable_checkpoint_message
+    for b in (1, 2, 3, 4):
+        (tmp_path / f"ep0-ba{b}-rank0.pt").write_bytes(b"x")
+    try:
+        torch.load(tmp_path / "ep0-ba3-rank0.pt")
+    except Exception as e:  # noqa: BLE001 - whatever torch raises for a non-checkpoint
+        error = RuntimeError("loading failed")
+        error.__cause__ = e
+    assert is_unreadable_checkpoint(error)
+    message = unreadable_checkpoint_message(str(tmp_path / "ep0-ba3-rank0.pt"), error)
+    assert message.endswith(f"Fix: set load_path to an earlier checkpoint, e.g. {tmp_path / 'ep0-ba2-rank0.pt'}")
+    assert "RuntimeError: loading failed" not in message, message  # the reader's own error is shown

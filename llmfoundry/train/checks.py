@@ -270,27 +270,36 @@ def mismatch_message(checkpoint: str, detail: str, model_desc: str) -> str:
             f"(and use a new save_folder/run_name when starting a different model)")
 
 
-def is_unreadable_checkpoint(e: BaseException) -> bool:
-    """Whether loading failed because the checkpoint file itself is truncated or corrupt."""
+def _unreadable(e: BaseException) -> bool:
     import pickle
     signs = ("PytorchStreamReader failed", "failed finding central directory", "pickle data was truncated",
              "Ran out of input")
-    return any(isinstance(c, (EOFError, pickle.UnpicklingError)) or any(s in str(c) for s in signs)
-               for c in exception_chain(e))
+    return isinstance(e, (EOFError, pickle.UnpicklingError)) or any(s in str(e) for s in signs)
+
+
+def is_unreadable_checkpoint(e: BaseException) -> bool:
+    """Whether loading failed because the checkpoint file itself is truncated or corrupt."""
+    return any(_unreadable(c) for c in exception_chain(e))
 
 
 def unreadable_checkpoint_message(path: str, e: BaseException) -> str:
-    """Which checkpoint file cannot be read, and how to continue from the newest good one beside it."""
+    """Which checkpoint file cannot be read, and how to continue from the newest good one before it."""
     import re
     folder, name = os.path.split(path)
     batch = re.compile(r"^ep\d+-ba(\d+)-rank0\.pt$")
-    earlier = sorted((f for f in os.listdir(folder) if batch.match(f) and f != name),
+    this = int(batch.match(name).group(1)) if batch.match(name) else None
+    earlier = sorted((f for f in os.listdir(folder) if batch.match(f) and f != name
+                      and (this is None or int(batch.match(f).group(1)) < this)),
                      key=lambda f: int(batch.match(f).group(1)))
-    cause = next((c for c in exception_chain(e) if is_unreadable_checkpoint(c)), e)
+    cause = next((c for c in exception_chain(e) if _unreadable(c)), e)
     detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-    if earlier:
+    latest = os.path.join(folder, "latest-rank0.pt")
+    autoresumed = os.path.islink(latest) and os.path.realpath(latest) == os.path.realpath(path)
+    if earlier and autoresumed:
         fix = (f"move it aside and point latest-rank0.pt at the newest checkpoint before it, then run the same "
-               f"command again: mv {path} {path}.bad && ln -sfn {earlier[-1]} {os.path.join(folder, 'latest-rank0.pt')}")
+               f"command again: mv {path} {path}.bad && ln -sfn {earlier[-1]} {latest}")
+    elif earlier:
+        fix = f"set load_path to an earlier checkpoint, e.g. {os.path.join(folder, earlier[-1])}"
     else:
         fix = (f"move it aside (mv {path} {path}.bad) and run the same command again to start the run over, or "
                f"set load_path to another checkpoint")
