@@ -193,9 +193,12 @@ def test_missing_shard_files_are_named_before_training(tmp_path):
                             f"together), or restore the files.")
 
 
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_shard_file_removed_during_the_run_is_named(tmp_path, num_workers):
-    """A shard that vanishes after the up-front check: the error names the file, not a download from a remote."""
+    """A shard that vanishes after the up-front check: the error names the file, not a download from a remote.
+    Whichever thread fetches it first fails; one waiting for it gives up too (streaming alone would wait forever
+    on a shard left 'preparing')."""
     src = write_mds(tmp_path / "d", 200, 12, samples_per_shard=50)
     loader = build_text_dataloader(make(src, shuffle=False, num_workers=num_workers), 4)
     for name in os.listdir(src):

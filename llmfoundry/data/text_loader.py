@@ -31,6 +31,7 @@ import atexit
 import gc
 import os
 import shutil
+import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from streaming import StreamingDataLoader, StreamingDataset
+from streaming.base.dataset import TICK, _ShardState
 from streaming.base.shared import SharedMemory
 from streaming.base.shared.prefix import _get_path
 from streaming.base.world import World
@@ -238,6 +240,15 @@ class TextStreamingDataset(StreamingDataset):
                 f"{self.vocab_size} ids (model.vocab_size): these shards were tokenized with another "
                 f"tokenizer than the run's. Fix: re-convert this source with the run's tokenizer, or (if that "
                 f"tokenizer is the one you want) set model.vocab_size above {max(bad, 0)} and tokenizer to it.")
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """streaming's, except that waiting for a shard that another thread or worker is fetching gives up once a
+        download has failed: a failed shard stays 'preparing', and streaming's own wait would never end."""
+        super().prepare_shard(shard_id, blocking=False)  # fetches it here when nobody else is
+        while blocking and self._shard_states[shard_id] == _ShardState.PREPARING:
+            if self._event.is_set():
+                raise self._event.error()
+            time.sleep(TICK)
 
     def on_exception(self, future) -> None:
         """Record a failed download/ready thread for every worker (streaming would only log it)."""
