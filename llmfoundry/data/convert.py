@@ -33,7 +33,7 @@ import numpy as np
 
 from llmfoundry.data import DataError
 from llmfoundry.data.readers import BLOCK_BYTES, Source, Unit
-from llmfoundry.utils.errors import exception_chain
+from llmfoundry.utils.errors import storage_cause, unreached_fix
 
 COLUMNS = {"tokens": "ndarray:int32"}
 TAIL_PART = "part-tail"
@@ -148,34 +148,17 @@ class StorageError(DataError):
     train and eval entry points), where other ``DataError``s exit with 2 (bad arguments or input)."""
 
 
-def _storage_cause(e: BaseException) -> BaseException | None:
-    """The botocore/boto3 error behind ``e`` (itself, its cause or context), or None."""
-    try:
-        from boto3.exceptions import Boto3Error
-        from botocore.exceptions import BotoCoreError, ClientError
-    except ImportError:  # pragma: no cover - boto3 is a dependency of mosaicml-streaming
-        return None
-    return next((c for c in exception_chain(e) if isinstance(c, (BotoCoreError, ClientError, Boto3Error))), None)
-
-
 def storage_message(url: str, what: str, e: BaseException) -> str:
     """One line for a failed request to the object store of ``url``: the URL, the endpoint, the error and the fix
     (worded as ``llmfoundry.train.checks.check_remote`` words a save_folder / load_path it cannot reach)."""
-    from botocore.exceptions import ConnectionError as BotoConnectionError, NoCredentialsError
-
     from llmfoundry.data.streams import endpoint_description
 
     bucket = urllib.parse.urlparse(url).netloc
     endpoint = endpoint_description(url, None)
     detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if isinstance(e, NoCredentialsError):
-        fix = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and S3_ENDPOINT_URL for a store "
-               "other than AWS S3")
-    elif isinstance(e, BotoConnectionError):
-        fix = "check that the endpoint is up and reachable from here (S3_ENDPOINT_URL), then run again"
-    else:
-        fix = ("check the bucket name (it must exist), that the endpoint is up (S3_ENDPOINT_URL), and the "
-               "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE)")
+    fix = unreached_fix(e, "S3_ENDPOINT_URL", ", then run again") or (
+        "check the bucket name (it must exist), that the endpoint is up (S3_ENDPOINT_URL), and the credentials "
+        "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE)")
     return f"--out_root {url}: cannot {what} bucket '{bucket}' at {endpoint}: {type(e).__name__}: {detail}. Fix: {fix}"
 
 
@@ -187,7 +170,7 @@ def _storage_errors(url: str, what: str):
     except DataError:
         raise
     except Exception as e:
-        cause = _storage_cause(e)
+        cause = storage_cause(e)
         if cause is None or not urllib.parse.urlparse(url).scheme:
             raise
         raise StorageError(storage_message(url, what, cause)) from e
@@ -313,7 +296,7 @@ def _writer(out: str, cfg: ConvertConfig):
         except DataError:
             raise
         except Exception as e:
-            if failed and _storage_cause(e) is None:
+            if failed and storage_cause(e) is None:
                 raise failed[0] from e
             raise
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from streaming import Stream
 from streaming.base.storage.download import S3Downloader
 
-from llmfoundry.utils.errors import exception_chain
+from llmfoundry.utils.errors import storage_cause, unreached_fix
 
 
 class StreamError(RuntimeError):
@@ -136,16 +136,12 @@ class NamedStream(Stream):
 
     def _download_fix(self, e: BaseException, index: bool) -> str:
         """What to do about a failed download, from the object store's answer."""
-        from botocore.exceptions import ClientError, NoCredentialsError
-        from botocore.exceptions import ConnectionError as BotoConnectionError
-        cause = next((c for c in exception_chain(e)
-                      if isinstance(c, (ClientError, NoCredentialsError, BotoConnectionError))), None)
-        if isinstance(cause, NoCredentialsError):
-            return ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and S3_ENDPOINT_URL or "
-                    "s3_endpoint_url for a store other than AWS S3")
-        if isinstance(cause, BotoConnectionError):
-            return ("check that the endpoint is up and reachable from here (S3_ENDPOINT_URL or s3_endpoint_url); "
-                    "raise download_retry / download_timeout for a slow store")
+        from botocore.exceptions import ClientError
+        cause = storage_cause(e)
+        fix = unreached_fix(cause, "S3_ENDPOINT_URL or s3_endpoint_url",
+                            "; raise download_retry / download_timeout for a slow store")
+        if fix:
+            return fix
         code = cause.response.get("Error", {}).get("Code") if isinstance(cause, ClientError) else None
         if code in ("403", "AccessDenied"):
             return "check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE) and their access"
