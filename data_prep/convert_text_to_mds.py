@@ -1,6 +1,7 @@
 r"""Convert text or source files (files, folders, glob patterns) into MDS shards of packed tokens.
 
-Each file is one document. Example:
+Each file is one document. The documents are packed back to back in input order (the files as given, each
+folder's files sorted by path), each followed by EOS; only the final partial sample is dropped. Example:
 
     python data_prep/convert_text_to_mds.py 'src/**/*.py' docs/ --extensions .py .md \
         --out_root /data/mds/code --tokenizer EleutherAI/gpt-neox-20b --concat_tokens 2048 --processes 8

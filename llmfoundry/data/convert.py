@@ -1,17 +1,21 @@
 """Convert documents into MDS shards of packed token samples.
 
-Each document becomes ``[bos] tokens [eos]``; these streams are concatenated and cut into samples of exactly
+Each document becomes ``[bos] tokens [eos]``; the documents' streams are concatenated in input order (files in
+the order given / found, records in file order) and the result is cut into samples of exactly
 ``concat_tokens`` tokens (MDS column ``tokens``, ``ndarray:int32``). A document that does not fit carries into
-the next sample, so nothing is lost between documents.
+the next sample. Read in index order, the samples are that one stream: every EOS is followed by the start of
+the next document. The only tokens dropped are the final partial sample: fewer than ``concat_tokens`` tokens,
+the end of the last document(s). The samples, and their order, are the same for any ``processes``.
 
-Work is split by *units* (see ``readers``): each unit is packed on its own and its last partial sample (its
-tail) is collected; at the end the tails are concatenated in unit order and packed too. So the only tokens
-dropped are one final partial sample, and the set of samples is the same for any ``processes``.
+With ``processes == 1`` the stream is packed as it is tokenized, into shards at ``out_root``. With more, the
+work runs in two phases: (1) each process tokenizes a contiguous range of the input's slices (see
+``readers``) into a raw int32 file (4 bytes per token, under ``out_root/.staged-tokens/`` for a local
+``out_root``, else in the temp folder), then (2) each process writes an equal, consecutive share of the
+samples, cut from those files read as one stream, to ``part-NNNNN/``; one ``index.json`` at ``out_root``
+lists the parts in order. So no partial sample is lost where one process's range ends and the next begins.
 
-Processes take whole units, so ``processes`` is capped at the number of units; when that cap lowers it, one
-line on stderr says so (e.g. one small JSON Lines file is one unit: the cut never depends on ``processes``).
-With ``processes > 1`` each process writes its own sub-folder ``part-NNNNN/`` (and the tails go to
-``part-tail/``), then one ``index.json`` at ``out_root`` lists them all. ``out_root`` may be an ``s3://`` URL
+Processes tokenize whole slices, so ``processes`` is capped at the number of slices; when that cap lowers it,
+one line on stderr says so (e.g. one small JSON Lines file is one slice). ``out_root`` may be an ``s3://`` URL
 (the endpoint comes from ``S3_ENDPOINT_URL``); shards upload as they are written.
 """
 from __future__ import annotations
@@ -23,11 +27,12 @@ import os
 import queue
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 import urllib.parse
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -36,7 +41,6 @@ from llmfoundry.data.readers import BLOCK_BYTES, Source, Unit
 from llmfoundry.utils.errors import storage_cause, unreached_fix
 
 COLUMNS = {"tokens": "ndarray:int32"}
-TAIL_PART = "part-tail"
 
 
 @dataclass
@@ -84,11 +88,21 @@ class ConvertSummary:
 # -------------------------------------------------------------------------------------------------- packing
 
 
+def flatten(docs: Iterable[Sequence[int]], bos_ids: Sequence[int] = (), eos_ids: Sequence[int] = ()) -> np.ndarray:
+    """The token stream ``[bos] doc [eos] [bos] doc [eos] ...`` of ``docs``, as one int32 array."""
+    flat: list[int] = []
+    for ids in docs:
+        flat += bos_ids
+        flat += ids
+        flat += eos_ids
+    return np.asarray(flat, dtype=np.int32)
+
+
 class Packer:
     """Packs token lists into rows of exactly ``n`` tokens: ``[bos] doc [eos] [bos] doc [eos] ...``.
 
-    ``add(docs)`` returns the completed rows as an ``(k, n)`` int32 array; what is left (fewer than ``n``
-    tokens) stays in ``tail`` and starts the next row.
+    ``add(docs)`` (or ``add_stream(tokens)`` for an already flattened stream) returns the completed rows as an
+    ``(k, n)`` int32 array; what is left (fewer than ``n`` tokens) stays in ``tail`` and starts the next row.
     """
 
     def __init__(self, n: int, bos_ids: Sequence[int] = (), eos_ids: Sequence[int] = ()):
@@ -99,14 +113,11 @@ class Packer:
         self.tokens = 0  # stream tokens seen, separators included
 
     def add(self, docs: Iterable[Sequence[int]]) -> np.ndarray:
-        flat = self.tail.tolist()
-        start = len(flat)
-        for ids in docs:
-            flat += self.bos
-            flat += ids
-            flat += self.eos
-        self.tokens += len(flat) - start
-        stream = np.asarray(flat, dtype=np.int32)
+        return self.add_stream(flatten(docs, self.bos, self.eos))
+
+    def add_stream(self, tokens: np.ndarray) -> np.ndarray:
+        self.tokens += len(tokens)
+        stream = np.concatenate([self.tail, tokens.astype(np.int32, copy=False)])
         k = len(stream) // self.n
         self.tail = stream[k * self.n:].copy()
         return stream[:k * self.n].reshape(k, self.n)
@@ -303,16 +314,18 @@ def _writer(out: str, cfg: ConvertConfig):
 
 # ---------------------------------------------------------------------------------------------- conversion
 
+STAGED = ".staged-tokens"    # phase 1's token files, under a local out_root (removed when the conversion ends)
+READ_TOKENS = 1 << 22        # phase 2 reads the staged stream this many tokens at a time
+
 
 @dataclass
 class _Part:
-    """What one process did: counts plus the tail of every unit it packed."""
+    """What one process (or one phase of it) did."""
     documents: int = 0
-    tokens: int = 0
+    tokens: int = 0  # stream tokens, separators included
     samples: int = 0
     shards: int = 0
     cpu_seconds: float = 0.0
-    tails: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def _batches(texts: Iterable[str], max_docs: int, max_chars: int = 4 << 20):
@@ -329,60 +342,113 @@ def _batches(texts: Iterable[str], max_docs: int, max_chars: int = 4 << 20):
         yield batch
 
 
-def _pack_units(source: Source, units: list[tuple[int, Unit]], cfg: ConvertConfig, writer,
-                report: Callable[[int, int], None], tokenizer=None) -> _Part:
-    """Read, tokenize and pack each unit on its own into ``writer``; keep each unit's tail."""
-    from llmfoundry.data.tokenizer import load_tokenizer
+def _token_stream(source: Source, units: Sequence[Unit], cfg: ConvertConfig, tokenizer, part: _Part,
+                  report: Callable[..., None]) -> Iterator[np.ndarray]:
+    """The token stream of ``units`` in input order, one tokenizer batch at a time; counts into ``part``.
 
-    cpu0 = time.process_time()
-    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
+    ``report(size, docs, tokens)`` is called after each batch, and with the unit's size when a unit is done."""
     bos, eos = separator_ids(tokenizer, cfg)
-    part = _Part()
-    for index, unit in units:
-        packer = Packer(cfg.concat_tokens, bos, eos)
+    for unit in units:
         for batch in _batches(source.read(unit), cfg.batch_docs):
             ids = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-            before = packer.tokens
-            for row in packer.add(ids):
+            stream = flatten(ids, bos, eos)
+            part.documents += len(batch)
+            part.tokens += len(stream)
+            report(0, len(batch), len(stream))
+            yield stream
+        report(unit.size)
+
+
+def _check_counts(part: _Part, units: Sequence[Unit], cfg: ConvertConfig) -> None:
+    if part.documents == 0:
+        raise DataError(f"the inputs hold no documents ({len(units)} input slices read"
+                        f"{', e.g. ' + str(units[0]) if units else ''}); check the input paths and --text_field")
+    if part.tokens < cfg.concat_tokens:
+        raise DataError(f"the inputs hold {part.tokens:,} tokens, fewer than one sample of "
+                        f"--concat_tokens {cfg.concat_tokens}; nothing was written")
+
+
+def _convert_here(source: Source, units: Sequence[Unit], cfg: ConvertConfig, tokenizer, report) -> _Part:
+    """One process: pack the stream as it is tokenized into one writer at out_root."""
+    cpu0 = time.process_time()
+    part, packer = _Part(), Packer(cfg.concat_tokens)
+    with _writer(cfg.out_root, cfg) as writer:
+        for stream in _token_stream(source, units, cfg, tokenizer, part, report):
+            for row in packer.add_stream(stream):
                 writer.write({"tokens": row})
                 part.samples += 1
-            part.documents += len(batch)
-            report(len(batch), packer.tokens - before)
-        part.tokens += packer.tokens
-        part.tails[index] = packer.tail
+        _check_counts(part, units, cfg)
+    part.shards = len(writer.shards)
     part.cpu_seconds = time.process_time() - cpu0
     return part
 
 
-def _pack_tails(part_tails: Iterable[dict[int, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
-    tails = {}
-    for t in part_tails:
-        tails.update(t)
-    stream = np.concatenate([tails[i] for i in sorted(tails)] or [np.zeros(0, np.int32)])
-    k = len(stream) // n
-    return stream[:k * n].reshape(k, n), stream[k * n:]
+# Phase 1 and 2 of a conversion in processes (see the module docstring).
 
 
-def _assign(units: list[Unit], processes: int) -> list[list[tuple[int, Unit]]]:
-    """Balance units over processes by size (largest first onto the least loaded); each keeps unit order."""
-    loads, groups = [0] * processes, [[] for _ in range(processes)]
-    for i in sorted(range(len(units)), key=lambda i: -units[i].size):
-        p = loads.index(min(loads))
-        loads[p] += units[i].size
-        groups[p].append((i, units[i]))
-    return [sorted(g, key=lambda x: x[0]) for g in groups]
+def _tokenize_to_file(source: Source, units: Sequence[Unit], cfg: ConvertConfig, path: str, report) -> _Part:
+    """Phase 1: the token stream of ``units`` (in order) into ``path`` as raw int32."""
+    from llmfoundry.data.tokenizer import load_tokenizer
+
+    cpu0 = time.process_time()
+    part = _Part()
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    with open(path, "wb") as f:
+        for stream in _token_stream(source, units, cfg, tokenizer, part, report):
+            stream.tofile(f)
+    part.cpu_seconds = time.process_time() - cpu0
+    return part
 
 
-def _worker(rank: int, source: Source, units: list[tuple[int, Unit]], cfg: ConvertConfig, out: str, q,
-            env: dict[str, str]) -> None:
+@dataclass(frozen=True)
+class StagedStream:
+    """The token stream as phase 1 left it: raw int32 files holding consecutive pieces of it, in order."""
+    paths: tuple[str, ...]
+    lengths: tuple[int, ...]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens ``start .. stop-1`` of the whole stream."""
+        pieces, offset = [], 0
+        for path, length in zip(self.paths, self.lengths):
+            a, b = max(start - offset, 0), min(stop - offset, length)
+            if a < b:
+                pieces.append(np.fromfile(path, np.int32, count=b - a, offset=4 * a))
+            offset += length
+        return np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+
+
+def _write_samples(stream: StagedStream, first: int, stop: int, cfg: ConvertConfig, out: str, report) -> _Part:
+    """Phase 2: samples ``first .. stop-1`` of the staged stream into a writer at ``out``."""
+    cpu0 = time.process_time()
+    n = cfg.concat_tokens
+    step = max(1, READ_TOKENS // n)
+    with _writer(out, cfg) as writer:
+        for a in range(first, stop, step):
+            b = min(a + step, stop)
+            for row in stream.read(a * n, b * n).reshape(b - a, n):
+                writer.write({"tokens": row})
+            report(b - a)
+    return _Part(samples=stop - first, shards=len(writer.shards), cpu_seconds=time.process_time() - cpu0)
+
+
+def contiguous_ranges(sizes: Sequence[int], parts: int) -> list[tuple[int, int]]:
+    """Cut ``len(sizes)`` items into ``parts`` non-empty consecutive ranges ``(start, stop)`` of about equal
+    total size (``1 <= parts <= len(sizes)``)."""
+    prefix = np.concatenate([[0], np.cumsum(sizes, dtype=np.float64)])
+    bounds = [0]
+    for r in range(1, parts):
+        j = int(np.argmin(np.abs(prefix - prefix[-1] * r / parts)))
+        bounds.append(min(max(j, bounds[-1] + 1), len(sizes) - (parts - r)))
+    bounds.append(len(sizes))
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _worker(rank: int, job: Callable[..., _Part], args: tuple, q, env: dict[str, str]) -> None:
     os.environ.clear()
     os.environ.update(env)  # the caller's environment now (credentials, S3_ENDPOINT_URL), not the forkserver's
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: processes share the cores
     try:
-        with _writer(out, cfg) as writer:
-            part = _pack_units(source, units, cfg, writer, lambda d, t: q.put(("progress", rank, d, t)))
-        part.shards = len(writer.shards)
-        q.put(("done", rank, part))
+        q.put(("done", rank, job(*args, report=lambda *a: q.put(("progress", rank, *a)))))
     except StorageError as e:
         q.put(("storage_error", rank, str(e)))
     except DataError as e:
@@ -400,12 +466,12 @@ def _mp_context():
     return ctx
 
 
-def _run_processes(source: Source, groups, cfg: ConvertConfig, bar) -> list[_Part]:
+def _run_processes(jobs: list[tuple[Callable[..., _Part], tuple]], report) -> list[_Part]:
+    """Run ``job(*args, report=...)`` for each of ``jobs`` in its own process; their results, in order."""
     ctx = _mp_context()
     q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, source, g, cfg, join_out(cfg.out_root, f"part-{r:05d}"), q,
-                                               dict(os.environ)))
-             for r, g in enumerate(groups)]
+    env = dict(os.environ)
+    procs = [ctx.Process(target=_worker, args=(r, job, args, q, env)) for r, (job, args) in enumerate(jobs)]
     for p in procs:
         p.start()
     parts: dict[int, _Part] = {}
@@ -420,7 +486,7 @@ def _run_processes(source: Source, groups, cfg: ConvertConfig, bar) -> list[_Par
                                            f"{p.exitcode}; -9 is usually out of memory; any error is printed above)")
                 continue
             if kind == "progress":
-                bar(*payload)
+                report(*payload)
             elif kind == "done":
                 parts[rank] = payload[0]
             elif kind == "data_error":
@@ -450,46 +516,75 @@ def _merge_index(out_root: str, part_names: list[str]) -> None:
         logging.disable(logging.NOTSET)
 
 
-def _progress(enabled: bool):
-    """A (update(docs, tokens), close()) pair around a tqdm bar counting documents and tokens."""
+@contextlib.contextmanager
+def _scratch_folder(out_root: str):
+    """Where phase 1 stages the token stream: inside a local out_root (the disk the output goes to), else a
+    temp folder; removed at the end."""
+    if urllib.parse.urlparse(out_root).scheme:
+        folder = tempfile.mkdtemp(prefix="convert-tokens-")
+    else:
+        folder = os.path.join(out_root, STAGED)
+        os.makedirs(folder)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _convert_in_processes(source: Source, units: Sequence[Unit], cfg: ConvertConfig, processes: int) -> _Part:
+    """Phase 1 (tokenize contiguous ranges of units to files), then phase 2 (write equal shares of the samples
+    to part-NNNNN/), then one merged index listing the parts in order."""
+    n = cfg.concat_tokens
+    with _scratch_folder(cfg.out_root) as scratch:
+        ranges = contiguous_ranges([u.size for u in units], processes)
+        paths = [os.path.join(scratch, f"tokens-{r:05d}.bin") for r in range(processes)]
+        with _progress(cfg.progress, "tokenizing", sum(u.size for u in units), _size_unit(source)) as report:
+            tokenized = _run_processes([(_tokenize_to_file, (source, units[a:b], cfg, path))
+                                        for (a, b), path in zip(ranges, paths)], report)
+        part = _Part(documents=sum(p.documents for p in tokenized), tokens=sum(p.tokens for p in tokenized),
+                     cpu_seconds=sum(p.cpu_seconds for p in tokenized))
+        _check_counts(part, units, cfg)
+        stream = StagedStream(tuple(paths), tuple(p.tokens for p in tokenized))
+        samples = part.tokens // n
+        writers = min(processes, samples)
+        bounds = [samples * r // writers for r in range(writers + 1)]
+        names = [f"part-{r:05d}" for r in range(writers)]
+        with _progress(cfg.progress, "writing", samples, " samples") as report:
+            written = _run_processes([(_write_samples, (stream, bounds[r], bounds[r + 1], cfg,
+                                                        join_out(cfg.out_root, name)))
+                                      for r, name in enumerate(names)], report)
+    _merge_index(cfg.out_root, names)
+    part.samples, part.shards = samples, sum(p.shards for p in written)
+    part.cpu_seconds += sum(p.cpu_seconds for p in written)
+    return part
+
+
+def _size_unit(source: Source) -> str:
+    """What the units' sizes count, for the progress bar: 'B' (bytes), ' docs', ' shards' ..."""
+    return getattr(source, "size_unit", " slices")
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, desc: str, total: int, unit: str):
+    """A tqdm bar to ``total``; yields ``report(amount, docs=0, tokens=0)`` (documents and tokens, when given,
+    are counted alongside)."""
     from tqdm import tqdm
 
-    bar = tqdm(unit=" docs", desc="converting", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
-    tokens = [0]
+    bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled, dynamic_ncols=True,
+               file=sys.stderr)
+    counts = [0, 0]
 
-    def update(docs: int, toks: int) -> None:
-        tokens[0] += toks
-        bar.set_postfix_str(f"{tokens[0]:,} tokens", refresh=False)
-        bar.update(docs)
+    def report(amount: int, docs: int = 0, tokens: int = 0) -> None:
+        if docs or tokens:
+            counts[0] += docs
+            counts[1] += tokens
+            bar.set_postfix_str(f"{counts[0]:,} docs, {counts[1]:,} tokens", refresh=False)
+        bar.update(amount)
 
-    return update, bar.close
-
-
-def _write_in_this_process(source: Source, units: list[Unit], cfg: ConvertConfig, update, tokenizer):
-    """One writer at out_root: all units, then the samples packed from their tails."""
-    with _writer(cfg.out_root, cfg) as writer:
-        part = _pack_units(source, list(enumerate(units)), cfg, writer, update, tokenizer)
-        rows, rest = _pack_tails([part.tails], cfg.concat_tokens)
-        for row in rows:
-            writer.write({"tokens": row})
-    part.samples += len(rows)
-    part.shards = len(writer.shards)
-    return [part], rest
-
-
-def _write_in_processes(source: Source, units: list[Unit], cfg: ConvertConfig, processes: int, update):
-    """One sub-folder per process, one for the samples packed from all tails, then one merged index."""
-    parts = _run_processes(source, _assign(units, processes), cfg, update)
-    names = [f"part-{r:05d}" for r in range(processes)]
-    rows, rest = _pack_tails([p.tails for p in parts], cfg.concat_tokens)
-    if len(rows):
-        with _writer(join_out(cfg.out_root, TAIL_PART), cfg) as writer:
-            for row in rows:
-                writer.write({"tokens": row})
-        parts.append(_Part(samples=len(rows), shards=len(writer.shards)))
-        names.append(TAIL_PART)
-    _merge_index(cfg.out_root, names)
-    return parts, rest
+    try:
+        yield report
+    finally:
+        bar.close()
 
 
 def processes_note(units: Sequence[Unit], requested: int, used: int) -> str:
@@ -508,9 +603,11 @@ def processes_note(units: Sequence[Unit], requested: int, used: int) -> str:
 def convert(source: Source, cfg: ConvertConfig) -> ConvertSummary:
     """Convert every document of ``source`` into MDS shards at ``cfg.out_root``; print and return a summary.
 
-    A conversion that fails (bad input, interrupted) removes what it wrote, so it can simply be run again.
-    With ``processes > 1`` the workers are fresh processes (forkserver/spawn): a script that calls this must
-    do so under ``if __name__ == "__main__":``.
+    The samples, in index order, are the documents' token stream in input order cut every ``concat_tokens``
+    tokens; only the final partial sample (fewer than ``concat_tokens`` tokens) is dropped, whatever
+    ``processes`` is. A conversion that fails (bad input, interrupted) removes what it wrote, so it can simply
+    be run again. With ``processes > 1`` the workers are fresh processes (forkserver/spawn): a script that calls
+    this must do so under ``if __name__ == "__main__":``.
     """
     from llmfoundry.data.tokenizer import load_tokenizer
 
@@ -531,19 +628,12 @@ def convert(source: Source, cfg: ConvertConfig) -> ConvertSummary:
     processes = max(1, min(cfg.processes, len(units)))
     if processes < cfg.processes:
         print(processes_note(units, cfg.processes, processes), file=sys.stderr)
-    update, close = _progress(cfg.progress)
     try:
         if processes == 1:
-            parts, rest = _write_in_this_process(source, units, cfg, update, tokenizer)
+            with _progress(cfg.progress, "converting", sum(u.size for u in units), _size_unit(source)) as report:
+                part = _convert_here(source, units, cfg, tokenizer, report)
         else:
-            parts, rest = _write_in_processes(source, units, cfg, processes, update)
-        documents, samples = sum(p.documents for p in parts), sum(p.samples for p in parts)
-        if documents == 0:
-            raise DataError(f"the inputs hold no documents ({len(units)} input slices read"
-                            f"{', e.g. ' + str(units[0]) if units else ''}); check the input paths and --text_field")
-        if samples == 0:
-            raise DataError(f"the inputs hold {sum(p.tokens for p in parts):,} tokens, fewer than one sample of "
-                            f"--concat_tokens {cfg.concat_tokens}; nothing was written")
+            part = _convert_in_processes(source, units, cfg, processes)
     except BaseException as e:
         try:
             clear_output(cfg.out_root)
@@ -552,12 +642,10 @@ def convert(source: Source, cfg: ConvertConfig) -> ConvertSummary:
                 raise
             # the store already failed; its error (the one to show) is the first, not this one
         raise
-    finally:
-        close()
-    summary = ConvertSummary(out_root=cfg.out_root, documents=documents, tokens=samples * cfg.concat_tokens,
-                             dropped_tokens=len(rest), samples=samples, shards=sum(p.shards for p in parts),
-                             seconds=time.perf_counter() - t0, processes=processes,
-                             cpu_seconds=sum(p.cpu_seconds for p in parts))
+    tokens = part.samples * cfg.concat_tokens
+    summary = ConvertSummary(out_root=cfg.out_root, documents=part.documents, tokens=tokens,
+                             dropped_tokens=part.tokens - tokens, samples=part.samples, shards=part.shards,
+                             seconds=time.perf_counter() - t0, processes=processes, cpu_seconds=part.cpu_seconds)
     if cfg.progress:
         print(summary, file=sys.stderr)
     return summary
@@ -573,13 +661,19 @@ def add_convert_args(parser) -> None:
                         help="'bundled' (default: the byte-level BPE tokenizer shipped in "
                              "llmfoundry/assets/tokenizer), a local tokenizer folder, or a hub name "
                              "(e.g. EleutherAI/gpt-neox-20b)")
-    parser.add_argument("--concat_tokens", type=int, default=2048, help="tokens per sample (default 2048)")
+    parser.add_argument("--concat_tokens", type=int, default=2048,
+                        help="tokens per sample (default 2048): the documents, each followed by --eos_text, are "
+                             "packed back to back in input order; only the final partial sample (fewer than "
+                             "concat_tokens tokens, the end of the last document) is dropped")
     parser.add_argument("--eos_text", default=None,
                         help="text after each document (default: the tokenizer's EOS token; '' for none)")
     parser.add_argument("--bos_text", default=None, help="text before each document (default: none)")
     parser.add_argument("--add_bos", action="store_true", help="put the tokenizer's BOS token before each document")
     parser.add_argument("--compression", default="zstd", help="shard compression: zstd (default), none, gz, ...")
-    parser.add_argument("--processes", type=int, default=1, help="parallel conversion processes")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="parallel conversion processes (default 1); the samples are the same for any number. "
+                             "With more than 1, the token stream is staged on disk first: 4 bytes per token, in "
+                             "a local --out_root, else in the temp folder")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out_root")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar or summary")
 

@@ -1,11 +1,12 @@
 """Document sources: where the text to convert comes from.
 
-A source is a small frozen dataclass with two methods:
+A source is a small frozen dataclass with two methods and a class attribute:
 
-- ``units() -> list[Unit]``: the input cut into slices that are read, tokenized and packed on their own
-  (a text file, a 16 MiB byte range of a JSON Lines file, a parquet row group, a shard of a HF dataset).
-  The cut depends only on the input, never on the number of processes, so the output does not either.
+- ``units() -> list[Unit]``: the input cut into slices, in input order (a text file, a 16 MiB byte range of a
+  JSON Lines file, a parquet row group, a shard of a HF dataset); a conversion process reads a contiguous
+  range of them. The cut depends only on the input, never on the number of processes.
 - ``read(unit) -> Iterator[str]``: the documents of one slice, in order.
+- ``size_unit``: what ``Unit.size`` counts ('B' for bytes, ' docs', ' shards'), for the progress bar.
 
 Sources: ``TextFiles`` (one document per file: prose, source code), ``JsonFiles`` (JSON Lines or a JSON list of
 records, a text field per record, .gz allowed), ``ParquetFiles`` (a text column), ``HFDataset`` (a Hugging Face
@@ -21,7 +22,7 @@ import json
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import ClassVar, Iterator, Protocol, Sequence
 
 from llmfoundry.data import DataError
 
@@ -36,13 +37,15 @@ class Unit:
     path: str
     start: int = 0
     stop: int = -1
-    size: int = 1  # work estimate (bytes or rows) used to balance processes
+    size: int = 1  # work estimate in the source's size_unit (bytes, documents): balances processes, drives progress
 
     def __str__(self) -> str:
         return self.path if (self.start, self.stop) == (0, -1) else f"{self.path}[{self.start}:{self.stop}]"
 
 
 class Source(Protocol):
+    size_unit: str
+
     def units(self) -> list[Unit]: ...
 
     def read(self, unit: Unit) -> Iterator[str]: ...
@@ -108,6 +111,7 @@ class TextFiles:
     """One document per file (text, markdown, source code), decoded as UTF-8."""
     paths: tuple[str, ...]
     decode_errors: str = "strict"  # or 'replace'
+    size_unit: ClassVar[str] = "B"
 
     def units(self) -> list[Unit]:
         return [Unit(p, size=max(1, os.path.getsize(p))) for p in self.paths]
@@ -133,6 +137,13 @@ def _text_of(record, field: str, where: str) -> str:
     return text
 
 
+def _json_problem(e: json.JSONDecodeError) -> str:
+    """'Expecting value at column 9', 'Invalid control character at column 14' (some of json's messages end
+    in 'at' already: "Unterminated string starting at")."""
+    at = "" if e.msg.endswith(" at") else " at"
+    return f"{e.msg}{at} column {e.colno}"
+
+
 def _is_json_list(path: str) -> bool:
     """True for a file holding one JSON list; False for JSON Lines (one object per line)."""
     opener = gzip.open if path.endswith(".gz") else open
@@ -151,6 +162,7 @@ class JsonFiles:
     text_field: str = "text"
     decode_errors: str = "strict"
     block_bytes: int = BLOCK_BYTES
+    size_unit: ClassVar[str] = "B"
 
     def units(self) -> list[Unit]:
         units = []
@@ -209,7 +221,7 @@ class JsonFiles:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {line_number(k - 1)}: not valid JSON ({e.msg} at column {e.colno}); "
+                raise DataError(f"{path}, line {line_number(k - 1)}: not valid JSON ({_json_problem(e)}); "
                                 f"each line of a JSON Lines file must hold one JSON object") from None
             yield _text_of(record, self.text_field, f"{path}, line {line_number(k - 1)}")
 
@@ -221,7 +233,7 @@ class JsonFiles:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(f"{path}, line {e.lineno}: not valid JSON ({_json_problem(e)})") from None
         for i, record in enumerate(records):
             yield _text_of(record, self.text_field, f"{path}, record {i}")
 
@@ -231,6 +243,7 @@ class ParquetFiles:
     """Parquet files with a string column; one slice per row group."""
     paths: tuple[str, ...]
     text_field: str = "text"
+    size_unit: ClassVar[str] = "B"  # uncompressed bytes of the row groups
 
     def units(self) -> list[Unit]:
         import pyarrow.parquet as pq
@@ -271,6 +284,7 @@ class TextList:
     """Documents already in memory, cut into slices of ``docs_per_unit``."""
     texts: tuple[str, ...]
     docs_per_unit: int = 1024
+    size_unit: ClassVar[str] = " docs"
 
     def units(self) -> list[Unit]:
         n = len(self.texts)
@@ -299,6 +313,7 @@ class HFDataset:
     text_field: str = "text"
     data_files: tuple[str, ...] | None = None
     rows_per_unit: int = 100_000  # slice size for datasets saved with save_to_disk
+    size_unit: ClassVar[str] = " shards"
 
     @property
     def label(self) -> str:
@@ -308,6 +323,17 @@ class HFDataset:
         import datasets
 
         local = os.path.expanduser(self.path)
+        # local data files checked here: datasets releases differ in what they raise for these, or read nothing
+        local_files = [f for f in self.data_files or () if "://" not in f]
+        matches = {f: glob.glob(os.path.expanduser(f), recursive=True) for f in local_files}
+        missing = [f for f, found in matches.items() if not found]
+        if missing:
+            raise DataError(f"dataset {self.label} holds no records: --data_files {missing[0]} matches no files; "
+                            f"pass files that hold data")
+        if local_files and len(local_files) == len(self.data_files) and \
+                all(os.path.getsize(m) == 0 for found in matches.values() for m in found if os.path.isfile(m)):
+            raise DataError(f"dataset {self.label} holds no records: its data files are empty; pass files that "
+                            f"hold data")
         try:
             if os.path.isdir(local) and is_saved_dataset(local):
                 ds = datasets.load_from_disk(local)
@@ -324,9 +350,8 @@ class HFDataset:
         except DataError:
             raise
         except StopIteration:  # what datasets raises when the data files hold no record
-            missing = [f for f in self.data_files or () if not glob.glob(os.path.expanduser(f), recursive=True)]
-            what = f"--data_files {missing[0]} matches no files" if missing else "its data files are empty"
-            raise DataError(f"dataset {self.label} holds no records: {what}; pass files that hold data") from None
+            raise DataError(f"dataset {self.label} holds no records: its data files are empty; pass files that "
+                            f"hold data") from None
         except Exception as e:
             first = _first_line(e)
             if first.startswith("Bad split"):
@@ -356,12 +381,23 @@ class HFDataset:
             except StopIteration:
                 return
             except Exception as e:  # e.g. a data file that is not valid JSON
-                files = getattr(getattr(shard, "_ex_iterable", None), "kwargs", {}).get("original_files") or []
+                files = _shard_files(shard)
                 where = f" (file {', '.join(map(str, files[:3]))})" if files else ""
                 raise DataError(f"dataset {self.label}, shard {unit.start}{where}, after row {row}: could not read "
                                 f"the data ({_first_line(e)}); fix or leave out the bad data file") from None
             yield _text_of(record, self.text_field, f"dataset {self.label}, shard {unit.start}, row {row}")
             row += 1
+
+
+def _shard_files(shard) -> list[str]:
+    """The data files behind one shard of a streamed dataset, where datasets says ([] where it does not):
+    ``kwargs['original_files']`` in datasets 2.x-3.x, ``kwargs['files']`` (lists of paths) in 4.x."""
+    kwargs = getattr(getattr(shard, "_ex_iterable", None), "kwargs", None) or {}
+    files = kwargs.get("original_files") or kwargs.get("files") or []
+    out = []
+    for f in files:
+        out += [f] if isinstance(f, str) else [p for p in f if isinstance(p, str)]
+    return out
 
 
 def _first_line(e: BaseException) -> str:
