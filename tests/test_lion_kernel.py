@@ -157,9 +157,10 @@ def _count_launches(kernels):
 
 
 def _fallback_case():
-    """fp64 and non-contiguous tensors among kernel-friendly ones: they go through the foreach path."""
+    """fp64 and non-contiguous tensors among kernel-friendly ones: the kernel refuses them (updating nothing), and
+    ``lion_update_device_`` sends them through the foreach path."""
     from llmfoundry.kernels import lion as kernels
-    from llmfoundry.train.lion import lion_update_foreach_
+    from llmfoundry.train.lion import lion_update_device_, lion_update_foreach_
     calls, restore = _count_launches(kernels)
 
     def make():
@@ -172,10 +173,17 @@ def _fallback_case():
 
     fused, ref = make(), make()
     kw = dict(lr=LR, decay=0.99, beta1=0.9, beta2=0.99)
-    kernels.lion_update_fused_(*fused, **kw)
+    try:
+        kernels.lion_update_fused_(*fused, **kw)
+        refused = False
+    except ValueError:
+        refused = True
+    untouched = not any(mismatches(fused[0], make()[0]))
+    lion_update_device_(torch.device("cpu"), *fused, **kw)
     lion_update_foreach_(*ref, **kw)
     restore()
-    return {"p": mismatches(fused[0], ref[0]), "m": mismatches(fused[2], ref[2]), "launches": len(calls)}
+    return {"p": mismatches(fused[0], ref[0]), "m": mismatches(fused[2], ref[2]), "launches": len(calls),
+            "refused": refused, "untouched": untouched}
 
 
 def _make_model_params(seed):
@@ -187,7 +195,7 @@ def _make_model_params(seed):
 
 def _optimizer_case():
     """``Lion.step`` (the fused path under the interpreter) = ``Lion.step`` with LLMFOUNDRY_FUSED_LION=0, over steps
-    with a changing lr, weight decay, mixed dtypes (fp64 falls back to the foreach path), a parameter without
+    with a changing lr, weight decay, mixed dtypes (fp64 goes to the foreach path), a parameter without
     gradient and an empty one."""
     from llmfoundry.kernels import lion as kernels
     from llmfoundry.train import lion as train_lion
@@ -267,14 +275,15 @@ def test_fused_equals_foreach_bitwise(interpreter_results, name):
 
 def test_fallback_for_fp64_and_non_contiguous(interpreter_results):
     res = interpreter_results["fallback"]
+    assert res["refused"] and res["untouched"], res
     assert res["p"] == [0, 0, 0] and res["m"] == [0, 0, 0] and res["launches"] == 1, res
 
 
 def test_optimizer_step_fused_equals_foreach(interpreter_results):
     res = interpreter_results["optimizer"]
     assert not any(res["p"]) and not any(res["m"]), res
-    # per step one call per (device, dtype) bucket: fp32 (5 with grads), bf16, fp64 (which falls back inside)
-    assert res["fused_calls"] == [5, 1, 1] * 4 and res["no_grad_untouched"]
+    # per step one kernel call per (device, dtype) bucket: fp32 (5 with grads), bf16; fp64 goes to the foreach path
+    assert res["fused_calls"] == [5, 1] * 4 and res["no_grad_untouched"]
 
 
 def test_dtensor_shards_updated_in_place(interpreter_results):

@@ -25,8 +25,9 @@ ATen:
 Launched with ``enable_fp_fusion=False`` so the compiler contracts nothing beyond the explicit ``tl.fma`` calls (the
 PTX is ``fma.rn``/``mul.rn``/``sub.rn`` only, with 128-bit loads and stores when sizes and pointers are 16-aligned).
 
-One launch per tensor (no host sync, no allocation). Tensors the kernel does not take (other dtypes such as fp64,
-non-contiguous ones, mismatched shapes) go through the foreach path instead. Under ``TRITON_INTERPRET=1`` the kernel
+One launch per tensor (no host sync, no allocation). The kernel takes fp32/bf16/fp16 contiguous tensors of one shape
+per parameter (``takes``); the caller (``llmfoundry.train.lion``) sends the others (fp64, non-contiguous ones) through
+the foreach path, and ``lion_update_fused_`` refuses them. Under ``TRITON_INTERPRET=1`` the kernel
 runs on CPU tensors (tests); Triton 3.3's interpreter evaluates ``tl.fma`` unfused and truncates fp32 -> bf16, so
 there it matches the foreach path only to an ulp unless those two are corrected (tests/test_lion_kernel.py does).
 """
@@ -40,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["lion_update_fused_", "supports"]
+__all__ = ["lion_update_fused_", "supports", "takes"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _BLOCK = 2048      # elements per program: 16 fp32 per thread at 4 warps (4 x 128-bit loads per tensor)
@@ -95,7 +96,8 @@ def supports(device: torch.device) -> bool:
     return device.type == "cuda" or _INTERPRET
 
 
-def _takes(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor) -> bool:
+def takes(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor) -> bool:
+    """Whether the kernel updates this parameter, gradient and momentum (fp32/bf16/fp16, contiguous, one shape)."""
     return (p.dtype in _DTYPES and g.dtype in _DTYPES and m.dtype in _DTYPES and p.shape == g.shape == m.shape
             and p.is_contiguous() and g.is_contiguous() and m.is_contiguous())
 
@@ -103,29 +105,26 @@ def _takes(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor) -> bool:
 def lion_update_fused_(params: list[torch.Tensor], grads: list[torch.Tensor], moms: list[torch.Tensor], *,
                        lr: float, decay: float, beta1: float, beta2: float) -> None:
     """The LION step of ``llmfoundry.train.lion.lion_update_`` (same arguments; on CUDA the same result bit for bit)
-    on plain tensors of one device, updating ``params`` and ``moms`` in place. ``grads`` may have another dtype than
-    ``params`` (cast to the momentum's inside the kernel, no temporary). One kernel launch per non-empty tensor;
-    the tensors the kernel does not take go through ``llmfoundry.train.lion.lion_update_foreach_``."""
+    on plain tensors of one device that the kernel ``takes``, updating ``params`` and ``moms`` in place. ``grads``
+    may have another dtype than ``params`` (cast to the momentum's inside the kernel, no temporary). One kernel
+    launch per non-empty tensor. Raises ``ValueError`` (before any update) for tensors the kernel does not take."""
     if not params:
         return
+    for i, (p, g, m) in enumerate(zip(params, grads, moms)):
+        if not takes(p, g, m):
+            raise ValueError(f"the fused LION kernel does not take tensor {i} (p {p.dtype} {tuple(p.shape)}, "
+                             f"g {g.dtype} {tuple(g.shape)}, m {m.dtype} {tuple(m.shape)}, contiguous "
+                             f"{p.is_contiguous()}/{g.is_contiguous()}/{m.is_contiguous()}): update it with "
+                             "llmfoundry.train.lion.lion_update_foreach_")
     c1, small1 = _lerp_coefficient(1.0 - beta1)
     c2, small2 = _lerp_coefficient(1.0 - beta2)
     neg_lr, decay32, has_decay = _f32(-lr), _f32(decay), decay != 1.0
-    rest = []
     device = params[0].device
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        for i, (p, g, m) in enumerate(zip(params, grads, moms)):
-            if not _takes(p, g, m):
-                rest.append(i)
-                continue
+        for p, g, m in zip(params, grads, moms):
             n = p.numel()
             if n == 0:
                 continue
             _lion_kernel[(triton.cdiv(n, _BLOCK),)](
                 p, g, m, n, neg_lr, decay32, c1, c2, HAS_DECAY=has_decay, SMALL1=small1, SMALL2=small2,
                 BLOCK=_BLOCK, num_warps=_NUM_WARPS, enable_fp_fusion=False)
-    if rest:
-        from llmfoundry.train.lion import lion_update_foreach_
-        lion_update_foreach_([params[i] for i in rest], [grads[i] for i in rest], [moms[i] for i in rest],
-                             lr=lr, decay=decay, beta1=beta1, beta2=beta2)
-

@@ -17,10 +17,10 @@ What runs where (``use_fused_kernel``): on CUDA, when triton is installed and ``
 ``"0"``, a fused Triton kernel (``llmfoundry.kernels.lion``) does the whole step in one pass per parameter (reads
 ``p``, ``g``, ``m`` once, writes ``p``, ``m`` once; the grad is cast inside it; 5 passes over memory), bit for bit
 equal to the foreach path. Elsewhere (CPU; no triton; ``LLMFOUNDRY_FUSED_LION=0``), and for the tensors the kernel
-does not take (fp64, non-contiguous), the step is the foreach pass ``lion_update_foreach_``: ``mul`` (decay),
-``lerp``, ``sign``, ``add``, ``lerp``, about eleven passes over memory, with the grad first cast to the momentum's
-dtype and temporaries for a bounded number of elements at a time. Under ``TRITON_INTERPRET=1`` the kernel path is
-taken for CPU tensors too (tests).
+does not take (``kernels.takes``: fp64, non-contiguous; ``lion_update_device_`` splits them off), the step is the
+foreach pass ``lion_update_foreach_``: ``mul`` (decay), ``lerp``, ``sign``, ``add``, ``lerp``, about eleven passes
+over memory, with the grad first cast to the momentum's dtype and temporaries for a bounded number of elements at a
+time. Under ``TRITON_INTERPRET=1`` the kernel path is taken for CPU tensors too (tests).
 """
 from __future__ import annotations
 
@@ -93,6 +93,26 @@ def use_fused_kernel(device: torch.device) -> bool:
     return kernels is not None and kernels.supports(device)
 
 
+def lion_update_device_(device: torch.device, params: list[torch.Tensor], grads: list[torch.Tensor],
+                        moms: list[torch.Tensor], *, lr: float, decay: float, beta1: float, beta2: float) -> None:
+    """The LION step on plain tensors of ``device``: the fused kernel for the tensors it takes when
+    ``use_fused_kernel(device)``, ``lion_update_foreach_`` for the rest (at most one call of each)."""
+    kw = dict(lr=lr, decay=decay, beta1=beta1, beta2=beta2)
+    if not use_fused_kernel(device):
+        lion_update_foreach_(params, grads, moms, **kw)
+        return
+    kernels = _fused_kernels()
+    taken = [kernels.takes(p, g, m) for p, g, m in zip(params, grads, moms)]
+    if any(taken):
+        kernels.lion_update_fused_(*_select((params, grads, moms), taken), **kw)
+    if not all(taken):
+        lion_update_foreach_(*_select((params, grads, moms), [not t for t in taken]), **kw)
+
+
+def _select(lists: tuple[list, ...], keep: list[bool]) -> tuple[list, ...]:
+    return tuple([x for x, k in zip(xs, keep) if k] for xs in lists)
+
+
 class Lion(torch.optim.Optimizer):
     """LION over ``params`` (see the module docstring); ``lr`` is the peak the schedule multiplies."""
 
@@ -127,6 +147,5 @@ class Lion(torch.optim.Optimizer):
                 gs.append(_local(p.grad))
                 ms.append(_local(state["exp_avg"]))
             for (device, _), (ps, gs, ms) in buckets.items():
-                update = _fused_kernels().lion_update_fused_ if use_fused_kernel(device) else lion_update_foreach_
-                update(ps, gs, ms, lr=lr, decay=decay, beta1=beta1, beta2=beta2)
+                lion_update_device_(device, ps, gs, ms, lr=lr, decay=decay, beta1=beta1, beta2=beta2)
         return loss

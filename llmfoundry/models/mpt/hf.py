@@ -1,4 +1,5 @@
-"""Hugging Face interop: MPT ``config.json`` <-> ``MPTConfig``, and saving/loading model directories.
+"""Hugging Face interop: saving and loading model directories (the ``config.json`` <-> ``MPTConfig`` mapping,
+``config_from_hf_dict`` / ``config_to_hf_dict``, is in ``llmfoundry.models.mpt.config``; this module uses it).
 
 A directory holds ``config.json`` and the weights (``model.safetensors`` or ``pytorch_model.bin``, possibly sharded
 with an ``*.index.json``), with transformers' ``MptForCausalLM`` parameter names.
@@ -14,132 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 
-from llmfoundry.models.mpt.config import AttnConfig, MPTConfig
-from llmfoundry.utils.config import ConfigError, from_dict, to_dict
-
-# Keys of transformers' PretrainedConfig and of MPT's HF/remote-code configs that carry no architecture.
-_BOOKKEEPING = {
-    "_name_or_path", "name_or_path", "_commit_hash", "_attn_implementation", "_attn_implementation_autoset",
-    "attn_implementation", "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version",
-    "model_type", "verbose", "tokenizer_name", "use_cache", "initializer_range", "add_cross_attention",
-    "bad_words_ids", "begin_suppress_tokens", "bos_token_id", "chunk_size_feed_forward",
-    "cross_attention_hidden_size", "decoder_start_token_id", "diversity_penalty", "do_sample", "early_stopping",
-    "encoder_no_repeat_ngram_size", "eos_token_id", "exponential_decay_length_penalty", "finetuning_task",
-    "forced_bos_token_id", "forced_eos_token_id", "id2label", "is_decoder", "is_encoder_decoder", "label2id",
-    "length_penalty", "max_length", "min_length", "no_repeat_ngram_size", "num_beam_groups", "num_beams",
-    "num_return_sequences", "output_attentions", "output_hidden_states", "output_scores", "pad_token_id",
-    "prefix", "problem_type", "pruned_heads", "remove_invalid_values", "repetition_penalty", "return_dict",
-    "return_dict_in_generate", "sep_token_id", "suppress_tokens", "task_specific_params", "temperature",
-    "tf_legacy_loss", "tie_encoder_decoder", "tokenizer_class", "top_k", "top_p", "torchscript", "typical_p",
-    "use_bfloat16", "use_pad_tok_in_ffn", "quantization_config",
-}
-# attention keys accepted only at their neutral values: key -> allowed values
-_NEUTRAL_ATTN = {"sliding_window_size": (None, -1), "qk_gn": (False,), "fused_qkv": (True,),
-                 "attn_logit_softcapping": (None,), "rope": (False,), "prefix_lm": (False,)}
-_NEUTRAL_TOP = {"block_overrides": (None, {}), "final_logit_softcapping": (None,),
-                "fc_type": ("torch", {"name": "torch"}), "moe_loss_weight": None, "use_pad_tok_in_ffn": None}
-
-
-def _hf_bookkeeping() -> set[str]:
-    keys = set(_BOOKKEEPING)
-    try:  # whatever this transformers version adds to every config
-        from transformers import PretrainedConfig
-        keys |= set(PretrainedConfig().to_dict())
-    except Exception:  # pragma: no cover - transformers missing or changed
-        pass
-    return keys - {f.name for f in fields(MPTConfig)}
-
-
-def _refuse(what: str):
-    raise ConfigError(f"MPT config.json uses {what}, which this MPT implementation does not support")
-
-
-def config_from_hf_dict(d: Mapping[str, Any]) -> MPTConfig:
-    """``MPTConfig`` from a Hugging Face / MosaicML MPT ``config.json`` dict (see the module docstring)."""
-    d = dict(d)
-    attn = dict(d.pop("attn_config", None) or {})
-    init = dict(d.pop("init_config", None) or {})
-    attn_keys = {f.name for f in fields(AttnConfig)} | {"attn_type"} | set(_NEUTRAL_ATTN)
-    top_keys = {f.name for f in fields(MPTConfig)}
-    for k in list(d):  # attention keys written at the top level
-        if k in attn_keys and k not in top_keys:
-            attn.setdefault(k, d.pop(k))
-    for k in _hf_bookkeeping():
-        d.pop(k, None)
-        attn.pop(k, None)
-    for k, ok in _NEUTRAL_ATTN.items():
-        if k in attn and attn[k] not in ok:
-            _refuse(f"attn_config.{k}={attn[k]!r}")
-        attn.pop(k, None)
-    for k in [k for k in attn if k.startswith("rope_")]:
-        attn.pop(k)
-    attn_type = attn.pop("attn_type", "multihead_attention")
-    if attn_type == "multihead_attention":
-        attn.pop("kv_n_heads", None)  # llm-foundry writes a kv_n_heads default that only GQA reads
-    elif attn_type == "multiquery_attention":
-        attn["kv_n_heads"] = 1
-    elif attn_type == "grouped_query_attention":
-        if "kv_n_heads" not in attn:
-            raise ConfigError("MPT config.json: attn_type 'grouped_query_attention' needs attn_config.kv_n_heads")
-    else:
-        _refuse(f"attn_config.attn_type={attn_type!r}")
-    for k, ok in _NEUTRAL_TOP.items():
-        if k in d:
-            v = d.pop(k)
-            if ok is not None and v not in ok:
-                _refuse(f"{k}={v!r}")
-    ffn = d.pop("ffn_config", None)
-    if ffn:
-        act, fc = ffn.get("ffn_act_fn"), ffn.get("fc_type", "torch")
-        if (ffn.get("ffn_type", "mptmlp") != "mptmlp" or ffn.get("ffn_hidden_size") is not None
-                or set(ffn) - {"ffn_type", "ffn_act_fn", "fc_type", "ffn_hidden_size"}
-                or (act and act != {"name": "gelu", "approximate": "none"}) or fc not in ("torch", {"name": "torch"})):
-            _refuse(f"ffn_config={ffn!r} (only the GELU 'mptmlp' FFN is implemented)")
-    if "layer_norm_epsilon" in d:
-        d.setdefault("norm_eps", d.pop("layer_norm_epsilon"))
-    init.pop("verbose", None)
-    if init.get("name") == "baseline_":
-        init["name"] = "normal_"
-    # transformers' default is learned_pos_emb=true; the original MPT code ignored it under ALiBi (no wpe weight).
-    d["learned_pos_emb"] = bool(d.get("learned_pos_emb", True)) and not attn.get("alibi", True)
-    attn.setdefault("alibi", True)
-    try:
-        return from_dict(MPTConfig, {**d, "attn_config": attn, "init_config": init})
-    except ConfigError as e:
-        raise ConfigError(f"MPT config.json: {e}") from e
-
-
-def _num(x: float):
-    return int(x) if float(x).is_integer() else x
-
-
-def config_to_hf_dict(cfg: MPTConfig) -> dict:
-    """``config.json`` dict in transformers' MptConfig format (our extras, e.g. kv_n_heads, included)."""
-    a, h, kv = cfg.attn_config, cfg.n_heads, cfg.kv_n_heads
-    attn_type = ("multihead_attention" if kv == h else "multiquery_attention" if kv == 1
-                 else "grouped_query_attention")
-    attn = {"attn_type": attn_type, "attn_pdrop": _num(a.attn_pdrop), "attn_impl": a.attn_impl, "qk_ln": a.qk_ln,
-            "clip_qkv": a.clip_qkv, "softmax_scale": a.softmax_scale, "prefix_lm": False,
-            "attn_uses_sequence_id": a.attn_uses_sequence_id, "alibi": a.alibi,
-            "alibi_bias_max": _num(a.alibi_bias_max)}
-    if kv != h:
-        attn["kv_n_heads"] = kv
-    return {
-        "architectures": ["MptForCausalLM"], "model_type": "mpt",
-        "d_model": cfg.d_model, "n_heads": h, "n_layers": cfg.n_layers,
-        "expansion_ratio": _num(cfg.expansion_ratio), "max_seq_len": cfg.max_seq_len,
-        "vocab_size": cfg.vocab_size, "resid_pdrop": cfg.resid_pdrop, "emb_pdrop": cfg.emb_pdrop,
-        "learned_pos_emb": cfg.learned_pos_emb, "attn_config": attn, "init_config": to_dict(cfg.init_config),
-        "init_device": "cpu", "logit_scale": cfg.logit_scale, "no_bias": cfg.no_bias,
-        "embedding_fraction": cfg.embedding_fraction, "norm_type": cfg.norm_type,
-        "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_word_embeddings, "use_cache": False,
-    }
+from llmfoundry.models.mpt.config import MPTConfig, config_from_hf_dict, config_to_hf_dict
 
 
 def hf_export_problems(cfg: MPTConfig) -> list[str]:
