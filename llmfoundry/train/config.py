@@ -43,6 +43,10 @@ YAML key                       used by
 ``save_*``, ``load_*``,        ``Trainer(save_folder=..., save_interval=..., save_num_checkpoints_to_keep=...,
 ``autoresume``,                load_path=..., autoresume=...)``; ``s3://`` folders are checked for reachability and
 ``check_free_disk``            the disk for room for one checkpoint before training (train.py ``_preflight``)
+``preemption.grace_period_s``  preemption.py: SIGTERM (to a rank, or to the launcher) finishes the batch, saves a
+                               checkpoint on every rank and exits with status 75; a second SIGTERM (2 s or more
+                               later), or this many seconds without a save, exits with 143 (docs/FAULTS.md).
+                               ``preemption: null``: SIGTERM exits at once, as composer does
 ``train_metrics``              ``ComposerMPT(train_metrics=...)``: composer's train metrics from full logits on every
                                micro-batch; off (default) = the loss is computed in chunks inside the model
 ``callbacks.*``                builders.build_callbacks: SpeedMonitor (throughput, MFU), LRMonitor, MemoryMonitor,
@@ -242,6 +246,23 @@ class CallbacksConfig:
 
 
 @dataclass
+class PreemptionConfig:
+    """``preemption:`` (train/preemption.py; needs a ``save_folder``). SIGTERM, what schedulers send before they
+    kill a job, makes every rank finish its batch, save a checkpoint and exit with status 75 (``EX_TEMPFAIL``); the
+    same command resumes there. ``grace_period_s``: seconds after the first SIGTERM by which the process exits even
+    without a checkpoint (status 143): the bound on a batch, evaluation or peer that hangs. The scheduler's own
+    SIGKILL may come sooner (SLURM ``KillWait`` and Kubernetes ``terminationGracePeriodSeconds``: 30 s by default):
+    raise that when a batch plus a save takes longer; under ``composer`` the launcher SIGKILLs its ranks 30 s after
+    it got SIGTERM itself. A second SIGTERM (2 s or more after the first) exits at once. ``preemption: null``
+    leaves SIGTERM to composer (exit 143 at once, nothing saved)."""
+    grace_period_s: float = 300.0
+
+    def __post_init__(self):
+        if not self.grace_period_s > 0:
+            raise ValueError(f"'grace_period_s' = {self.grace_period_s} must be > 0 (seconds)")
+
+
+@dataclass
 class WandBConfig:
     """``loggers.wandb``: composer's ``WandBLogger``; ``WANDB_MODE=offline`` writes the run under ``./wandb``."""
     project: str | None = None
@@ -295,6 +316,7 @@ class TrainConfig:
     load_weights_only: bool = False
     autoresume: bool = False
     check_free_disk: bool = True
+    preemption: PreemptionConfig | None = field(default_factory=PreemptionConfig)
 
     train_metrics: bool = False  # loss/perplexity/accuracy of each training batch from full logits (slower)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)

@@ -7,6 +7,9 @@
   goes on; for ``max_duration``, only when the schedule is measured in ``dur``).
 - ``earlier_checkpoints`` + ``PruneEarlierCheckpoints``: ``save_num_checkpoints_to_keep`` also counts the
   checkpoints earlier launches of the run wrote (composer prunes only its own process's).
+- ``set_aside_incomplete_checkpoints``: a checkpoint file cut short while written (a process killed mid-save: composer
+  writes the file in place, then moves ``latest-rank0.pt`` to it) is renamed ``<name>.incomplete`` before
+  autoresume, which then continues from the newest complete checkpoint (``latest-rank0.pt``) and says which.
 """
 from __future__ import annotations
 
@@ -129,6 +132,46 @@ def warn_batch_shape_changes(cfg: TrainConfig, previous: dict | None, state, whe
                     "has %d tokens instead of %d, so token counts (and any duration or schedule in tok) change; the "
                     "data position is kept. Set train_loader.max_seq_len=%d to continue the run as it was",
                     new, where, old, new, old, old)
+
+
+_WHOLE_FILE = r"^ep(\d+)-ba(\d+)-rank0\.pt$"  # composer's default save_filename for rank 0
+
+
+def set_aside_incomplete_checkpoints(cfg: TrainConfig) -> list[str]:
+    """With ``autoresume`` and a local save folder of whole-file checkpoints: rename each rank-0 checkpoint newer than
+    the one ``latest-rank0.pt`` names (any, when there is no link yet) that is not a complete torch archive (a
+    0-byte or truncated file left by a process killed while writing it) to ``<name>.incomplete``, and log which
+    checkpoint the run continues from. Otherwise composer's check for files of "a future checkpoint" refuses the
+    launch. Newer checkpoints that are complete are left alone (``latest-rank0.pt`` may have been moved back on
+    purpose); the launch then stops with the save-conflict message. Rank 0 only; returns the new names."""
+    import re
+
+    from composer.utils import dist
+    folder = save_dir(cfg)
+    if (not cfg.autoresume or not folder or checks.is_remote(folder) or dist.get_global_rank() != 0
+            or not os.path.isdir(folder) or (cfg.fsdp is not None and cfg.fsdp.state_dict_type == "sharded")):
+        return []
+    name = re.compile(_WHOLE_FILE)
+    latest = os.path.join(folder, "latest-rank0.pt")
+    linked = os.path.basename(os.path.realpath(latest)) if os.path.islink(latest) else None
+    resumed_at = int(name.match(linked).group(2)) if linked and name.match(linked) else -1
+    moved = []
+    for f in sorted(os.listdir(folder)):
+        path = os.path.join(folder, f)
+        m = name.match(f)
+        if not m or int(m.group(2)) <= resumed_at or os.path.islink(path) or not os.path.isfile(path):
+            continue
+        if checks.load_path_problem(path) is None:
+            continue
+        size = os.path.getsize(path)
+        os.replace(path, path + ".incomplete")
+        moved.append(path + ".incomplete")
+        log.warning("autoresume: %s is not a complete checkpoint (%s; cut short while it was written): renamed to "
+                    "%s.incomplete", path, f"{size} bytes", f)
+    if moved:
+        log.warning("autoresume: continuing from the newest complete checkpoint, %s", os.path.realpath(latest)
+                    if linked else f"none (no complete checkpoint in {folder}): starting from the beginning")
+    return moved
 
 
 def _checkpoint_unit(path: str, sharded: bool) -> str:

@@ -23,8 +23,9 @@ Steps of ``build_trainer``: resolve device/precision -> start torch.distributed 
 check batch sizes, object stores and disk -> tokenizer -> ``ComposerMPT`` -> optimizer -> loaders ->
 ``composer.Trainer`` (FSDP wrap, checkpoint load / autoresume) -> what ``resume.py`` adds across launches (the
 config copy written at the first batch, a warning when a resume changes the batch shape, checkpoint pruning that
-counts earlier launches). ``train`` then calls ``fit``. A launch that fails before training leaves nothing new in
-the save folder (nor an empty save folder it created).
+counts earlier launches). ``train`` then calls ``fit``, during which SIGTERM stops the run at a checkpoint
+(``preemption.py``: exit status 75, the same command resumes there). A launch that fails before training leaves
+nothing new in the save folder (nor an empty save folder it created).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import sys
 import torch
 
 from llmfoundry.checkpoint import ModelConfigRecorder
-from llmfoundry.train import builders, checks, resume
+from llmfoundry.train import builders, checks, preemption, resume
 from llmfoundry.train.checks import TrainError
 from llmfoundry.train.composer_model import ComposerMPT
 from llmfoundry.train.config import TrainConfig, config_to_yaml, env_run_name, load_config, run_name_of
@@ -261,6 +262,9 @@ def _build_trainer(cfg: TrainConfig):
     parallelism = builders.build_parallelism(cfg.fsdp, world_size, dist.get_local_world_size())
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # before FSDP shards them
     sharded = cfg.fsdp is not None and cfg.fsdp.state_dict_type == "sharded"
+    resume.set_aside_incomplete_checkpoints(cfg)  # a save cut short by a kill: resume from the one before
+    if world_size > 1:
+        dist.barrier()
     load_path, load_weights_only, autoresume = _resume_point(cfg, sharded)
 
     try:
@@ -335,6 +339,13 @@ def _save_conflict_message(cfg: TrainConfig, e: FileExistsError) -> str:
     # composer's text: "<file> may conflict with a future checkpoint of the current run.Please delete that file, ..."
     conflict = str(e).split(" may conflict with")[0].strip()
     found = f" (e.g. {conflict})" if conflict and conflict != str(e).strip() else f" ({e})"
+    latest = os.path.join(resume.save_dir(cfg) or "", "latest-rank0.pt")
+    if cfg.autoresume and os.path.islink(latest) and conflict != str(e).strip():
+        return (f"save_folder {resume.save_dir(cfg)} holds a checkpoint newer than {os.path.realpath(latest)}, the "
+                f"one latest-rank0.pt names and autoresume continues from: {conflict}. If it is this run's (a process "
+                f"killed after writing it, before moving the link), continue from it: ln -sfn "
+                f"{os.path.basename(conflict)} {latest}; to continue from the linked one instead, move the newer "
+                f"one aside: mv {conflict} {conflict}.bad")
     return (f"save_folder {resume.save_dir(cfg)} already holds checkpoints of another run{found}. Fix: set autoresume: "
             f"true to continue that run, save_overwrite: true to overwrite it, or pick another save_folder / run_name")
 
@@ -376,7 +387,8 @@ def _train(cfg: TrainConfig):
     if _already_complete(trainer, cfg):
         return trainer
     try:
-        trainer.fit()
+        with preemption.handling(cfg, trainer):  # SIGTERM: save after this batch, raise Preempted
+            trainer.fit()
     except FileExistsError as e:  # raised at fit start, before any batch, by composer's checkpoint saver
         raise TrainError(_save_conflict_message(cfg, e)) from e
     except Exception as e:
@@ -388,7 +400,9 @@ def _train(cfg: TrainConfig):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``scripts/train.py CONFIG.yaml [key=value ...]``. User errors print one message and exit with status 1."""
+    """``scripts/train.py CONFIG.yaml [key=value ...]``. User errors print one message and exit with status 1; a
+    run stopped by SIGTERM after saving a checkpoint prints ``preempted: ...`` and exits with status 75
+    (``preemption.py``)."""
     from llmfoundry.data import DataError
     from llmfoundry.data.streams import StreamError, user_message
 
@@ -412,5 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrainError, DataError, StreamError) as e:
         print(f"error: {user_message(e)}", file=sys.stderr)
         return 1
+    except preemption.Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return preemption.PREEMPTED_EXIT_CODE
     return 0
 
