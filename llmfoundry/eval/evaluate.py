@@ -124,6 +124,8 @@ def load_eval_config(yaml_path: Optional[str], overrides: Optional[list[str]] = 
 
     _register_resolvers()
     data = load_yaml_with_overrides(yaml_path or None, overrides, example="load_path=ckpt.pt")
+    from llmfoundry.eval.foundry_dialect import load_foundry_eval  # llm-foundry's eval YAML: translated
+    data = load_foundry_eval(data, yaml_path, EvalConfig) or data
     return from_dict(EvalConfig, null_as_empty(data))
 
 

@@ -7,6 +7,9 @@ overrides in order (``llmfoundry.utils.config.apply_overrides``; later wins, ``i
 resolves ``${...}`` interpolations, and converts the result with
 ``llmfoundry.utils.config.from_dict`` into the dataclasses below. A misspelled/unknown key, a missing required key,
 or a value of the wrong type stops here with a ``ConfigError`` naming the key (and the closest valid key).
+A YAML in llm-foundry's dialect (``fsdp_config``, ``model.name``, ``train_loader.dataset``, ...) is first translated
+into these keys by ``llmfoundry.train.foundry_dialect`` (llm-foundry's model defaults kept; every key with no
+equivalent listed in one ``ConfigError``).
 
 =============================  ==================================================================================
 YAML key                       used by
@@ -432,6 +435,9 @@ def load_config(yaml_path: str | os.PathLike | None, overrides: list[str] | None
     data = load_yaml_with_overrides(yaml_path, overrides, example="optimizer.lr=1e-4")
     if data.get("run_name") is None:
         data["run_name"] = env_run_name() or (Path(yaml_path).stem if yaml_path is not None else None)
+    from llmfoundry.train import foundry_dialect  # an llm-foundry YAML: translated, reported, written out
+    if foundry_dialect.is_foundry_dialect(data, TrainConfig):
+        return foundry_dialect.load_foundry_config(data, yaml_path, TrainConfig, config_from_dict)
     return config_from_dict(data)
 
 

@@ -1,0 +1,230 @@
+"""llm-foundry's eval YAML dialect (``scripts/eval/yamls/*.yaml``), read by ``scripts/eval.py``.
+
+Recognised by keys only that dialect has (``models:``, ``icl_tasks`` entries with ``dataset_uri`` /
+``icl_task_type``, ``icl_tasks: path/to/tasks.yaml``, ``eval_gauntlet``, ``fsdp_config``, a top-level
+``max_seq_len``, ...) and translated into ``EvalConfig`` keys by ``translate_eval`` (pure), with the training
+translator's rules for ``model:``, ``tokenizer:`` and loaders (``llmfoundry.train.foundry_dialect``): a
+``mpt_causal_lm`` model section becomes ``model_config`` with llm-foundry's MPT defaults (learned positions,
+biases, no ALiBi), which is how that model was built. One model per run here (``models:`` with several entries is
+refused); the ICL task files of llm-foundry's ``language_modeling`` and ``multiple_choice`` tasks are read as
+they are (same JSONL fields). As for training, every key with no equivalent is listed in one ``ConfigError``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Mapping
+
+from llmfoundry.train.foundry_dialect import (BANNER, Translation, _loader, _mapping, _model, _neutral, _short,
+                                              _tokenizer, _unknown)
+from llmfoundry.utils.config import ConfigError
+
+_ICL_TYPES = ("language_modeling", "multiple_choice")
+_ICL_NEUTRAL = {
+    "metric_names": (None, "accuracy is reported here; dropped"),
+    "max_seq_len": (None, "the model's max_seq_len cuts the prompts here; dropped"),
+    "has_categories": (None, "per-category scores are absent here (the task's accuracy is reported); dropped"),
+    "do_normalization": (None, "dropped (generation tasks only)"),
+    "generation_kwargs": (None, "dropped (generation tasks only)"),
+    "early_stopping_criteria": (None, "dropped (generation tasks only)"),
+    "pass_at_k": (None, "dropped (code tasks only)"),
+    "cot_delimiter": (("", None), "chain-of-thought prompting is absent here; remove it"),
+    "hf_loading_vars": ((None, {}), "task files are local JSONL here (dataset_uri)"),
+    "hf_parsing_map": ((None, {}), "task files are local JSONL with llm-foundry's fields here"),
+    "question_prelimiter": (("", None), "absent here; remove it"),
+    "fewshot_random_seed": (None, None),  # renamed below
+}
+_TOP_NEUTRAL = {
+    "max_seq_len": (None, "the model's max_seq_len is used here (model_overrides.max_seq_len to change it); "
+                          "dropped"),
+    "fsdp_config": (None, "evaluation runs on one device here; dropped"),
+    "dist_timeout": (None, "dropped"),
+    "python_log_level": (None, "dropped"),
+    "loggers": (None, "results go to the table and results_path here; dropped"),
+    "console_log_interval": (None, "dropped"),
+    "log_config": (None, "dropped"),
+    "run_name": (None, "dropped"),
+    "metadata": (None, "dropped"),
+    "callbacks": (None, "dropped"),
+    "eval_gauntlet": (None, "the gauntlet's aggregate score is not computed here (each task's accuracy is "
+                            "reported); dropped"),
+    "eval_gauntlet_str": (None, "dropped"),
+    "icl_tasks_str": (None, "dropped"),
+    "code_paths": ((None, []), "no custom code is imported here; remove it"),
+    "icl_subset_num_batches": ((None,), "use icl_tasks.N.max_examples (examples evaluated per task)"),
+}
+_PRECISIONS = {"amp_bf16": "amp_bf16", "fp32": "fp32", "amp_fp16": "fp16", "bf16": "bf16", "fp16": "fp16",
+               "auto": "auto"}
+
+
+def _icl_task(t: Translation, task: Any, path: str) -> Any:
+    from llmfoundry.eval.icl import ICLTaskConfig
+    from llmfoundry.train.foundry_dialect import _fields
+    if not isinstance(task, Mapping):
+        return task
+    ours = _fields(ICLTaskConfig)
+    out = {}
+    for k, v in task.items():
+        p = f"{path}.{k}"
+        if k == "dataset_uri":
+            t.mark(p)
+            if str(v).startswith(("s3://", "oci://", "gs://", "hf://", "http://", "https://", "dbfs:")):
+                t.problem(p, f"{_short(v)}: task files are read from local paths here; download it and give its path")
+            out["path"] = v
+        elif k == "icl_task_type":
+            t.mark(p)
+            if v in _ICL_TYPES:
+                out["type"] = v
+            else:
+                t.problem(p, f"{_short(v)}: only language_modeling and multiple_choice tasks are evaluated here; "
+                             "remove this task")
+        elif k == "fewshot_random_seed":
+            t.mark(p)
+            out["fewshot_seed"] = v
+        elif k == "num_fewshot" and isinstance(v, int) and not isinstance(v, bool):
+            out[k] = [v]
+        elif k in ours:
+            out[k] = v
+        elif k in _ICL_NEUTRAL:
+            ok, what = _ICL_NEUTRAL[k]
+            if what is not None:
+                t.mark(p)
+                if ok is None or v in ok:  # per-task notes would repeat for every task: only problems are kept
+                    continue
+                t.problem(p, f"{_short(v)}: {what}")
+        else:
+            _unknown(t, path, k, ours + ["dataset_uri", "icl_task_type", *_ICL_NEUTRAL])
+    return out
+
+
+def _icl_tasks(t: Translation, tasks: Any, yaml_dir: str | None) -> Any:
+    if isinstance(tasks, str):  # llm-foundry: a YAML file holding `icl_tasks:`
+        t.mark("icl_tasks")
+        from omegaconf import OmegaConf
+        candidates = [tasks] + ([os.path.join(yaml_dir, tasks)] if yaml_dir else [])
+        found = next((c for c in candidates if os.path.isfile(c)), None)
+        if found is None:
+            t.problem("icl_tasks", f"{tasks!r}: no such task list file (looked in the working directory"
+                                   + (f" and {yaml_dir}" if yaml_dir else "") + ")")
+            return []
+        loaded = OmegaConf.to_container(OmegaConf.load(found), resolve=True)
+        tasks = loaded.get("icl_tasks") if isinstance(loaded, Mapping) else None
+        if not isinstance(tasks, list):
+            t.problem("icl_tasks", f"{found} has no 'icl_tasks:' list")
+            return []
+        t.note("icl_tasks", f"read {len(tasks)} tasks from {found}")
+    if not isinstance(tasks, list):
+        return tasks
+    out = [_icl_task(t, task, f"icl_tasks.{i}") for i, task in enumerate(tasks)]
+    if any(isinstance(x, Mapping) and "dataset_uri" in x for x in tasks):
+        t.note("icl_tasks", "dataset_uri -> path, icl_task_type -> type; metric_names, max_seq_len and "
+                            "has_categories dropped (accuracy per task and shot count is reported)")
+    return out
+
+
+def _models(t: Translation, models: Any, out: dict) -> None:
+    t.mark("models")
+    if not isinstance(models, list) or len(models) != 1:
+        n = len(models) if isinstance(models, list) else 0
+        t.problem("models", f"{n} models: one model per run here; run scripts/eval.py once per model "
+                            "(keep one entry, or give load_path / model_config directly)")
+        return
+    entry = _mapping(t, models[0], "models.0")
+    name = entry.pop("model_name", None)
+    if name is not None:
+        t.note("models.0.model_name", f"{name!r}: dropped (results name the checkpoint)")
+    if "load_path" in entry:
+        out["load_path"] = entry.pop("load_path")
+    if "tokenizer" in entry:
+        out["tokenizer"] = _tokenizer(t, entry.pop("tokenizer"))
+    model = entry.pop("model", None)
+    if isinstance(model, Mapping) and model.get("name") == "hf_causal_lm":
+        src = model.get("pretrained_model_name_or_path")
+        if src and os.path.isdir(str(src)) and out.get("load_path") is None:
+            out["hf_path"] = src
+            t.note("models.0.model", f"hf_causal_lm -> hf_path: {src!r} (a Hugging Face MPT directory)")
+            for k in set(model) - {"name", "pretrained_model_name_or_path", "pretrained", "init_device",
+                                   "use_auth_token", "config_overrides"}:
+                _unknown(t, "models.0.model", k, ["pretrained_model_name_or_path", "config_overrides"])
+            if model.get("config_overrides"):
+                out["model_overrides"] = dict(model["config_overrides"])
+        else:
+            t.problem("models.0.model", "hf_causal_lm: only local Hugging Face MPT directories are read here "
+                      "(pretrained_model_name_or_path: a folder with config.json); download the model first")
+    elif model is not None:
+        sub = Translation(data={})  # the training translator's model rules, under this entry's path
+        cfg = _model(sub, model, {})
+        t.notes += [f"models.0.{n}" for n in sub.notes]
+        t.problems += [f"models.0.{p}" for p in sub.problems]
+        t.dialect_keys += [f"models.0.{k}" for k in sub.dialect_keys]
+        if isinstance(cfg, dict):
+            cfg.pop("init_device", None)
+        out["model_config"] = cfg
+        t.note("models.0.model", "-> model_config (the checkpoint's weights are read with it)")
+    for k in entry:
+        _unknown(t, "models.0", k, ["model_name", "model", "tokenizer", "load_path"])
+
+
+def translate_eval(data: Mapping, eval_cls, yaml_dir: str | None = None) -> Translation:
+    """llm-foundry's eval YAML (resolved dict) -> a dict for ``eval_cls`` (``EvalConfig``, passed in so that this
+    module does not import ``evaluate``, which imports it); keys already ours pass through. ``yaml_dir``: where
+    a relative ``icl_tasks: tasks.yaml`` is also looked for."""
+    import copy
+
+    from llmfoundry.train.foundry_dialect import _fields
+    EvalConfig = eval_cls
+    src = copy.deepcopy(dict(data))
+    t = Translation(data={})
+    out = t.data
+    ours = _fields(EvalConfig)
+    for k, v in src.items():
+        if k == "models":
+            _models(t, v, out)
+        elif k == "icl_tasks":
+            out[k] = _icl_tasks(t, v, yaml_dir)
+        elif k == "eval_loader":
+            t.mark(k)
+            if v is not None:
+                out["eval_loaders"] = {"eval": _loader(t, v, k)}
+                t.note(k, "-> eval_loaders.eval")
+        elif k == "eval_loaders" and isinstance(v, list):
+            t.mark(k)
+            entries = [_mapping(t, x, f"eval_loaders.{i}") for i, x in enumerate(v)]
+            out[k] = {x.pop("label", f"eval{i}"): _loader(t, x, f"eval_loaders.{i}") for i, x in enumerate(entries)}
+            t.note(k, "a list with labels -> a mapping label -> loader")
+        elif k == "precision" and str(v) not in ("auto", "fp32", "bf16", "fp16", "amp_bf16"):
+            t.mark(k)
+            if str(v) in _PRECISIONS:
+                out[k] = _PRECISIONS[str(v)]
+                t.note(k, f"{v} -> {out[k]} (weights cast; there is no fp16 autocast here)")
+            else:
+                t.problem(k, f"{_short(v)}: use fp32, bf16, fp16 or amp_bf16")
+        elif k in ours:
+            out[k] = v
+        elif k in _TOP_NEUTRAL:
+            _neutral(t, k, v, _TOP_NEUTRAL[k])
+        else:
+            _unknown(t, "", k, ours + ["models", *_TOP_NEUTRAL])
+    if t.dialect_keys and out.get("eval_subset_num_batches") == -1:
+        out["eval_subset_num_batches"] = None
+        t.note("eval_subset_num_batches", "-1 -> null (all batches)")
+    return t
+
+
+def load_foundry_eval(data: Mapping, yaml_path, eval_cls, out=None) -> dict | None:
+    """The translated dict when ``data`` is in llm-foundry's eval dialect (notes printed; every key without an
+    equivalent in one ``ConfigError``), else None."""
+    yaml_dir = os.path.dirname(os.path.abspath(str(yaml_path))) if yaml_path else None
+    t = translate_eval(data, eval_cls, yaml_dir)
+    if not t.dialect_keys:
+        return None
+    source = str(yaml_path) if yaml_path is not None else "the config"
+    if t.problems:
+        from llmfoundry.train.foundry_dialect import problems_message
+        raise ConfigError(problems_message(t.problems, str(yaml_path) if yaml_path else None))
+    if os.environ.get("RANK", "0") == "0":
+        out = out or sys.stderr
+        print(f"{BANNER}: {source} is in llm-foundry's eval format; translated:", file=out)
+        for n in t.notes:
+            print(f"  {n}", file=out)
+    return t.data

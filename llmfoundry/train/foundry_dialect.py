@@ -1,0 +1,891 @@
+"""llm-foundry's training YAML dialect, read by ``scripts/train.py``.
+
+A YAML written for MosaicML's llm-foundry (``scripts/train/yamls/pretrain/mpt-*.yaml``, ``finetune/*.yaml``, with
+its usual ``key=value`` overrides) is recognised by the keys only that dialect has (``fsdp_config``,
+``algorithms``, ``eval_first``, a top-level ``max_seq_len``, ``model.name``, ``tokenizer: {name, kwargs}``,
+``train_loader.dataset``, ``decoupled_adamw``, ``cosine_with_warmup``, ``lr_monitor: {}``, ...) and translated
+into this project's keys by ``translate`` (a pure function: dict -> our dict, the notes, the problems).
+``load_foundry_config`` (called by ``load_config``) prints each note once, stops with ONE ``ConfigError`` that
+lists every key with no equivalent here (each with what to do), and writes the translated YAML in our format
+(``<run_name>.mpt-forge.yaml`` in the local save folder, else next to the YAML) so the user can switch.
+
+What changes meaning, not only names (and is kept as llm-foundry had it):
+
+- ``model:`` with ``name: mpt_causal_lm`` gets llm-foundry's ``MPTConfig`` defaults, not ours (MPT-7B's):
+  learned position embeddings, biases, no ALiBi, ``attn_impl: flash``; ``attn_config.alibi: true`` turns the
+  learned positions off (as llm-foundry does).
+- optimizers get their llm-foundry/composer defaults (``decoupled_adamw``: lr 1e-3, weight_decay 1e-5;
+  ``decoupled_lionw``: betas [0.9, 0.99]); torch ``adamw``'s weight decay becomes ``lr * weight_decay`` (ours
+  is decoupled, see ``OptimizerConfig``); schedulers decay to ``alpha_f: 0`` by default.
+- gradients are clipped only when ``algorithms.gradient_clipping`` says so (else ``max_grad_norm: null``), and an
+  eval loader runs every epoch unless ``eval_interval`` says otherwise: in a whole llm-foundry YAML (its model
+  section names the model), not in one of ours given a dialect key as an override.
+- an integer time (``eval_interval: 1``, ``max_duration: 2``) counts epochs, as in composer.
+
+Keys that change nothing that is trained (logging, CUDA allocator and loader-speed knobs, ``eval_first``) are
+dropped with a note; everything else without an equivalent is a problem.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from llmfoundry.utils.config import ConfigError, closest
+
+BANNER = "llm-foundry config"
+TRANSLATED_SUFFIX = ".mpt-forge.yaml"
+
+
+@dataclass
+class Translation:
+    """``data``: the config in our format; ``notes``: what was translated or dropped (one line each);
+    ``problems``: keys with no equivalent here, each with what to do; ``dialect_keys``: the key paths that only
+    llm-foundry's dialect has (non-empty: the YAML is in that dialect)."""
+    data: dict
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    dialect_keys: list[str] = field(default_factory=list)
+    schema: dict = field(default_factory=dict, repr=False)  # our config classes by name (``config_classes``)
+
+    def note(self, path: str, text: str) -> None:
+        self.notes.append(f"{path}: {text}")
+
+    def problem(self, path: str, text: str) -> None:
+        self.problems.append(f"{path}: {text}")
+
+    def mark(self, path: str) -> None:
+        self.dialect_keys.append(path)
+
+
+def _fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _dataclass_of(tp: Any) -> Any:
+    """The dataclass in an annotation (``FSDPConfig | None`` -> ``FSDPConfig``)."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    return next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), None)
+
+
+def config_classes(config_cls) -> dict[str, type]:
+    """Our config dataclasses by name, read from ``TrainConfig``'s annotations (passed in by ``load_config``, so
+    that this module does not import ``llmfoundry.train.config``, which imports it)."""
+    hints = typing.get_type_hints(config_cls)
+    classes = {"TrainConfig": config_cls}
+    for key, name in (("optimizer", "OptimizerConfig"), ("scheduler", "SchedulerConfig"), ("fsdp", "FSDPConfig"),
+                      ("callbacks", "CallbacksConfig"), ("loggers", "LoggersConfig")):
+        classes[name] = _dataclass_of(hints[key])
+    classes["SpeedMonitorConfig"] = _dataclass_of(typing.get_type_hints(classes["CallbacksConfig"])["speed_monitor"])
+    classes["WandBConfig"] = _dataclass_of(typing.get_type_hints(classes["LoggersConfig"])["wandb"])
+    return classes
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _mapping(t: Translation, value: Any, path: str) -> dict:
+    """``value`` as a dict (null: empty); anything else is a problem (and an empty dict)."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    t.problem(path, f"{_short(value)} must be a mapping")
+    return {}
+
+
+def _unknown(t: Translation, path: str, key: str, known) -> None:
+    t.problem(f"{path}.{key}" if path else key,
+              f"unknown key{closest(str(key), known)}; valid keys here: {', '.join(sorted(known))}")
+
+
+# ---------------------------------------------------------------------------------------------------- model
+# llm-foundry's MPTConfig defaults (llmfoundry/models/mpt/configuration_mpt.py, models/utils/config_defaults.py)
+# where they differ from ours; written explicitly into a dialect model section that leaves them out.
+FOUNDRY_MODEL_DEFAULTS = {"learned_pos_emb": True, "no_bias": False}
+FOUNDRY_ATTN_DEFAULTS = {"attn_impl": "flash", "alibi": False}
+
+# model keys only llm-foundry has: key -> (accepted values, what to do otherwise); None = dropped whatever it is
+_MODEL_NEUTRAL = {
+    "ffn_config": ((None, {}, {"ffn_type": "mptmlp"}), "only the GELU MLP ('mptmlp') is implemented here; "
+                   "remove ffn_config (GLU, MoE and Transformer Engine FFNs are absent)"),
+    "fc_type": (("torch", {"name": "torch"}, None), "only torch linear layers here; remove fc_type"),
+    "block_overrides": ((None, {}), "per-layer overrides are absent here; remove block_overrides"),
+    "final_logit_softcapping": ((None,), "logit soft-capping is absent here; remove it"),
+    "use_pad_tok_in_ffn": ((True, None), "the FFN always runs on every token here; remove it"),
+    "use_cache": (None, "generation-only; dropped"),
+    "verbose": (None, "dropped"),
+    "loss_fn": (("fused_crossentropy", "torch_crossentropy", None),
+                "the loss here is cross-entropy computed in chunks; remove loss_fn"),
+}
+_ATTN_NEUTRAL = {
+    "qk_gn": ((False,), "group-norm on q/k is absent here (qk_ln: true is layer norm); remove it"),
+    "fused_qkv": ((True,), "the q/k/v projection is always fused here; remove it (the maths is the same)"),
+    "sliding_window_size": ((-1, None), "sliding-window attention is absent here; remove it"),
+    "attn_logit_softcapping": ((None,), "attention soft-capping is absent here; remove it"),
+    "rope": ((False,), "rotary embeddings are absent here; use alibi: true or learned_pos_emb: true"),
+    "nope": ((False,), "NoPE is absent here; remove it"),
+    "kv_dim": ((None,), "cross-attention is absent here; remove it"),
+    "attn_temperature_tuning": (({"floor_scale": 8192, "attn_scale": 0.0}, {"floor_scale": 8192, "attn_scale": 0},
+                                 {"attn_scale": 0.0}, {"attn_scale": 0}, None, {}),
+                                "attention temperature tuning is absent here; remove it (or attn_scale: 0)"),
+    "seq_parallel_world_size": ((None, 1), "sequence parallelism is absent here; remove it"),
+}
+_ROPE_KEYS = ("rope_theta", "rope_impl", "rope_dail_config", "rope_hf_config")
+
+
+def _short(value: Any) -> str:
+    """The value as written, or just its kind for a list or mapping (the message names the key)."""
+    if isinstance(value, Mapping):
+        return "a mapping" if value else "{}"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)}" if value else "[]"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _neutral(t: Translation, path: str, value: Any, rule: tuple) -> None:
+    ok, what = rule
+    t.mark(path)
+    if ok is None or value in ok:
+        t.note(path, f"{_short(value)}: {what if ok is None else 'as here; dropped'}")
+    else:
+        t.problem(path, f"{_short(value)}: {what}")
+
+
+def _attn(t: Translation, attn: Any, path: str, foundry_defaults: bool) -> dict:
+    from llmfoundry.models.mpt.config import AttnConfig
+    ours = _fields(AttnConfig)
+    src = _mapping(t, attn, path)
+    out = dict(FOUNDRY_ATTN_DEFAULTS) if foundry_defaults else {}
+    attn_type = src.pop("attn_type", None)
+    for k, v in src.items():
+        p = f"{path}.{k}"
+        if k in ours:
+            out[k] = v
+        elif k in _ATTN_NEUTRAL:
+            _neutral(t, p, v, _ATTN_NEUTRAL[k])
+        elif k in _ROPE_KEYS:
+            t.mark(p)
+            if not src.get("rope"):
+                t.note(p, "unused without rope; dropped")
+        else:
+            _unknown(t, path, k, ours + ["attn_type"] + list(_ATTN_NEUTRAL))
+    if attn_type is not None:
+        p = f"{path}.attn_type"
+        t.mark(p)
+        if attn_type == "multihead_attention":
+            if out.pop("kv_n_heads", None) is not None:
+                t.note(f"{path}.kv_n_heads", "llm-foundry ignores it for multihead_attention; dropped")
+            t.note(p, "multihead_attention: the default here; dropped")
+        elif attn_type == "multiquery_attention":
+            out["kv_n_heads"] = 1
+            t.note(p, "multiquery_attention -> attn_config.kv_n_heads: 1")
+        elif attn_type == "grouped_query_attention":
+            if out.get("kv_n_heads") is None:
+                t.problem(p, "grouped_query_attention needs attn_config.kv_n_heads (as in llm-foundry)")
+            else:
+                t.note(p, f"grouped_query_attention -> attn_config.kv_n_heads: {out['kv_n_heads']}")
+        else:
+            t.problem(p, f"{attn_type!r} is absent here; use multihead_attention, multiquery_attention or "
+                         "grouped_query_attention (attn_config.kv_n_heads)")
+    elif out.get("kv_n_heads") is not None and foundry_defaults:
+        t.note(f"{path}.kv_n_heads", "llm-foundry ignores it without attn_type: grouped_query_attention; dropped")
+        out.pop("kv_n_heads")
+    return out
+
+
+def _model(t: Translation, model: Any, top: dict) -> dict:
+    from llmfoundry.models.mpt.config import InitConfig, MPTConfig
+    if not isinstance(model, Mapping):
+        return model
+    src = dict(model)
+    foundry = "name" in src  # llm-foundry's model section names its builder; ours has no such key
+    out: dict = {}
+    if foundry:
+        name = src.pop("name")
+        t.mark("model.name")
+        if name == "mpt_causal_lm":
+            t.note("model.name", "mpt_causal_lm: the only model here; dropped. llm-foundry's MPT defaults apply: "
+                   "learned_pos_emb: true, no_bias: false, attn_config.alibi: false, attn_impl: flash "
+                   "(ours are MPT-7B's)")
+        else:
+            t.problem("model.name", f"{name!r}: only MPT trained from its YAML (mpt_causal_lm) is translated. To "
+                      "start from Hugging Face MPT weights: python scripts/convert_hf_to_composer.py HF_DIR init.pt "
+                      "--model_config YOUR.yaml, then load_path=init.pt load_weights_only=true with the model's "
+                      "shapes under model:")
+            for k in ("pretrained", "pretrained_model_name_or_path", "config_overrides", "use_auth_token",
+                      "trust_remote_code", "use_flash_attention_2", "peft_config"):
+                src.pop(k, None)
+        out.update(FOUNDRY_MODEL_DEFAULTS)
+    ours = _fields(MPTConfig)
+    for k, v in src.items():
+        p = f"model.{k}"
+        if k == "attn_config":
+            continue
+        if k == "init_config":
+            out[k] = _init(t, v)
+        elif k in ours:
+            out[k] = v
+        elif k in _MODEL_NEUTRAL:
+            _neutral(t, p, v, _MODEL_NEUTRAL[k])
+        elif k == "head_dim":
+            t.mark(p)
+            if v is not None and (not _is_int(v) or v * src.get("n_heads", 16) != src.get("d_model", 2048)):
+                t.problem(p, f"{v}: the head size here is always d_model / n_heads; remove head_dim")
+            else:
+                t.note(p, "d_model / n_heads; dropped")
+        elif k == "attention_bias":
+            t.mark(p)
+            if v is not None and v != (not out.get("no_bias", False)):
+                t.problem(p, f"{v}: biases are all on or all off here (no_bias); remove attention_bias")
+            else:
+                t.note(p, "follows no_bias here; dropped")
+        elif k == "use_train_metrics":
+            t.mark(p)
+            top["train_metrics"] = v
+            t.note(p, f"-> train_metrics: {v} (top level)")
+        elif k == "additional_train_metrics":
+            _neutral(t, p, v, ((None, []), "extra metrics are absent here; remove it"))
+        else:
+            _unknown(t, "model", k, ours + list(_MODEL_NEUTRAL))
+    if "attn_config" in src or foundry:
+        out["attn_config"] = _attn(t, src.get("attn_config"), "model.attn_config", foundry)
+    if foundry and out["attn_config"].get("alibi") and out.get("learned_pos_emb"):
+        out["learned_pos_emb"] = False
+        t.note("model.learned_pos_emb", "false: llm-foundry turns learned positions off under ALiBi")
+    return out
+
+
+def _init(t: Translation, init: Any) -> Any:
+    from llmfoundry.models.mpt.config import InitConfig
+    if not isinstance(init, Mapping):
+        return init
+    out = {}
+    ours = _fields(InitConfig)
+    for k, v in init.items():
+        p = f"model.init_config.{k}"
+        if k == "name" and v == "baseline_":
+            t.mark(p)
+            out[k] = "normal_"
+            t.note(p, "baseline_ -> normal_ (normal with init_std, residual projections divided as configured)")
+        elif k in ours:
+            out[k] = v
+        elif k == "verbose":
+            t.mark(p)
+            t.note(p, "dropped")
+        else:
+            _unknown(t, "model.init_config", k, ours)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- loaders
+# llm-foundry text dataset keys accepted at their defaults (streaming's), else: what to do
+_TEXT_NEUTRAL = {
+    "partition_algo": (("relaxed", "orig", None), "other partitioning algorithms are absent here; remove it"),
+    "sampling_method": (("balanced", None), "only balanced sampling here; remove it"),
+    "sampling_granularity": ((1, None), "remove it"),
+    "batching_method": (("random", None), "only random batching here; remove it"),
+    "validate_hash": ((None, False), "hash validation is absent here; remove it"),
+    "keep_zip": ((False, None), "remove it"),
+    "replication": ((None, 1), "sample replication is absent here; remove it"),
+    "eos_token_id": (None, "the tokenizer's EOS separates documents here (attn_uses_sequence_id); dropped"),
+    "bos_token_id": (None, "dropped (sequence ids come from EOS here)"),
+    "allow_unsafe_types": (None, "dropped"),
+    "token_encoding_type": (None, "token dtype comes from the shards here; dropped"),
+    "timeout": ((0, None), "a DataLoader batch timeout is absent here; remove it"),
+    "stream_name": (None, "dropped"),
+}
+_FINETUNE_NEUTRAL = {
+    "decoder_only_format": ((True, None), "encoder-decoder formatting is absent here (MPT is decoder-only)"),
+    "allow_pad_trimming": (None, "rows are always padded to max_seq_len here (only speed differs); dropped"),
+    "safe_load": (None, "dropped"),
+    "target_prompts": (("none", None), "prompts are never trained on here; remove it"),
+    "target_responses": (("last", "all", None), "remove it"),
+    "timeout": ((0, None), "a DataLoader batch timeout is absent here; remove it"),
+    "max_leftover_bins_to_keep": (None, "dropped"),
+    "auto_packing_replication": (None, "dropped"),
+    "seq_parallel_replication": ((None, 1), "sequence parallelism is absent here; remove it"),
+    "pad_to_longest": ((False, None), "rows are padded to max_seq_len here; remove it"),
+    "download_folder": (None, "dropped"),
+    "eos_token_id": (None, "the tokenizer's EOS is used here; dropped"),
+}
+# llm-foundry registers a preprocessing function for these hub datasets (tasks.py); we cannot reproduce it
+_PREPROCESSED_DATASETS = ("tatsu-lab/alpaca", "HuggingFaceH4/databricks_dolly_15k", "bigscience/P3",
+                          "muennighoff/P3")
+_HF_FILE_BUILDERS = ("json", "jsonl")
+
+
+def _loader(t: Translation, loader: Any, path: str) -> Any:
+    """A loader in llm-foundry's shape (``name``, ``dataset: {...}``, DataLoader keys) or ours (flat), or a mix
+    (an llm-foundry YAML with our overrides): the ``dataset`` keys move up, loader-level keys win."""
+    from llmfoundry.data.finetune import FinetuneLoaderConfig
+    from llmfoundry.data.text_loader import TextLoaderConfig
+    if not isinstance(loader, Mapping):
+        return loader
+    src = dict(loader)
+    name = src.pop("name", "text")
+    if name not in ("finetuning", "finetune", "text"):
+        t.problem(f"{path}.name", f"{name!r}: loaders here are 'text' (MDS shards) or 'finetuning' (prompt/response "
+                                  "or chat examples)")
+        return loader
+    dataset = src.pop("dataset", None)
+    foundry = name == "finetuning" or dataset is not None
+    where = {k: path for k in src}  # where each key was written, for the messages
+    if dataset is not None:
+        t.mark(f"{path}.dataset")
+        t.note(f"{path}.dataset", "its keys moved up one level")
+        if not isinstance(dataset, Mapping):
+            t.problem(f"{path}.dataset", f"{dataset!r} must be a mapping")
+            dataset = {}
+        where = {**{k: f"{path}.dataset" for k in dataset}, **where}
+        src = {**dataset, **src}
+    if name == "text":
+        out = _text_dataset(t, src, where, _fields(TextLoaderConfig))
+    else:
+        if name == "finetuning":
+            t.mark(f"{path}.name")
+        out = _finetune_dataset(t, src, where, path, _fields(FinetuneLoaderConfig), foundry)
+        if foundry:
+            out.setdefault("drop_last", False)  # build_finetuning_dataloader's default
+    return out
+
+
+def _text_dataset(t: Translation, ds: dict, where: dict, ours: list[str]) -> dict:
+    out: dict = {}
+    for k, v in ds.items():
+        p = f"{where[k]}.{k}"
+        if k in ours:
+            out[k] = v
+        elif k in _TEXT_NEUTRAL:
+            _neutral(t, p, v, _TEXT_NEUTRAL[k])
+        else:
+            _unknown(t, where[k], k, ours)
+    if "remote" in out and out["remote"] is None:
+        out.pop("remote")
+    return out
+
+
+def _finetune_dataset(t: Translation, ds: dict, where: dict, path: str, ours: list[str], foundry: bool) -> dict:
+    out: dict = {"name": "finetune"}
+    p = where.get("hf_name", path)
+    for k in ("hf_name", "hf_kwargs", "preprocessing_fn"):
+        if k in ds:
+            t.mark(f"{where[k]}.{k}")
+    hf_name = ds.pop("hf_name", None)
+    hf_kwargs = _mapping(t, ds.pop("hf_kwargs", None), f"{where.get('hf_kwargs', path)}.hf_kwargs")
+    split = ds.get("split", "train")
+    if ds.get("preprocessing_fn") is not None:
+        t.problem(f"{where['preprocessing_fn']}.preprocessing_fn",
+                  "Python preprocessing functions are not imported here; map your fields with columns: {prompt: ..., "
+                  "response: ...} (or messages/role/content) and role_names, put any text around the prompt in "
+                  "prompt_template, or write JSONL with prompt/response fields")
+    elif hf_name in _PREPROCESSED_DATASETS:
+        t.problem(f"{p}.hf_name", f"llm-foundry reformats {hf_name} with a preprocessing function it registers; "
+                  "here set columns and prompt_template to do the same (llmfoundry/data/finetune.py)")
+    ds.pop("preprocessing_fn", None)
+    for k in ("remote", "local", "streams"):
+        if ds.pop(k, None) is not None:
+            t.mark(f"{where[k]}.{k}")
+            t.problem(f"{where[k]}.{k}", "streaming (MDS) finetuning data is not read here; use hf_name (a hub "
+                      "dataset or local folder) or hf_name: json with hf_kwargs.data_files")
+    if hf_name is not None:
+        if str(hf_name).startswith(("s3://", "oci://", "gs://", "http://", "https://", "dbfs:")):
+            t.problem(f"{p}.hf_name", f"{hf_name!r}: remote files are not fetched here; copy them to a local "
+                      "folder and name it")
+        elif hf_name in _HF_FILE_BUILDERS:
+            files, data_dir = hf_kwargs.pop("data_files", None), hf_kwargs.pop("data_dir", None)
+            if isinstance(files, Mapping):
+                files = files.get(split)
+            if files is not None:
+                out["data_files"] = files
+                t.note(f"{p}.hf_name", f"json with hf_kwargs.data_files -> data_files: {files!r}")
+            elif data_dir is not None:
+                out["hf_dataset"] = data_dir
+                t.note(f"{p}.hf_name", f"json with hf_kwargs.data_dir -> hf_dataset: {data_dir!r} (split {split!r})")
+            else:
+                t.problem(f"{p}.hf_kwargs", "hf_name: json needs hf_kwargs.data_files or data_dir")
+        else:
+            out["hf_dataset"] = hf_name
+            t.note(f"{p}.hf_name", f"-> hf_dataset: {hf_name!r}")
+        if "name" in hf_kwargs:
+            out["hf_subset"] = hf_kwargs.pop("name")
+            t.note(f"{p}.hf_kwargs.name", f"-> hf_subset: {out['hf_subset']!r}")
+        for k in ("token", "revision", "trust_remote_code", "num_proc"):
+            if k in hf_kwargs:
+                hf_kwargs.pop(k)
+                t.note(f"{p}.hf_kwargs.{k}", "dropped")
+        for k in hf_kwargs:
+            t.problem(f"{p}.hf_kwargs.{k}", "datasets.load_dataset arguments are not passed through here; remove it "
+                      "(data_files, data_dir and name are translated)")
+    for k, v in ds.items():
+        q = f"{where[k]}.{k}"
+        if k == "split" and "data_files" in out:
+            continue
+        if k in ours and k != "name":
+            out[k] = v
+        elif k in _FINETUNE_NEUTRAL:
+            _neutral(t, q, v, _FINETUNE_NEUTRAL[k])
+        else:
+            _unknown(t, where[k], k, ours + ["hf_name", "hf_kwargs", "preprocessing_fn", *_FINETUNE_NEUTRAL])
+    if foundry:
+        t.note(path, "finetuning -> name: finetune. The response is trained, then an EOS (add_eos: true; llm-foundry "
+                     "appends one only when its tokenizer does, set add_eos: false to match); a too long example has its prompt cut from the left here (too_long: truncate), and in a multi-turn chat "
+                     "every assistant turn is trained (llm-foundry's default target_responses: last trains only the "
+                     "final one)")
+    return out
+
+
+# ------------------------------------------------------------------------------------- optimizer, scheduler
+# name -> (our name, llm-foundry's/composer's defaults for the keys it leaves out)
+_OPTIMIZERS = {
+    "decoupled_adamw": ("adamw", {"lr": 1.0e-3, "betas": [0.9, 0.95], "eps": 1.0e-8, "weight_decay": 1.0e-5}),
+    "decoupled_lionw": ("lion", {"lr": 1.0e-4, "betas": [0.9, 0.99], "weight_decay": 0.0}),
+    "adamw": ("adamw", {"lr": 1.0e-3, "betas": [0.9, 0.999], "eps": 1.0e-8, "weight_decay": 1.0e-2}),
+}
+_SCHEDULERS = {  # name -> (our name, defaults, {key: accepted values})
+    "cosine_with_warmup": ("cosine", {"alpha_f": 0.0, "t_max": "1dur"}, {"scale_warmup": (False,)}),
+    "linear_decay_with_warmup": ("linear", {"alpha_f": 0.0, "t_max": "1dur"},
+                                 {"alpha_i": (1, 1.0), "scale_warmup": (False,)}),
+    "constant_with_warmup": ("constant", {}, {"alpha": (1, 1.0), "t_max": None, "scale_warmup": (False,)}),
+}
+
+
+def _optimizer(t: Translation, opt: Any) -> Any:
+    """``adamw`` is torch's AdamW in llm-foundry and composer's DecoupledAdamW here: it is translated only when
+    the rest of the YAML is in llm-foundry's dialect (``t.dialect_keys``)."""
+    OptimizerConfig = t.schema["OptimizerConfig"]
+    if not isinstance(opt, Mapping) or str(opt.get("name")) not in _OPTIMIZERS:
+        return opt
+    src = dict(opt)
+    name = src.pop("name")
+    if name == "adamw" and not t.dialect_keys:
+        return opt
+    ours_name, defaults = _OPTIMIZERS[name]
+    t.mark("optimizer.name")
+    out = {"name": ours_name, **defaults}
+    for k, v in src.items():
+        if k in _fields(OptimizerConfig):
+            out[k] = v
+        elif k == "amsgrad" or k == "foreach" or k == "fused":
+            _neutral(t, f"optimizer.{k}", v, ((False, None), "absent here; remove it"))
+        else:
+            _unknown(t, "optimizer", k, _fields(OptimizerConfig))
+    filled = sorted(set(defaults) - set(src))
+    if name == "adamw":
+        wd = out["weight_decay"]
+        out["weight_decay"] = float(out["lr"]) * float(wd)
+        t.note("optimizer.name", f"adamw (torch.optim.AdamW) -> adamw with decoupled weight_decay = lr x "
+                                 f"{wd} = {out['weight_decay']:g} (the same decay per step)")
+    else:
+        t.note("optimizer.name", f"{name} -> {ours_name} (the same update)"
+               + (f"; its defaults filled in: {', '.join(f'{k}={out[k]}' for k in filled)}" if filled else ""))
+    return out
+
+
+def _scheduler(t: Translation, sched: Any) -> Any:
+    SchedulerConfig = t.schema["SchedulerConfig"]
+    if not isinstance(sched, Mapping) or str(sched.get("name")) not in _SCHEDULERS and "with_warmup" not in str(
+            sched.get("name")):
+        return sched
+    src = dict(sched)
+    name = src.pop("name")
+    t.mark("scheduler.name")
+    if str(name) not in _SCHEDULERS:
+        t.problem("scheduler.name", f"{name!r} is absent here; use cosine_with_warmup, linear_decay_with_warmup or "
+                                    "constant_with_warmup")
+        return sched
+    ours_name, defaults, neutral = _SCHEDULERS[name]
+    out = {"name": ours_name, **defaults}
+    for k, v in src.items():
+        if k in neutral:
+            ok = neutral[k]
+            _neutral(t, f"scheduler.{k}", v, (ok, "absent here; remove it") if ok else (None, "unused; dropped"))
+        elif k in _fields(SchedulerConfig):
+            out[k] = v
+        else:
+            _unknown(t, "scheduler", k, _fields(SchedulerConfig) + list(neutral))
+    if "t_warmup" not in out:
+        t.problem("scheduler.t_warmup", "missing (composer requires it); e.g. t_warmup: 100ba")
+    filled = sorted(set(defaults) - set(src))
+    t.note("scheduler.name", f"{name} -> {ours_name}"
+           + (f"; its defaults filled in: {', '.join(f'{k}={out[k]}' for k in filled)}" if filled else ""))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ top-level pieces
+_FSDP_NEUTRAL = {
+    "use_orig_params": (None, "dropped (the parameters keep their names here)"),
+    "load_monolith_rank0_only": (None, "dropped"),
+    "cpu_offload": ((False, None), "parameter CPU offload is absent here; remove it"),
+    "auto_wrap": ((True, None), "every MPT block is wrapped here; remove it"),
+    "keep_low_precision_grads": ((False, None), "absent here; remove it"),
+    "data_parallel_replicate_degree": ((None, -1, 1), "use sharding_strategy: HYBRID_SHARD with shard_degree"),
+    "load_planner": ((None,), "custom checkpoint planners are absent here; remove it"),
+    "save_planner": ((None,), "custom checkpoint planners are absent here; remove it"),
+    "device_mesh": ((None,), "use sharding_strategy and shard_degree"),
+    "ignored_modules": ((None,), "absent here; remove it"),
+}
+
+
+def _fsdp(t: Translation, fsdp: Any) -> Any:
+    FSDPConfig = t.schema["FSDPConfig"]
+    t.mark("fsdp_config")
+    if fsdp is None:
+        t.note("fsdp_config", "null -> fsdp: null (DDP)")
+        return None
+    if not isinstance(fsdp, Mapping):
+        t.problem("fsdp_config", f"{fsdp!r} must be a mapping or null")
+        return fsdp
+    if fsdp.get("sharding_strategy") == "NO_SHARD":
+        t.note("fsdp_config", "sharding_strategy: NO_SHARD -> fsdp: null (plain DDP)")
+        return None
+    out = {}
+    ours = _fields(FSDPConfig)
+    for k, v in fsdp.items():
+        p = f"fsdp_config.{k}"
+        if k == "data_parallel_shard_degree":
+            t.mark(p)
+            if v not in (None, -1):
+                out["shard_degree"] = v
+                t.note(p, f"-> fsdp.shard_degree: {v}")
+            else:
+                t.note(p, "all ranks; dropped")
+        elif k in ours:
+            out[k] = v
+        elif k in _FSDP_NEUTRAL:
+            _neutral(t, p, v, _FSDP_NEUTRAL[k])
+        else:
+            _unknown(t, "fsdp_config", k, ours + list(_FSDP_NEUTRAL))
+    if out.get("state_dict_type") == "local":
+        t.problem("fsdp_config.state_dict_type", "'local' is absent here; use sharded or full")
+    t.note("fsdp_config", "-> fsdp (composer's FSDP2 path, fsdp.version: 2; version: 1 is llm-foundry's "
+                          "FullyShardedDataParallel wrapper)")
+    return out
+
+
+_ALGORITHM_HINTS = {
+    "alibi": "use model.attn_config.alibi: true",
+    "low_precision_layernorm": "use model.norm_type: low_precision_layernorm",
+    "gated_linear_units": "GLU FFNs are absent here",
+    "fused_layernorm": "use model.norm_type: low_precision_layernorm",
+}
+
+
+def _algorithms(t: Translation, algs: Any, top: dict) -> None:
+    t.mark("algorithms")
+    for name, opts in _mapping(t, algs, "algorithms").items():
+        p = f"algorithms.{name}"
+        if name == "gradient_clipping":
+            opts = _mapping(t, opts, p)
+            kind, threshold = opts.pop("clipping_type", "norm"), opts.pop("clipping_threshold", None)
+            if kind != "norm":
+                t.problem(f"{p}.clipping_type", f"{kind!r}: only norm clipping here (max_grad_norm)")
+            elif threshold is None:
+                t.problem(f"{p}.clipping_threshold", "missing; e.g. 1.0")
+            else:
+                top["max_grad_norm"] = threshold
+                t.note(p, f"-> max_grad_norm: {threshold}")
+            for k in opts:
+                _unknown(t, p, k, ["clipping_type", "clipping_threshold"])
+        else:
+            hint = _ALGORITHM_HINTS.get(name, "composer algorithms are not applied here; remove it")
+            t.problem(p, f"absent here: {hint}")
+
+
+_DIAGNOSTIC_CALLBACKS = ("scheduled_gc", "optimizer_monitor", "activation_monitor", "generate_callback",
+                         "loss_perp_v_len", "log_mbmoe_tok_per_expert", "env_logging", "memory_snapshot",
+                         "oom_observer", "nan_monitor", "mbmoe_tok_per_expert", "run_timeout", "system_metrics_monitor")
+_CALLBACK_HINTS = {
+    "hf_checkpointer": "export after training with scripts/convert_composer_to_hf.py",
+    "kill_loss_spike": "callbacks.stop_on_nonfinite_loss stops at a NaN/inf loss; loss-spike detection is absent",
+    "mono_checkpoint_saver": "set fsdp.state_dict_type: full for one checkpoint file",
+    "early_stopper": "absent here; set max_duration",
+    "curriculum_learning": "absent here; remove it",
+}
+
+
+def _callbacks(t: Translation, cbs: Any) -> Any:
+    CallbacksConfig, SpeedMonitorConfig = t.schema["CallbacksConfig"], t.schema["SpeedMonitorConfig"]
+    if not isinstance(cbs, Mapping):
+        return cbs
+    hints = typing.get_type_hints(CallbacksConfig)
+    out = {}
+    for name, v in cbs.items():
+        p = f"callbacks.{name}"
+        if name == "speed_monitor":  # null: off, as here (and not a sign of the dialect)
+            if isinstance(v, Mapping):
+                v = dict(v)
+                for k in [k for k in v if k not in _fields(SpeedMonitorConfig)]:
+                    t.mark(f"{p}.{k}")
+                    t.note(f"{p}.{k}", "dropped (logging only)")
+                    v.pop(k)
+            out[name] = v
+        elif name in _fields(CallbacksConfig) and "bool" in str(hints.get(name, "")):
+            if isinstance(v, Mapping):  # llm-foundry's '{}' (the callback's options): on
+                t.mark(p)
+                if v:
+                    t.note(p, f"its options {sorted(v)} are dropped (logging only); -> true")
+                out[name] = True
+            else:
+                out[name] = v
+        elif name in _fields(CallbacksConfig):
+            out[name] = v
+        elif name in _DIAGNOSTIC_CALLBACKS:
+            t.mark(p)
+            t.note(p, "absent here; dropped (it does not change training)")
+        elif name in _CALLBACK_HINTS:
+            t.mark(p)
+            t.problem(p, _CALLBACK_HINTS[name])
+        else:
+            _unknown(t, "callbacks", name, _fields(CallbacksConfig))
+    return out
+
+
+def _loggers(t: Translation, loggers: Any) -> Any:
+    WandBConfig = t.schema["WandBConfig"]
+    if not isinstance(loggers, Mapping):
+        return loggers
+    out = {}
+    for name, v in loggers.items():
+        p = f"loggers.{name}"
+        if name == "wandb":
+            v = _mapping(t, v, p)
+            for k in [k for k in v if k not in _fields(WandBConfig)]:
+                t.mark(f"{p}.{k}")
+                if k in ("log_artifacts", "rank_zero_only", "init_kwargs"):
+                    t.note(f"{p}.{k}", "dropped")
+                else:
+                    _unknown(t, p, k, _fields(WandBConfig))
+                v.pop(k)
+            out[name] = v
+        else:
+            t.mark(p)
+            t.problem(p, "only wandb logging here (loggers.wandb; the console log is log_to_console)")
+    return out
+
+
+def _tokenizer(t: Translation, tok: Any) -> Any:
+    if not isinstance(tok, Mapping):
+        return tok
+    t.mark("tokenizer")
+    tok = dict(tok)
+    name = tok.pop("name", None)
+    kwargs = _mapping(t, tok.pop("kwargs", None), "tokenizer.kwargs")
+    for k in tok:
+        _unknown(t, "tokenizer", k, ["name", "kwargs"])
+    if name is None:
+        t.problem("tokenizer.name", "missing; a hub name (EleutherAI/gpt-neox-20b) or a local folder")
+    kwargs.pop("model_max_length", None)
+    for k in kwargs:
+        t.problem(f"tokenizer.kwargs.{k}", "tokenizer arguments are not passed through here; save the tokenizer "
+                  "with these settings (save_pretrained) to a folder and name that folder")
+    t.note("tokenizer", f"{{name, kwargs}} -> tokenizer: {name}" + (" (model_max_length dropped)"))
+    return name
+
+
+# top-level keys only llm-foundry has -> what happens to them (None: a custom handler below)
+_TOP_NEUTRAL = {
+    "max_seq_len": (None, "dropped; here model.max_seq_len and each loader's max_seq_len say it"),
+    "eval_first": ((False, None), "absent here: the first evaluation runs at eval_interval; remove it"),
+    "device_train_batch_size": ((None,), "use global_train_batch_size (= per-device batch x number of GPUs)"),
+    "tp_config": ((None,), "tensor parallelism is absent here; remove it (FSDP: fsdp_config)"),
+    "code_paths": ((None, []), "no custom code is imported here; remove it"),
+    "max_split_size_mb": (None, "dropped; set PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:N instead"),
+    "expandable_segments": (None, "dropped; set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True instead"),
+    "cuda_load_lazy": (None, "dropped; set CUDA_MODULE_LOADING=LAZY instead"),
+    "accumulate_train_batch_on_tokens": (None, "dropped: each micro-batch's loss is weighted equally here"),
+    "eval_loaders": ((None, []), "one eval_loader here; keep one"),
+    "icl_tasks": ((None, []), "in-context-learning evaluation runs after training here: scripts/eval.py "
+                              "(yamls/eval/); remove it from the training YAML"),
+    "icl_tasks_str": ((None,), "see icl_tasks"),
+    "eval_gauntlet": ((None,), "the eval gauntlet is absent here; remove it"),
+    "eval_gauntlet_str": ((None,), "the eval gauntlet is absent here; remove it"),
+    "icl_subset_num_batches": (None, "dropped with the ICL tasks (scripts/eval.py)"),
+    "icl_seq_len": (None, "dropped with the ICL tasks (scripts/eval.py)"),
+    "icl_max_seq_len": (None, "dropped with the ICL tasks (scripts/eval.py)"),
+    "log_config": (None, "dropped; the resolved config is always logged and saved as config.yaml"),
+    "metadata": (None, "dropped"),
+    "flatten_metadata": (None, "dropped"),
+    "save_latest_filename": ((None,), "checkpoint names are fixed here (ep{e}-ba{b}-rank{r}.pt, latest-rank{r}.pt)"),
+    "save_filename": ((None,), "checkpoint names are fixed here (ep{e}-ba{b}-rank{r}.pt, latest-rank{r}.pt)"),
+    "save_ignore_keys": ((None, []), "absent here; remove it"),
+    "load_ignore_keys": ((None, []), "absent here; remove it"),
+    "load_strict_model_weights": ((True, None), "a checkpoint must fit the model here; remove it"),
+    "only_hf_checkpoint": ((False, None), "export with scripts/convert_composer_to_hf.py after training"),
+    "only_composer_checkpoint": (None, "dropped (composer checkpoints are all that is written)"),
+    "train_subset_num_batches": ((-1, None), "absent here; use max_duration"),
+    "spin_dataloaders": ((True, None), "resumption always replays the data order here; remove it"),
+    "profiler": ((None,), "use callbacks.profiler (start_batch, num_batches, folder)"),
+    "dataset": (None, "a YAML anchor for the loaders; dropped"),
+    "n_gpus": (None, "dropped"),
+    "device_train_grad_accum": (None, "use device_train_microbatch_size"),
+}
+_TIME_KEYS = ("max_duration", "eval_interval", "save_interval", "console_log_interval")
+
+
+def translate(data: Mapping, config_cls) -> Translation:
+    """llm-foundry's training YAML (as a resolved dict, overrides applied) -> a dict for ``config_cls``
+    (``TrainConfig``).
+
+    Pure: ``data`` is not changed. Keys already in our format pass through unchanged, so a YAML that mixes both
+    (an llm-foundry YAML with our ``key=value`` overrides) works. See the module docstring.
+    """
+    src = copy.deepcopy(dict(data))
+    t = Translation(data={}, schema=config_classes(config_cls))
+    out = t.data
+    ours = _fields(config_cls)
+    handlers = {"model", "tokenizer", "train_loader", "eval_loader", "optimizer", "scheduler", "fsdp_config",
+                "algorithms", "callbacks", "loggers"}
+    for k, v in src.items():
+        if k in handlers:
+            continue
+        if k in ours:
+            out[k] = v
+        elif k in _TOP_NEUTRAL:
+            if k == "eval_first" and v:
+                t.mark(k)
+                t.note(k, "true: absent here (the first evaluation runs at eval_interval); dropped")
+                continue
+            _neutral(t, k, v, _TOP_NEUTRAL[k])
+        else:
+            _unknown(t, "", k, ours + list(_TOP_NEUTRAL) + ["fsdp_config", "algorithms"])
+    if "model" in src:
+        out["model"] = _model(t, src["model"], out)
+    if "tokenizer" in src:
+        out["tokenizer"] = _tokenizer(t, src["tokenizer"])
+    for k in ("train_loader", "eval_loader"):
+        if k in src:
+            out[k] = _loader(t, src[k], k)
+    if "scheduler" in src:
+        out["scheduler"] = _scheduler(t, src["scheduler"])
+    if "fsdp_config" in src:
+        fsdp = _fsdp(t, src["fsdp_config"])
+        if "fsdp" in src and src["fsdp"] != fsdp:
+            t.problem("fsdp_config", "set either fsdp_config (llm-foundry's) or fsdp (ours), not both")
+        out["fsdp"] = fsdp
+    if "algorithms" in src:
+        _algorithms(t, src["algorithms"], out)
+    if "callbacks" in src:
+        out["callbacks"] = _callbacks(t, src["callbacks"])
+    if "loggers" in src:
+        out["loggers"] = _loggers(t, src["loggers"])
+    if "optimizer" in src:  # last: its 'adamw' depends on the rest
+        out["optimizer"] = _optimizer(t, src["optimizer"])
+    if not t.dialect_keys:
+        return t
+    # llm-foundry's meanings and defaults where they differ from ours
+    hints = typing.get_type_hints(config_cls)
+    for k in [k for k in ours if k in out and out[k] is None]:
+        if "None" not in str(hints[k]) and hints[k] is not Any:  # llm-foundry's null = its default
+            del out[k]
+            t.note(k, "null -> left out (the default here)")
+    for k in _TIME_KEYS:
+        if _is_int(out.get(k)):
+            t.note(k, f"{out[k]} -> '{out[k]}ep' (an integer time counts epochs)")
+            out[k] = f"{out[k]}ep"
+    # a whole llm-foundry YAML (its model section names the model), not one of ours with a dialect override:
+    whole = isinstance(src.get("model"), Mapping) and "name" in src["model"]
+    if whole and "max_grad_norm" not in out:
+        out["max_grad_norm"] = None
+        t.note("max_grad_norm", "null: llm-foundry clips gradients only with algorithms.gradient_clipping")
+    if out.get("device_train_microbatch_size") == "auto" and isinstance(out.get("fsdp"), dict):
+        out["fsdp"].setdefault("version", 1)
+        t.note("fsdp.version", "1 (FullyShardedDataParallel, as llm-foundry): device_train_microbatch_size: auto "
+                               "needs it")
+    if whole and out.get("eval_loader") is not None and "eval_interval" not in out:
+        out["eval_interval"] = "1ep"
+        t.note("eval_interval", "'1ep' (llm-foundry's default: every epoch)")
+    return t
+
+
+def is_foundry_dialect(data: Mapping, config_cls) -> bool:
+    """True when ``data`` has a key (or value) that only llm-foundry's training YAML has."""
+    return bool(translate(data, config_cls).dialect_keys)
+
+
+def problems_message(problems: list[str], source: str | None = None) -> str:
+    n = len(problems)
+    where = f" {source!r}" if source else ""
+    head = (f"the llm-foundry config{where} has {n} key{'s' * (n != 1)} with no equivalent here; change "
+            f"{'them' if n != 1 else 'it'} and run again:")
+    return "\n".join([head, *(f"  - {p}" for p in problems)])
+
+
+def translated_yaml(data: Mapping, source: str | None = None) -> str:
+    from omegaconf import OmegaConf
+    header = (f"# Translated by mpt-forge from the llm-foundry config {source or ''} (command-line overrides "
+              "applied).\n# Train with it directly: python scripts/train.py THIS_FILE\n")
+    return header + OmegaConf.to_yaml(OmegaConf.create(dict(data)))
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def translated_path(data: Mapping, yaml_path) -> str | None:
+    """Where the translated YAML goes: the local save folder (``{run_name}`` filled in), else next to the YAML."""
+    run_name = data.get("run_name") or "run"
+    folder = data.get("save_folder")
+    if folder and "://" not in folder:
+        return os.path.join(folder.replace("{run_name}", run_name), run_name + TRANSLATED_SUFFIX)
+    if yaml_path is not None:
+        return os.path.join(os.path.dirname(os.path.abspath(str(yaml_path))), run_name + TRANSLATED_SUFFIX)
+    return None
+
+
+def value_errors(data: Mapping, config_cls) -> list[str]:
+    """Each top-level section of a translated config checked on its own, so that a value with no equivalent here
+    (``norm_type: triton_rmsnorm``, ``precision: amp_fp4``...) in one section does not hide those of the others."""
+    from llmfoundry.data.finetune import loader_config_from_dict
+    from llmfoundry.utils.config import _convert
+    hints = typing.get_type_hints(config_cls)
+    errors = []
+    for k, v in data.items():
+        try:
+            if k in ("train_loader", "eval_loader"):
+                loader_config_from_dict(v, k)
+            elif k in hints:
+                _convert(v, hints[k], k)
+        except ConfigError as e:
+            errors.append(str(e))
+        except (TypeError, ValueError) as e:
+            errors.append(f"{k}: {e}")
+    return errors
+
+
+def load_foundry_config(data: Mapping, yaml_path, config_cls, convert, out=None):
+    """Translate, print the notes (rank 0), refuse in one message, ``convert`` (``config_from_dict``) strictly,
+    write the translated YAML."""
+    out = out or sys.stderr
+    source = str(yaml_path) if yaml_path is not None else None
+    t = translate(data, config_cls)
+    problems = t.problems + value_errors(t.data, config_cls)
+    if problems:
+        raise ConfigError(problems_message(problems, source))
+    try:
+        cfg = convert(t.data)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in the config translated from llm-foundry's format)") from None
+    if _is_rank_zero():
+        print(f"{BANNER}: {source or 'the config'} is in llm-foundry's format; translated:", file=out)
+        for n in t.notes:
+            print(f"  {n}", file=out)
+        path = translated_path(t.data, yaml_path)
+        text = translated_yaml(t.data, source)
+        try:
+            if path is None:
+                raise OSError("no place to write")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text)
+            print(f"{BANNER}: wrote it in mpt-forge's format to {path}", file=out)
+        except OSError:
+            print(f"{BANNER}: the config in mpt-forge's format:\n{text}", file=out)
+    return cfg

@@ -1,0 +1,337 @@
+"""llm-foundry's YAML dialect: recognised, translated (llm-foundry's model defaults kept), refused in one message,
+and trained on CPU (tests/data/foundry/*.yaml are written in llm-foundry's published format)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmfoundry.train import load_config
+from llmfoundry.train.composer_model import ComposerMPT
+from llmfoundry.train.config import TrainConfig
+from llmfoundry.train.foundry_dialect import is_foundry_dialect
+from llmfoundry.train.foundry_dialect import translate as translate_with
+from llmfoundry.utils.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data" / "foundry"
+PRETRAIN = str(DATA / "mpt-pretrain.yaml")
+FINETUNE = str(DATA / "mpt-finetune.yaml")
+TINY = str(REPO / "yamls" / "tiny-cpu.yaml")
+
+
+def tiny(save_folder) -> list[str]:
+    """llm-foundry-style overrides that make a run a few seconds on CPU (bundled data and tokenizer)."""
+    return ["tokenizer.name=bundled", "precision=fp32", f"save_folder={save_folder}/{{run_name}}",
+            "global_train_batch_size=4", "device_train_microbatch_size=2", "device_eval_batch_size=4",
+            "eval_subset_num_batches=1", "console_log_interval=1ba"]
+
+
+PRETRAIN_TINY = ["variables.data_local=${bundled:mds}", "model.attn_config.attn_impl=torch", "max_duration=4ba",
+                 "eval_interval=2ba", "save_interval=4ba", "scheduler.t_warmup=1ba", "train_loader.num_workers=0",
+                 "eval_loader.num_workers=0"]
+FINETUNE_TINY = ["variables.data_dir=${bundled:finetune}", "max_duration=2ep"]
+
+
+def translate(data: dict):
+    return translate_with(data, TrainConfig)
+
+
+def run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RUN_NAME", None)
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+# ------------------------------------------------------------------------------- whole runs on CPU
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """mpt-pretrain.yaml trained for 4 batches (FSDP2 over gloo, as its fsdp_config says)."""
+    tmp_path = tmp_path_factory.mktemp("pretrain")
+    return tmp_path, run_cli([PRETRAIN, *tiny(tmp_path), *PRETRAIN_TINY])
+
+
+def test_pretraining_yaml_trains_and_writes_our_format(pretrained):
+    tmp_path, r = pretrained
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "is in llm-foundry's format; translated" in out
+    for needle in ("fsdp_config: -> fsdp", "algorithms.gradient_clipping: -> max_grad_norm: 1.0",
+                   "decoupled_adamw -> adamw", "cosine_with_warmup -> cosine", "model.name: mpt_causal_lm"):
+        assert out.count(needle) == 1, needle  # each translation printed once
+    assert "metrics/eval/LanguageCrossEntropy" in out
+    folder = tmp_path / "mpt-pretrain"
+    assert (folder / "latest-rank0.pt").exists()
+    written = folder / "mpt-pretrain.mpt-forge.yaml"
+    assert written.exists()
+    # the written YAML is in our format: read without translation, it gives the same config
+    import yaml
+    data = yaml.safe_load(written.read_text())
+    assert not is_foundry_dialect(data, TrainConfig)
+    assert load_config(str(written)) == load_config(PRETRAIN, [*tiny(tmp_path), *PRETRAIN_TINY])
+
+
+def test_eval_yaml_in_llm_foundry_format_evaluates_the_run(pretrained, tmp_path, capsys):
+    from llmfoundry.eval.evaluate import evaluate, load_eval_config
+    folder, r = pretrained
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    cfg = load_eval_config(str(DATA / "mpt-eval.yaml"), [
+        f"variables.checkpoint={folder}/mpt-pretrain/latest-rank0.pt", "variables.tokenizer_name=bundled",
+        f"results_path={tmp_path}/eval.json"])
+    assert "in llm-foundry's eval format" in capsys.readouterr().err
+    assert cfg.model_config["learned_pos_emb"] is True and cfg.model_config["no_bias"] is False
+    assert [(t.label, t.type, t.num_fewshot) for t in cfg.icl_tasks] == [
+        ("lambada", "language_modeling", [0, 1]), ("hellaswag", "multiple_choice", [0])]
+    results = evaluate(cfg)
+    assert [(x["task"], x["num_fewshot"]) for x in results["icl"]] == [("lambada", 0), ("lambada", 1),
+                                                                       ("hellaswag", 0)]
+
+
+def test_eval_dialect_refusals_in_one_message():
+    from llmfoundry.eval.evaluate import EvalConfig
+    from llmfoundry.eval.foundry_dialect import translate_eval
+    t = translate_eval({"models": [{"model_name": "a"}, {"model_name": "b"}], "icl_subset_num_batches": 2,
+                        "icl_tasks": [{"label": "x", "dataset_uri": "s3://b/x.jsonl", "icl_task_type": "schema",
+                                       "num_fewshot": [0]}]}, EvalConfig)
+    assert sorted(p.split(":")[0] for p in t.problems) == [
+        "icl_subset_num_batches", "icl_tasks.0.dataset_uri", "icl_tasks.0.icl_task_type", "models"]
+
+
+def test_finetuning_yaml_trains(tmp_path):
+    r = run_cli([FINETUNE, *tiny(tmp_path), *FINETUNE_TINY])
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "finetuning -> name: finetune" in out and "metrics/eval/LanguageCrossEntropy" in out
+    assert (tmp_path / "mpt-finetune" / "latest-rank0.pt").exists()
+
+
+# ------------------------------------------------------------------------------- the model llm-foundry builds
+def test_pretraining_model_keeps_llm_foundry_defaults(tmp_path):
+    cfg = load_config(PRETRAIN, [*tiny(tmp_path), *PRETRAIN_TINY])
+    m = cfg.model
+    assert m.learned_pos_emb and not m.no_bias and not m.attn_config.alibi  # llm-foundry's MPTConfig defaults
+    names = {n for n, _ in ComposerMPT(m).named_parameters()}
+    assert "model.transformer.wpe.weight" in names  # learned positions
+    assert {"model.transformer.blocks.0.attn.Wqkv.bias", "model.transformer.blocks.0.ffn.up_proj.bias"} <= names
+    assert cfg.optimizer.name == "adamw" and cfg.optimizer.lr == 6e-4 and cfg.max_grad_norm == 1.0
+    assert cfg.scheduler.name == "cosine" and cfg.scheduler.alpha_f == 0.1
+    assert cfg.train_loader.local.endswith("mds/tiny") and cfg.train_loader.split == "train"
+    assert cfg.fsdp is not None and cfg.fsdp.sharding_strategy == "FULL_SHARD"
+    # without the override, llm-foundry's attn_impl default (flash) is kept, not swapped silently
+    assert translate({"model": {"name": "mpt_causal_lm"}}).data["model"]["attn_config"]["attn_impl"] == "flash"
+
+
+def test_finetuning_model_and_loader(tmp_path):
+    cfg = load_config(FINETUNE, [*tiny(tmp_path), *FINETUNE_TINY])
+    m = cfg.model
+    assert m.attn_config.alibi and not m.learned_pos_emb  # llm-foundry turns learned positions off under ALiBi
+    assert m.attn_config.kv_n_heads == 2 and not m.no_bias  # grouped_query_attention
+    assert m.init_config.name == "normal_" and m.init_config.init_std == 0.02  # baseline_
+    names = {n for n, _ in ComposerMPT(m).named_parameters()}
+    assert "model.transformer.wpe.weight" not in names and "model.transformer.blocks.0.attn.Wqkv.bias" in names
+    loader = cfg.train_loader
+    assert loader.name == "finetune" and loader.data_files[0].endswith("instruct_train.jsonl")
+    assert loader.packing_ratio == "auto" and cfg.eval_loader.drop_last is False
+    assert cfg.optimizer.name == "lion" and cfg.optimizer.betas == [0.9, 0.99]
+    assert cfg.scheduler.name == "linear" and cfg.scheduler.alpha_f == 0.0
+    assert cfg.max_grad_norm is None  # no algorithms.gradient_clipping: llm-foundry does not clip
+    assert cfg.eval_interval == "1ep"  # an integer interval counts epochs
+
+
+# ------------------------------------------------------------------------------- refused in one message
+def test_three_bad_keys_are_named_in_one_message(capsys):
+    with pytest.raises(ConfigError) as e:
+        load_config(str(DATA / "three-bad-keys.yaml"))
+    msg = str(e.value)
+    assert "has 3 keys with no equivalent" in msg
+    for key in ("model.attn_config.rope", "algorithms.alibi", "callbacks.hf_checkpointer"):
+        assert key in msg, key
+    assert "use model.attn_config.alibi: true" in msg and "convert_composer_to_hf.py" in msg
+
+
+def test_cli_prints_all_problems(tmp_path):
+    """A bad value of a translated key (no such norm here) joins the list of keys without an equivalent."""
+    r = run_cli([str(DATA / "three-bad-keys.yaml"), "fsdp_config.cpu_offload=true", "model.norm_type=triton_rmsnorm"])
+    assert r.returncode == 1
+    assert "has 5 keys with no equivalent" in r.stderr
+    assert "fsdp_config.cpu_offload" in r.stderr and "model.norm_type" in r.stderr
+
+
+def test_unknown_key_in_the_dialect_gets_a_near_spelling_and_is_listed_with_the_rest():
+    t = translate({"model": {"name": "mpt_causal_lm", "n_layer": 2, "attn_config": {"atn_impl": "torch"}},
+                   "tp_config": {"tensor_parallel_degree": 2}})
+    assert any(p.startswith("model.n_layer:") and "did you mean 'n_layers'" in p for p in t.problems)
+    assert any(p.startswith("model.attn_config.atn_impl:") and "'attn_impl'" in p for p in t.problems)
+    assert any(p.startswith("tp_config:") for p in t.problems)
+
+
+def test_hf_causal_lm_is_refused_with_the_way_to_start_from_hf_weights():
+    t = translate({"model": {"name": "hf_causal_lm", "pretrained_model_name_or_path": "mosaicml/mpt-7b",
+                             "pretrained": True}})
+    assert len(t.problems) == 1 and "convert_hf_to_composer.py" in t.problems[0]
+
+
+# ------------------------------------------------------------------------------- translation rules (pure)
+def test_optimizer_and_scheduler_defaults_follow_llm_foundry():
+    t = translate({"optimizer": {"name": "decoupled_adamw"}, "scheduler": {"name": "cosine_with_warmup",
+                                                                         "t_warmup": "10ba"}})
+    assert t.data["optimizer"] == {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8,
+                                   "weight_decay": 1e-5}
+    assert t.data["scheduler"] == {"name": "cosine", "t_warmup": "10ba", "alpha_f": 0.0, "t_max": "1dur"}
+    # torch's AdamW (coupled decay) -> ours (decoupled): the same shrink per step
+    t = translate({"fsdp_config": None, "optimizer": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.1}})
+    assert t.data["optimizer"]["weight_decay"] == pytest.approx(1e-5)
+    assert t.data["fsdp"] is None
+    # in our own format 'adamw' is ours: untouched
+    assert translate({"optimizer": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.1}}).dialect_keys == []
+
+
+def test_schedulers_with_no_equivalent_and_non_default_options():
+    t = translate({"scheduler": {"name": "inv_sqrt_with_warmup", "t_warmup": "1ba"}})
+    assert t.problems and "inv_sqrt_with_warmup" in t.problems[0]
+    t = translate({"scheduler": {"name": "linear_decay_with_warmup", "t_warmup": "1ba", "alpha_i": 0.5}})
+    assert [p.split(":")[0] for p in t.problems] == ["scheduler.alpha_i"]
+
+
+def test_callbacks_loggers_and_fsdp_families():
+    t = translate({"callbacks": {"lr_monitor": {}, "memory_monitor": {}, "speed_monitor": {},
+                                 "runtime_estimator": {"time_unit": "hours"}, "scheduled_gc": {"batch_interval": 100}},
+                   "loggers": {"wandb": {"project": "p", "rank_zero_only": True}},
+                   "fsdp_config": {"sharding_strategy": "HYBRID_SHARD", "data_parallel_shard_degree": 8,
+                                   "use_orig_params": True, "mixed_precision": "DEFAULT"}})
+    assert t.problems == []
+    assert t.data["callbacks"] == {"lr_monitor": True, "memory_monitor": True, "speed_monitor": {},
+                                   "runtime_estimator": True}
+    assert t.data["loggers"] == {"wandb": {"project": "p"}}
+    assert t.data["fsdp"] == {"sharding_strategy": "HYBRID_SHARD", "shard_degree": 8, "mixed_precision": "DEFAULT"}
+    assert translate({"fsdp_config": {"sharding_strategy": "NO_SHARD"}}).data["fsdp"] is None
+    t = translate({"loggers": {"mlflow": {}}, "callbacks": {"kill_loss_spike": {}}})
+    assert sorted(p.split(":")[0] for p in t.problems) == ["callbacks.kill_loss_spike", "loggers.mlflow"]
+
+
+def test_attention_types():
+    mq = translate({"model": {"name": "mpt_causal_lm", "attn_config": {"attn_type": "multiquery_attention"}}})
+    assert mq.data["model"]["attn_config"]["kv_n_heads"] == 1
+    mh = translate({"model": {"name": "mpt_causal_lm",
+                              "attn_config": {"attn_type": "multihead_attention", "kv_n_heads": 4}}})
+    assert "kv_n_heads" not in mh.data["model"]["attn_config"]  # llm-foundry ignores it for multi-head
+
+
+def test_finetuning_sources():
+    hub = translate({"train_loader": {"name": "finetuning", "dataset": {
+        "hf_name": "mosaicml/dolly_hhrlhf", "split": "train", "max_seq_len": 128, "decoder_only_format": True}}})
+    assert hub.problems == [] and hub.data["train_loader"]["hf_dataset"] == "mosaicml/dolly_hhrlhf"
+    folder = translate({"train_loader": {"name": "finetuning", "dataset": {
+        "hf_name": "json", "hf_kwargs": {"data_dir": "/data"}, "split": "validation", "max_seq_len": 128}}})
+    assert folder.data["train_loader"]["hf_dataset"] == "/data" and folder.data["train_loader"]["split"] == "validation"
+    bad = translate({"train_loader": {"name": "finetuning", "dataset": {
+        "hf_name": "json", "hf_kwargs": {"data_dir": "/data"}, "preprocessing_fn": "my.mod:fn",
+        "remote": "s3://b/mds", "max_seq_len": 128}}})
+    assert sorted(p.split(":")[0] for p in bad.problems) == ["train_loader.dataset.preprocessing_fn",
+                                                             "train_loader.dataset.remote"]
+
+
+# ------------------------------------------------------------------------------- recognition and hints
+def test_our_own_yamls_are_not_the_dialect():
+    from llmfoundry.utils.config import load_yaml_with_overrides
+    from llmfoundry.train.config import _register_resolvers
+    _register_resolvers()
+    ours = [TINY, *(REPO / "yamls" / "finetune").glob("*.yaml"), *(REPO / "yamls").glob("mpt-*.yaml")]
+    for path in map(str, ours):
+        data = load_yaml_with_overrides(path, [])
+        t = translate(data)
+        assert t.dialect_keys == [] and t.problems == [], (path, t.dialect_keys, t.problems)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("fsdp_config=null", "fsdp_config: null -> fsdp: null"),
+    ("eval_first=false", "eval_first: False"),
+    ("model.attn_config.attn_type=multiquery_attention", "multiquery_attention -> attn_config.kv_n_heads: 1"),
+])
+def test_a_dialect_key_in_our_yaml_gets_the_dialect_answer(override, needle, capsys, tmp_path):
+    """Formerly 'did you mean compile_config / eval_interval / attn_impl'; now translated. Our model defaults stay
+    (the model section has no llm-foundry 'name')."""
+    cfg = load_config(TINY, [override, f"save_folder={tmp_path}/ck"])
+    assert needle in capsys.readouterr().err
+    assert cfg.model.attn_config.alibi and cfg.model.no_bias  # tiny-cpu's model, unchanged
+
+
+def test_llm_foundry_run_defaults_apply_to_a_whole_llm_foundry_yaml_only():
+    ours = translate({"model": {"d_model": 64}, "eval_loader": {"local": "x"}, "eval_first": False}).data
+    assert "max_grad_norm" not in ours and "eval_interval" not in ours  # our defaults (clip at 1.0, 1000ba)
+    whole = translate({"model": {"name": "mpt_causal_lm"}, "eval_loader": {"local": "x"}}).data
+    assert whole["max_grad_norm"] is None and whole["eval_interval"] == "1ep"
+
+
+def test_finetune_hf_name_in_our_loader_gets_the_dialect_answer(tmp_path, capsys):
+    cfg = load_config(str(REPO / "yamls" / "finetune" / "tiny-instruct-cpu.yaml"),
+                      ["train_loader.data_files=null", "train_loader.hf_name=mosaicml/dolly_hhrlhf",
+                       f"save_folder={tmp_path}/ck"])
+    assert cfg.train_loader.hf_dataset == "mosaicml/dolly_hhrlhf"
+    assert "train_loader.hf_name: -> hf_dataset: 'mosaicml/dolly_hhrlhf'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- whole families of keys
+# The field names of llm-foundry's TrainConfig (llmfoundry/utils/config_utils.py) and the keyword arguments of its
+# MPTConfig / ComposerMPTCausalLM, attn_config and fsdp_config, at llm-foundry's defaults: none is an unknown key.
+FOUNDRY_TRAIN_KEYS = {
+    "seed": 17, "precision": "amp_bf16", "code_paths": None, "max_split_size_mb": None, "expandable_segments": True,
+    "cuda_load_lazy": False, "dist_timeout": 600.0, "tp_config": None, "accumulate_train_batch_on_tokens": True,
+    "eval_interval": 1, "eval_loaders": None, "icl_tasks": None, "icl_tasks_str": None, "eval_gauntlet": None,
+    "eval_gauntlet_str": None, "icl_subset_num_batches": None, "icl_seq_len": None, "loggers": None,
+    "progress_bar": False, "log_to_console": True, "python_log_level": "debug", "console_log_interval": "1ba",
+    "log_config": True, "callbacks": None, "algorithms": None, "save_folder": None, "save_latest_filename": None,
+    "save_overwrite": False, "save_weights_only": False, "save_filename": None, "save_interval": "1000ba",
+    "save_num_checkpoints_to_keep": -1, "load_path": None, "load_weights_only": False,
+    "load_strict_model_weights": True, "load_ignore_keys": None, "save_ignore_keys": None,
+    "only_hf_checkpoint": False, "only_composer_checkpoint": False, "train_subset_num_batches": -1,
+    "device_train_microbatch_size": 4, "global_train_batch_size": 8, "spin_dataloaders": True,
+    "eval_subset_num_batches": -1, "eval_first": False, "compile_config": None, "metadata": None,
+    "flatten_metadata": True, "run_name": None, "autoresume": False, "profiler": None, "variables": None,
+    "max_seq_len": 2048, "device_eval_batch_size": 4, "max_duration": "10ba", "fsdp_config": None,
+}
+FOUNDRY_MODEL = {
+    "name": "mpt_causal_lm", "d_model": 2048, "n_heads": 16, "n_layers": 24, "head_dim": None, "expansion_ratio": 4,
+    "max_seq_len": 2048, "vocab_size": 50368, "resid_pdrop": 0.0, "emb_pdrop": 0.0, "learned_pos_emb": True,
+    "ffn_config": {"ffn_type": "mptmlp"}, "init_device": "cpu", "logit_scale": None, "no_bias": False,
+    "attention_bias": None, "embedding_fraction": 1.0, "norm_type": "low_precision_layernorm", "norm_eps": 1e-05,
+    "use_cache": False, "fc_type": "torch", "tie_word_embeddings": True, "use_pad_tok_in_ffn": True,
+    "block_overrides": None, "final_logit_softcapping": None, "use_train_metrics": True,
+    "additional_train_metrics": None, "loss_fn": "fused_crossentropy",
+    "init_config": {"name": "kaiming_normal_", "fan_mode": "fan_in", "init_nonlinearity": "relu",
+                    "init_div_is_residual": True, "emb_init_std": None, "emb_init_uniform_lim": None,
+                    "init_std": None, "init_gain": 0.0},
+    "attn_config": {"attn_type": "multihead_attention", "attn_pdrop": 0.0, "attn_impl": "torch", "qk_ln": False,
+                    "qk_gn": False, "fused_qkv": True, "clip_qkv": None, "softmax_scale": None,
+                    "attn_uses_sequence_id": False, "sliding_window_size": -1, "attn_logit_softcapping": None,
+                    "alibi": False, "alibi_bias_max": 8, "rope": False, "nope": False, "rope_theta": 10000,
+                    "rope_impl": "dail", "rope_dail_config": {"type": "original", "pos_idx_in_fp32": True,
+                                                              "xpos_scale_base": 512},
+                    "rope_hf_config": {"type": "no_scaling", "factor": 1.0},
+                    "attn_temperature_tuning": {"floor_scale": 8192, "attn_scale": 0.0}, "kv_dim": None},
+}
+FOUNDRY_FSDP = {"sharding_strategy": "FULL_SHARD", "mixed_precision": "PURE", "activation_checkpointing": False,
+                "activation_checkpointing_reentrant": False, "activation_cpu_offload": False,
+                "limit_all_gathers": True, "sync_module_states": False, "forward_prefetch": False,
+                "backward_prefetch": "BACKWARD_PRE", "state_dict_type": "full", "use_orig_params": True,
+                "verbose": False, "cpu_offload": False, "data_parallel_shard_degree": -1,
+                "data_parallel_replicate_degree": None, "load_monolith_rank0_only": False, "auto_wrap": True}
+
+
+def test_every_llm_foundry_key_at_its_default_is_known():
+    from llmfoundry.train.config import config_from_dict
+    data = {**FOUNDRY_TRAIN_KEYS, "fsdp_config": FOUNDRY_FSDP, "model": FOUNDRY_MODEL,
+            "tokenizer": {"name": "bundled", "kwargs": {"model_max_length": 2048}},
+            "optimizer": {"name": "decoupled_adamw"}, "scheduler": {"name": "cosine_with_warmup", "t_warmup": "1ba"},
+            "train_loader": {"name": "text", "dataset": {"local": "/data", "split": "train", "max_seq_len": 2048,
+                                                         "shuffle": True, "shuffle_seed": 17}, "num_workers": 8,
+                             "drop_last": True}}
+    t = translate(data)
+    assert t.problems == []
+    cfg = config_from_dict(t.data)
+    assert cfg.model.learned_pos_emb and not cfg.model.no_bias and cfg.model.kv_n_heads == 16
+    assert cfg.train_metrics and cfg.eval_interval == "1ep" and cfg.fsdp.state_dict_type == "full"
