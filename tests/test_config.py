@@ -442,3 +442,19 @@ def test_loader_raises_only_config_errors(tmp_path):
     (tmp_path / "c.yaml").write_text(TINY.read_text() + "\n1: a\n")  # a non-string key
     with pytest.raises(ConfigError, match="unknown config key '1' at the top level"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_every_problem_of_a_config_in_one_message(tmp_path):
+    """Misspelled keys at two levels, a wrong type and an unknown section: one ConfigError names all four."""
+    from llmfoundry.train.config import load_config
+    from llmfoundry.utils.config import ConfigError
+    with pytest.raises(ConfigError) as e:
+        load_config(str(REPO / "yamls/tiny-cpu.yaml"),
+                    ["max_duratio=3ba", "optimizer.lrr=1e-3", "model.n_layers=two", "colbacks={}"])
+    msg = str(e.value)
+    assert msg.startswith("4 problems in the config:"), msg
+    assert "'max_duratio' at the top level (did you mean 'max_duration'?)" in msg
+    assert "'optimizer.lrr' in 'optimizer' (did you mean 'lr'?)" in msg
+    assert "config key 'model.n_layers' must be an integer, got 'two'" in msg
+    assert "'colbacks' at the top level (did you mean 'callbacks'?)" in msg
+    assert len(e.value.problems) == 4

@@ -16,7 +16,14 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A user-facing configuration mistake. The message names the key and the fix."""
+    """A user-facing configuration mistake. The message names the key and the fix; ``problems`` holds each mistake
+    of a config on its own (one, unless ``from_dict`` found several)."""
+
+    def __init__(self, message: str = "", problems: list[str] | None = None):
+        self.problems = list(problems) if problems else [message]
+        if len(self.problems) > 1:
+            message = f"{len(self.problems)} problems in the config:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(message)
 
 
 def closest(name: str, choices) -> str:
@@ -112,18 +119,25 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     prefix = f"{path}." if path else ""
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        k = unknown[0]
-        where = f"in '{path}'" if path else "at the top level"
-        raise ConfigError(f"unknown config key '{prefix}{k}' {where}{closest(str(k), fields)}; "
-                          f"valid keys: {', '.join(sorted(fields))}")
+    # every problem of this mapping and the ones inside it is collected, then reported in one ConfigError
+    problems: list[str] = []
+    where = f"in '{path}'" if path else "at the top level"
+    for k in data:
+        if k not in fields:
+            hint = closest(str(k), fields)  # the list of valid keys only where no key is close
+            problems.append(f"unknown config key '{prefix}{k}' {where}" +
+                            (hint if hint else f"; valid keys: {', '.join(sorted(fields))}"))
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], f"{prefix}{name}")
+            try:
+                kwargs[name] = _convert(data[name], hints[name], f"{prefix}{name}")
+            except ConfigError as e:
+                problems += e.problems
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required config key '{prefix}{name}'")
+            problems.append(f"missing required config key '{prefix}{name}'")
+    if problems:
+        raise ConfigError(problems[0], problems)
     try:
         return cls(**kwargs)
     except ConfigError:
