@@ -66,12 +66,35 @@ def _s3_client():
                         config=Config(connect_timeout=10, read_timeout=30, retries={"max_attempts": 2}))
 
 
+# object stores that composer opens itself (checked here only as far as opening them): what each one needs
+OTHER_STORES = {
+    "gs": "GCS_KEY and GCS_SECRET (HMAC keys) or Google application default credentials, and google-cloud-storage",
+    "oci": "an OCI config file (~/.oci/config) and the oci package",
+    "dbfs": "Databricks credentials (DATABRICKS_HOST and DATABRICKS_TOKEN) and databricks-sdk",
+}
+
+
+def _open_other_store(uri: str, key: str) -> str | None:
+    """None when composer can open the object store of ``uri`` (a ``gs://``, ``oci://`` or ``dbfs://`` address);
+    else one message naming ``key``, what failed and what that store needs (s3:// being the tested path)."""
+    from composer.utils import maybe_create_object_store_from_uri
+    scheme = urllib.parse.urlparse(uri).scheme
+    try:
+        maybe_create_object_store_from_uri(uri)
+    except Exception as e:  # noqa: BLE001 - each SDK raises its own types for missing packages and credentials
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # its first sentence
+        return (f"{key} = {uri!r}: composer could not open the {scheme}:// store ({type(e).__name__}: {first}); it "
+                f"needs {OTHER_STORES[scheme]}. Or use a local path or s3://bucket/prefix (S3_ENDPOINT_URL for any "
+                f"S3-compatible store)")
+    return None
+
+
 def check_remote(uri: str, key: str, write: bool) -> str | None:
     """None when ``uri`` (an ``s3://`` folder or file) is reachable; else a message naming ``key`` and the fix."""
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme != "s3":
-        if parsed.scheme in ("oci", "gs", "dbfs", "hf"):
-            return None  # composer supports them; no early check here
+        if parsed.scheme in OTHER_STORES:
+            return _open_other_store(uri, key)
         return f"{key} = {uri!r}: unsupported scheme '{parsed.scheme}://'; use a local path or s3://bucket/prefix"
     bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
     endpoint = os.environ.get("S3_ENDPOINT_URL") or "AWS S3 (S3_ENDPOINT_URL not set)"
