@@ -221,25 +221,61 @@ def _check_local_source(name: str, path: str, split: str, what: str) -> None:
         raise StreamError(f"stream '{name}': {len(missing)} shard file(s) listed in {index} are missing, e.g. "
                           f"{os.path.join(directory, missing[0])}. Fix: convert this source again (index.json and "
                           f"its shards are written together), or restore the files.")
+    wrong = wrong_size_shards(index)
+    if wrong:
+        file, size, listed = wrong[0]
+        more = f" ({len(wrong)} such files)" if len(wrong) > 1 else ""
+        raise StreamError(f"stream '{name}': shard {os.path.join(directory, file)} is {size:,} bytes, {index} lists "
+                          f"it as {listed:,}{more}: a copy cut short, or a file of another conversion. Fix: copy the "
+                          f"dataset again, or convert this source again.")
+
+
+def _index_shards(index_path: str) -> list[dict]:
+    import json
+    try:
+        with open(index_path) as f:
+            return json.load(f).get("shards", [])
+    except (OSError, ValueError, AttributeError) as e:
+        raise StreamError(f"{index_path} is not a readable MDS index ({type(e).__name__}: {e}). Fix: convert "
+                          f"this source again.") from e
 
 
 def missing_shards(index_path: str) -> list[str]:
     """Shards listed in an MDS ``index.json`` with neither their raw nor their compressed file beside it."""
-    import json
     directory = os.path.dirname(index_path)
-    try:
-        with open(index_path) as f:
-            shards = json.load(f).get("shards", [])
-    except (OSError, ValueError, AttributeError) as e:
-        raise StreamError(f"{index_path} is not a readable MDS index ({type(e).__name__}: {e}). Fix: convert "
-                          f"this source again.") from e
     missing = []
-    for shard in shards:
+    for shard in _index_shards(index_path):
         names = [(shard.get(k) or {}).get("basename") for k in ("raw_data", "zip_data")]
         names = [n for n in names if n]
         if names and not any(os.path.isfile(os.path.join(directory, n)) for n in names):
             missing.append(names[0])
     return missing
+
+
+def wrong_size_shards(index_path: str) -> list[tuple[str, int, int]]:
+    """(file, size on disk, size index.json lists) for each present shard file (raw or compressed) whose size is
+    not the one its index lists: a truncated copy shows here, before streaming meets it mid-epoch."""
+    directory = os.path.dirname(index_path)
+    wrong = []
+    for shard in _index_shards(index_path):
+        for k in ("raw_data", "zip_data"):
+            info = shard.get(k) or {}
+            path = os.path.join(directory, info.get("basename") or "")
+            if info.get("basename") and info.get("bytes") is not None and os.path.isfile(path):
+                size = os.path.getsize(path)
+                if size != info["bytes"]:
+                    wrong.append((info["basename"], size, info["bytes"]))
+    return wrong
+
+
+def compressed_only(directory: str) -> bool:
+    """Whether some shard of the MDS folder ``directory`` is there only compressed (streaming would write its
+    decompressed copy next to it, into the dataset folder)."""
+    for shard in _index_shards(os.path.join(directory, "index.json")):
+        raw, zipped = (shard.get(k) or {} for k in ("raw_data", "zip_data"))
+        if zipped.get("basename") and not os.path.isfile(os.path.join(directory, raw.get("basename") or "")):
+            return True
+    return False
 
 
 def build_streams(named: dict[str, StreamConfig], *, default_split: str | None, download_retry: int,
@@ -255,13 +291,18 @@ def build_streams(named: dict[str, StreamConfig], *, default_split: str | None, 
         remote_scheme = urllib.parse.urlparse(sc.remote or "").scheme
         if sc.remote and not remote_scheme:  # a directory on this machine
             _check_local_source(name, sc.remote, split, "remote")
+        remote = sc.remote
         if not sc.remote:
             _check_local_source(name, sc.local, split, "local")
-        if sc.remote and not local:
+            if compressed_only(os.path.join(sc.local, split) if split else sc.local):
+                # read it as a 'remote' folder: the decompressed shards go to a cache, not into the dataset folder
+                # (which may be read-only or shared)
+                remote, local = sc.local, None
+        if remote and not local:
             root = root or auto_cache_root()
             local = os.path.join(root, re.sub(r"[^A-Za-z0-9_.-]", "_", name))
         streams.append(NamedStream(
-            name, s3_endpoint_url, remote=sc.remote, local=local, split=split or None,
+            name, s3_endpoint_url, remote=remote, local=local, split=split or None,
             proportion=sc.proportion, repeat=sc.repeat, choose=sc.choose,
             download_retry=download_retry, download_timeout=download_timeout))
     return streams, ([root] if root else [])
