@@ -169,10 +169,65 @@ def test_unknown_key_in_the_dialect_gets_a_near_spelling_and_is_listed_with_the_
     assert any(p.startswith("tp_config:") for p in t.problems)
 
 
-def test_hf_causal_lm_is_refused_with_the_way_to_start_from_hf_weights():
+def test_hf_causal_lm_with_a_hub_name_says_to_download_it():
     t = translate({"model": {"name": "hf_causal_lm", "pretrained_model_name_or_path": "mosaicml/mpt-7b",
                              "pretrained": True}})
-    assert len(t.problems) == 1 and "convert_hf_to_composer.py" in t.problems[0]
+    assert len(t.problems) == 1, t.problems
+    assert "'mosaicml/mpt-7b' is not a local folder" in t.problems[0]
+    assert "huggingface-cli download mosaicml/mpt-7b --local-dir DIR" in t.problems[0]
+
+
+def _hf_mpt_folder(tmp_path, **model_overrides):
+    """A small MPT (random weights, seed 1234) saved as a Hugging Face folder."""
+    import torch
+
+    from llmfoundry.models.mpt import MPTForCausalLM
+    from llmfoundry.models.mpt.hf import save_hf
+    cfg = load_config(TINY, [f"model.{k}={v}" for k, v in model_overrides.items()]).model
+    torch.manual_seed(1234)
+    sd = {k: v.clone() for k, v in MPTForCausalLM(cfg).state_dict().items()}
+    save_hf(cfg, sd, tmp_path / "hf-mpt", strict_hf=False)  # our MPT reads what transformers' lacks
+    return str(tmp_path / "hf-mpt"), sd
+
+
+def test_hf_causal_lm_takes_the_folders_architecture_and_weights(tmp_path):
+    folder, _ = _hf_mpt_folder(tmp_path, learned_pos_emb="true", no_bias="false", **{"attn_config.alibi": "false"})
+    t = translate({"model": {"name": "hf_causal_lm", "pretrained_model_name_or_path": folder,
+                             "config_overrides": {"max_seq_len": 128, "attn_config": {"attn_impl": "flex"}},
+                             "use_flash_attention_2": True}})
+    assert not t.problems, t.problems
+    m = t.data["model"]
+    assert m["learned_pos_emb"] is True and m["no_bias"] is False and m["d_model"] == 128
+    assert m["max_seq_len"] == 128 and m["attn_config"]["attn_impl"] == "flex" and not m["attn_config"]["alibi"]
+    assert t.data["load_path"] == folder
+    off = translate({"model": {"name": "hf_causal_lm", "pretrained_model_name_or_path": folder, "pretrained": False,
+                               "peft_config": {"peft_type": "LORA"}}})
+    assert "load_path" not in off.data
+    assert [p for p in off.problems if p.startswith("model.peft_config")], off.problems
+
+
+def test_hf_causal_lm_finetuning_run_starts_from_the_pretrained_weights(tmp_path):
+    """llm-foundry's finetuning YAML with its model section swapped for hf_causal_lm over a local MPT folder: the
+    run says which weights it starts from, and its first checkpoint (lr 0 at the first warmup step) holds them."""
+    import glob
+
+    import torch
+    import yaml
+    folder, sd = _hf_mpt_folder(tmp_path, max_seq_len=256)
+    data = yaml.safe_load(open(FINETUNE))
+    data["model"] = {"name": "hf_causal_lm", "pretrained_model_name_or_path": folder, "pretrained": True,
+                     "config_overrides": {"attn_config": {"attn_uses_sequence_id": True}}}
+    data.pop("fsdp_config")
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(data))
+    r = run_cli([str(tmp_path / "ft.yaml"), *tiny(tmp_path), *FINETUNE_TINY, "max_duration=1ba",
+                 "eval_loader=null", "eval_first=false", "save_interval=1ba"])
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert f"starting from the pretrained weights in {folder}" in out
+    (ckpt,) = glob.glob(str(tmp_path / "ft" / "ep*-ba1-rank0.pt"))
+    model = torch.load(ckpt, map_location="cpu", weights_only=False)["state"]["model"]
+    for k, v in sd.items():
+        torch.testing.assert_close(model[f"model.{k}"], v, rtol=0, atol=0, msg=k)
 
 
 # ------------------------------------------------------------------------------- translation rules (pure)

@@ -99,7 +99,7 @@ def test_composer_mpt_loss_metrics_flops():
 def test_default_run_trains_evaluates_logs_and_saves(uninterrupted):
     folder, r = uninterrupted
     out = r.stdout + r.stderr
-    assert "resolved config" in out and "optimizer:" in out  # the resolved config is logged
+    assert "run tiny-cpu: MPT with" in out and f"full config: {folder}/config.yaml" in out  # a summary is logged
     for needle in ("loss/train/total", "metrics/eval/LanguageCrossEntropy", "metrics/eval/LanguagePerplexity",
                    "lr-Lion/group0", "throughput/device/tokens_per_sec", "throughput/device/mfu",
                    "MFU is measured against a peak of 1e+12"):

@@ -174,8 +174,8 @@ def build_grad_sync(cfg: FSDPConfig | None, precision: str) -> list:
 # ---------------------------------------------------------------------------------------------------- callbacks
 def build_callbacks(cfg: CallbacksConfig, on_gpu: bool, save_folder: str | None = None) -> list:
     """SpeedMonitor (throughput; MFU from the model's ``flops_per_batch``), LRMonitor, MemoryMonitor (GPU only),
-    RuntimeEstimator, TraceProfiler when ``callbacks.profiler`` is set, and StopOnNonFiniteLoss (``save_folder``
-    goes into its message)."""
+    RuntimeEstimator, TraceProfiler when ``callbacks.profiler`` is set, StopOnNonFiniteLoss (``save_folder``
+    goes into its message), and when set: LossSpike, TimeLimit (needs ``save_folder``), OptimizerMonitor."""
     from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
     callbacks = []
     if cfg.speed_monitor is not None:
@@ -194,6 +194,19 @@ def build_callbacks(cfg: CallbacksConfig, on_gpu: bool, save_folder: str | None 
     if cfg.stop_on_nonfinite_loss:
         from llmfoundry.train.loss_guard import StopOnNonFiniteLoss
         callbacks.append(StopOnNonFiniteLoss(save_folder))
+    if cfg.loss_spike is not None:
+        from llmfoundry.train.loss_guard import LossSpike
+        s = cfg.loss_spike
+        callbacks.append(LossSpike(s.window, s.threshold, s.ratio, s.patience, s.action, save_folder))
+    if cfg.time_limit is not None:
+        if not save_folder:
+            raise ConfigError("callbacks.time_limit saves a checkpoint before the limit and needs save_folder (with "
+                              "autoresume: true the same command continues from it); set save_folder")
+        from llmfoundry.train.time_limit import TimeLimit
+        callbacks.append(TimeLimit(cfg.time_limit.max_time_s, cfg.time_limit.margin_s, save_folder))
+    if cfg.optimizer_monitor is not None:
+        from llmfoundry.train.monitors import OptimizerMonitor
+        callbacks.append(OptimizerMonitor(cfg.optimizer_monitor.interval, cfg.optimizer_monitor.per_layer))
     return callbacks
 
 

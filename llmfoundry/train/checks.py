@@ -189,6 +189,25 @@ def remove_empty_folders(folders: list[str]) -> None:
             return
 
 
+def save_folder_problem(save_folder: str) -> str | None:
+    """None when checkpoints can be written under the local ``save_folder`` (tried for real: a file is created in it,
+    or in its nearest existing parent, and removed); else a message naming the folder and the fix."""
+    where = _existing_parent(save_folder)
+    fix = "point save_folder at a folder this user can write (or an s3:// prefix)"
+    if not os.path.isdir(where):
+        return f"save_folder {save_folder!r}: {where} is a file, not a folder; {fix}"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=where)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        why = {errno.EROFS: "is on a read-only file system", errno.EACCES: "is not writable by this user",
+               errno.EPERM: "does not allow new files", errno.ENOENT: "does not accept new files (a virtual file "
+               "system such as /proc?)"}.get(e.errno, f"cannot be written ({e.strerror or e})")
+        return f"save_folder {save_folder!r}: {where} {why}; {fix}"
+    return None
+
+
 def check_free_disk(save_folder: str, needed: int) -> str | None:
     """None when the filesystem holding ``save_folder`` (or, for remote folders, the local staging dir) has
     ``needed`` bytes free; else a message."""
@@ -235,7 +254,9 @@ def load_path_problem(path: str) -> str | None:
     import zipfile
     where = f"load_path = {path!r}"
     if os.path.isdir(path):
-        from llmfoundry.checkpoint import folder_checkpoint_problem
+        from llmfoundry.checkpoint import folder_checkpoint_problem, is_hf_dir
+        if is_hf_dir(path):
+            return None  # pretrained weights to start from: train/pretrained.py checks and converts them
         hf_fix = (f"convert it first (python scripts/convert_hf_to_composer.py {path} init.pt) and set "
                   "load_path=init.pt load_weights_only=true")
         problem = folder_checkpoint_problem(path, hf_fix=hf_fix)

@@ -45,7 +45,9 @@ YAML key                       used by
                                (FSDP2: one gradient reduce-scatter per optimizer step; see ``FSDPConfig``)
 ``save_*``, ``load_*``,        ``Trainer(save_folder=..., save_interval=..., save_num_checkpoints_to_keep=...,
 ``autoresume``,                load_path=..., autoresume=...)``; ``s3://`` folders are checked for reachability and
-``check_free_disk``            the disk for room for one checkpoint before training (train.py ``_preflight``)
+``check_free_disk``            the disk for room for one checkpoint before training (train.py ``_preflight``);
+                               a Hugging Face MPT folder as ``load_path``: its weights start the run, after the
+                               model: keys are checked against its config.json (pretrained.py)
 ``preemption.grace_period_s``  preemption.py: SIGTERM (to a rank, or to the launcher) finishes the batch, saves a
                                checkpoint on every rank and exits with status 75; a second SIGTERM (2 s or more
                                later), or this many seconds without a save, exits with 143 (docs/FAULTS.md).
@@ -55,8 +57,15 @@ YAML key                       used by
 ``callbacks.*``                builders.build_callbacks: SpeedMonitor (throughput, MFU), LRMonitor, MemoryMonitor,
                                RuntimeEstimator; ``callbacks.profiler`` (off by default): profiler.TraceProfiler;
                                ``callbacks.stop_on_nonfinite_loss`` (on): loss_guard.StopOnNonFiniteLoss
+``callbacks.loss_spike``        (off) loss_guard.LossSpike: a loss above its running window for ``patience`` batches
+                               is logged, stops the run before its checkpoint, or has its optimizer steps skipped
+``callbacks.time_limit``        (off) time_limit.TimeLimit: before ``max_time``, save a checkpoint and exit 0
+``callbacks.optimizer_monitor`` (off) monitors.OptimizerMonitor: gradient (pre-clipping) and weight norms, global
+                               and per parameter, every ``interval`` batches
 ``loggers.wandb``              composer ``WandBLogger`` (``WANDB_MODE=offline`` works)
-``log_to_console``, ``console_log_interval``, ``progress_bar``, ``python_log_level``, ``dist_timeout``,
+``progress_bar``               ``auto`` (default): composer's progress bar when stderr is a terminal, else the console
+                               log every ``console_log_interval`` (train.console_output); ``true`` / ``false``: as given
+``log_to_console``, ``console_log_interval``, ``python_log_level``, ``dist_timeout``,
 ``compile_config``             passed to ``Trainer`` unchanged (``compile_config`` -> ``torch.compile`` kwargs)
 =============================  ==================================================================================
 """
@@ -64,6 +73,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -238,6 +248,84 @@ class ProfilerConfig:
 
 
 @dataclass
+class LossSpikeConfig:
+    """``callbacks.loss_spike`` (loss_guard.LossSpike): a batch spikes when its training loss is above
+    ``mean + threshold * std`` of the last ``window`` normal losses and, when ``ratio`` is set, also above
+    ``ratio * mean`` (``threshold: null``: the ratio alone); nothing is judged until the window is full.
+    ``patience`` consecutive spiking batches are a spike; ``action``: ``log`` (a warning and the metric
+    ``loss_spike/sustained``), ``stop`` (exit 1 before that batch's checkpoint; no checkpoint is written while a
+    batch spikes, so the newest one, named in the message, predates the spike) or ``skip`` (skip the optimizer step
+    of every spiking batch; ``patience`` skipped in a row stop the run as ``stop`` does)."""
+    window: int = 100
+    threshold: float | None = 3.0
+    ratio: float | None = None
+    patience: int = 5
+    action: Literal["log", "stop", "skip"] = "log"
+
+    def __post_init__(self):
+        if self.window < 2:
+            raise ValueError(f"'window' = {self.window} must be >= 2 (batches)")
+        if self.threshold is None and self.ratio is None:
+            raise ValueError("'threshold' and 'ratio' are both null; set at least one")
+        if self.threshold is not None and self.threshold <= 0:
+            raise ValueError(f"'threshold' = {self.threshold} must be > 0 (standard deviations above the mean)")
+        if self.ratio is not None and self.ratio <= 1:
+            raise ValueError(f"'ratio' = {self.ratio} must be > 1 (a multiple of the window's mean loss)")
+        if self.patience < 1:
+            raise ValueError(f"'patience' = {self.patience} must be >= 1 (batches)")
+
+
+_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_seconds(value: float | str, key: str) -> float:
+    """Seconds from a number of seconds or a string like ``'2h30m'``, ``'90m'``, ``'45s'``, ``'3600'``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*", value):
+        seconds = float(value)
+    elif isinstance(value, str) and re.fullmatch(r"(\d+(\.\d+)?[dhms])+", value.replace(" ", "")):
+        seconds = sum(float(n) * _UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([dhms])", value.replace(" ", "")))
+    else:
+        raise ValueError(f"'{key}' = {value!r} is not a duration; use seconds (9000) or e.g. '2h30m', '90m', '45s'")
+    if not seconds > 0:
+        raise ValueError(f"'{key}' = {value!r} must be more than 0 seconds")
+    return seconds
+
+
+@dataclass
+class TimeLimitConfig:
+    """``callbacks.time_limit`` (time_limit.TimeLimit): stop cleanly (a checkpoint, exit 0, ``time limit
+    reached: ...``) before ``max_time`` after the process started: seconds or e.g. ``'2h30m'``, ``'90m'``. The run
+    stops after the batch when one more batch would pass ``max_time - margin_s``; ``margin_s`` covers the save and the
+    end-of-run evaluation. The same command (autoresume) continues."""
+    max_time: float | str  # required
+    margin_s: float = 300.0
+
+    def __post_init__(self):
+        limit = parse_seconds(self.max_time, "max_time")
+        if not 0 <= self.margin_s < limit:
+            raise ValueError(f"'margin_s' = {self.margin_s} must be >= 0 and less than max_time ({limit:g} s)")
+
+    @property
+    def max_time_s(self) -> float:
+        return parse_seconds(self.max_time, "max_time")
+
+
+@dataclass
+class OptimizerMonitorConfig:
+    """``callbacks.optimizer_monitor`` (monitors.OptimizerMonitor): every ``interval`` batches, log the global
+    gradient norm before clipping (``optimizer/grad_norm``) and weight norm (``optimizer/weight_norm``); with
+    ``per_layer``, each parameter's too (``optimizer/grad_norm/<name>``). DDP and FSDP (sharded norms all-reduced)."""
+    interval: int = 10
+    per_layer: bool = False
+
+    def __post_init__(self):
+        if self.interval < 1:
+            raise ValueError(f"'interval' = {self.interval} must be >= 1 (batches)")
+
+
+@dataclass
 class CallbacksConfig:
     """``callbacks:``; set one to ``null``/``false`` to turn it off."""
     speed_monitor: SpeedMonitorConfig | None = field(default_factory=SpeedMonitorConfig)
@@ -246,6 +334,9 @@ class CallbacksConfig:
     runtime_estimator: bool = True
     profiler: ProfilerConfig | None = None  # off unless set, e.g. callbacks.profiler.start_batch=10
     stop_on_nonfinite_loss: bool = True  # loss_guard.py: stop (before that batch's checkpoint) at a NaN/inf loss
+    loss_spike: LossSpikeConfig | None = None  # off unless set, e.g. callbacks.loss_spike.action=stop
+    time_limit: TimeLimitConfig | None = None  # off unless set, e.g. callbacks.time_limit.max_time=2h30m
+    optimizer_monitor: OptimizerMonitorConfig | None = None  # off unless set: callbacks.optimizer_monitor.interval=10
 
 
 @dataclass
@@ -326,7 +417,7 @@ class TrainConfig:
     loggers: LoggersConfig = field(default_factory=LoggersConfig)
     log_to_console: bool = True
     console_log_interval: str = "1ba"
-    progress_bar: bool = False
+    progress_bar: Any = "auto"  # true, false, or auto: composer's bar when stderr is a terminal (train.console_output)
     python_log_level: str | None = "info"
 
     def __post_init__(self):
@@ -344,6 +435,8 @@ class TrainConfig:
         parse_time(self.eval_interval, "eval_interval", allow_dur=False)
         parse_time(self.save_interval, "save_interval", allow_dur=False)
         parse_time(self.console_log_interval, "console_log_interval", allow_dur=False)
+        if not (isinstance(self.progress_bar, bool) or self.progress_bar == "auto"):
+            raise ValueError(f"config key 'progress_bar' must be true or false, or auto, got {self.progress_bar!r}")
         if self.global_train_batch_size < 1:
             raise ValueError(f"'global_train_batch_size' = {self.global_train_batch_size} must be >= 1")
         mb = self.device_train_microbatch_size

@@ -202,7 +202,7 @@ def _attn(t: Translation, attn: Any, path: str, foundry_defaults: bool) -> dict:
 
 
 def _model(t: Translation, model: Any, top: dict) -> dict:
-    from llmfoundry.models.mpt.config import InitConfig, MPTConfig
+    from llmfoundry.models.mpt.config import MPTConfig
     if not isinstance(model, Mapping):
         return model
     src = dict(model)
@@ -215,11 +215,11 @@ def _model(t: Translation, model: Any, top: dict) -> dict:
             t.note("model.name", "mpt_causal_lm: the only model here; dropped. llm-foundry's MPT defaults apply: "
                    "learned_pos_emb: true, no_bias: false, attn_config.alibi: false, attn_impl: flash "
                    "(ours are MPT-7B's)")
+        elif name == "hf_causal_lm":
+            return _hf_causal_lm(t, src, top)
         else:
-            t.problem("model.name", f"{name!r}: only MPT trained from its YAML (mpt_causal_lm) is translated. To "
-                      "start from Hugging Face MPT weights: python scripts/convert_hf_to_composer.py HF_DIR init.pt "
-                      "--model_config YOUR.yaml, then load_path=init.pt load_weights_only=true with the model's "
-                      "shapes under model:")
+            t.problem("model.name", f"{name!r}: only MPT is trained here: mpt_causal_lm (built from the YAML) or "
+                      "hf_causal_lm naming a local Hugging Face MPT folder (its config and weights)")
             for k in ("pretrained", "pretrained_model_name_or_path", "config_overrides", "use_auth_token",
                       "trust_remote_code", "use_flash_attention_2", "peft_config"):
                 src.pop(k, None)
@@ -261,6 +261,82 @@ def _model(t: Translation, model: Any, top: dict) -> dict:
         out["learned_pos_emb"] = False
         t.note("model.learned_pos_emb", "false: llm-foundry turns learned positions off under ALiBi")
     return out
+
+
+# hf_causal_lm keys that change nothing here: what the note says
+_HF_DROPPED = {"trust_remote_code": "MPT is built in here; dropped", "use_auth_token": "the hub is not read; dropped",
+               "use_flash_attention_2": "attention is set by attn_config.attn_impl here; dropped",
+               "init_device": None}
+
+
+def _hf_causal_lm(t: Translation, src: dict, top: dict) -> dict:
+    """llm-foundry's ``hf_causal_lm`` over a local Hugging Face MPT folder: the model is that folder's config.json
+    (with ``config_overrides``), and ``pretrained: true`` (its default) starts from the folder's weights
+    (``load_path``: train/pretrained.py checks and loads them)."""
+    import json
+
+    from llmfoundry.models.mpt.config import MPTConfig
+    from llmfoundry.utils.config import to_dict
+    path = src.pop("pretrained_model_name_or_path", None)
+    pretrained = src.pop("pretrained", True)
+    overrides = _mapping(t, src.pop("config_overrides", None), "model.config_overrides")
+    for k in ("pretrained", "pretrained_model_name_or_path", "config_overrides"):
+        t.mark(f"model.{k}")
+    out: dict = {}
+    for k, v in src.items():
+        p = f"model.{k}"
+        t.mark(p)
+        if k == "peft_config" and v:
+            t.problem(p, "LoRA/PEFT adapters are absent here; remove peft_config to finetune all weights")
+        elif k in _HF_DROPPED or k == "peft_config":
+            if k == "init_device":
+                out["init_device"] = v
+            t.note(p, _HF_DROPPED.get(k) or "as here")
+        elif k == "use_train_metrics":
+            top["train_metrics"] = v
+            t.note(p, f"-> train_metrics: {v} (top level)")
+        else:
+            _unknown(t, "model", k, ["pretrained", "pretrained_model_name_or_path", "config_overrides",
+                                     "peft_config", "use_train_metrics", *_HF_DROPPED])
+    if not path:
+        t.problem("model.pretrained_model_name_or_path", "missing: name the Hugging Face MPT folder to start from")
+        return out
+    folder = os.path.expanduser(str(path))
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
+        t.problem("model.pretrained_model_name_or_path",
+                  f"{path!r} is not a local folder with a config.json: the hub is not read at run time here; "
+                  f"download it first (huggingface-cli download {path} --local-dir DIR) and name DIR")
+        return out
+    with open(config_file) as f:
+        hf = json.load(f)
+    if hf.get("model_type") != "mpt":
+        t.problem("model.pretrained_model_name_or_path", f"{path}: model_type {hf.get('model_type')!r}; only MPT "
+                  "models (model_type 'mpt') are trained here")
+        return out
+    for k, v in overrides.items():  # llm-foundry updates the HF config's keys, one level into its sub-configs
+        hf[k] = {**hf[k], **v} if isinstance(v, Mapping) and isinstance(hf.get(k), Mapping) else v
+    try:
+        model = to_dict(MPTConfig.from_hf_dict(hf))
+    except (TypeError, ValueError) as e:
+        t.problem("model.config_overrides" if overrides else "model.pretrained_model_name_or_path",
+                  f"{path}: its config (with config_overrides) is not a valid MPT config: {e}")
+        return out
+    model.pop("init_device", None)
+    model.update(out)
+    if overrides:
+        t.note("model.config_overrides", f"applied to {config_file}")
+    t.note("model.name", f"hf_causal_lm -> model: the architecture in {config_file}")
+    if pretrained:
+        if top.get("load_path") not in (None, folder, path):
+            t.problem("model.pretrained", f"true, and load_path {top['load_path']!r} is set too: pick one (load_path "
+                      "wins in llm-foundry after the pretrained weights are loaded; set pretrained: false)")
+        else:
+            top["load_path"] = folder
+            t.note("model.pretrained", f"true -> load_path: {folder} (the run starts from these weights)")
+    else:
+        t.note("model.pretrained", "false: the architecture of config.json, from random initial weights")
+    return model
 
 
 def _init(t: Translation, init: Any) -> Any:

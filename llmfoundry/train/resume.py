@@ -31,35 +31,47 @@ def save_dir(cfg: TrainConfig) -> str | None:
 
 class ConfigCopy(Callback):
     """Writes the config copy (``save_config_copy``) when this process's first batch starts: a launch that stops
-    before training (a config, data or checkpoint error, a save-folder conflict) leaves no config file behind."""
+    before training (a config, data or checkpoint error, a save-folder conflict) leaves no config file behind.
+    ``path``: where to write it (``config_copy_path``, decided when the run starts and named in its summary)."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, path: str | None = None):
         self.cfg = cfg
+        self.path = path
         self.written = False
 
     def batch_start(self, state, logger) -> None:
         if not self.written:
             self.written = True
-            save_config_copy(self.cfg)
+            save_config_copy(self.cfg, self.path)
 
 
-def save_config_copy(cfg: TrainConfig) -> None:
-    """Write the resolved config next to the checkpoints (local save folders, rank 0): ``config.yaml``, or a
-    time-stamped name when an earlier launch left a different one (nothing is overwritten)."""
+def config_copy_path(cfg: TrainConfig) -> str | None:
+    """Where the resolved config goes (local save folders): ``config.yaml``, or a time-stamped name when an earlier
+    launch left a different one (nothing is overwritten). None when there is no local save folder."""
     import time
+    if not cfg.save_folder or checks.is_remote(cfg.save_folder):
+        return None
+    path = os.path.join(save_dir(cfg), "config.yaml")
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() != config_to_yaml(cfg):
+                path = os.path.join(save_dir(cfg), f"config-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+    return path
 
+
+def save_config_copy(cfg: TrainConfig, path: str | None = None) -> None:
+    """Write the resolved config next to the checkpoints (local save folders, rank 0) at ``path`` (default:
+    ``config_copy_path``); a file there with the same text is left as it is."""
     from composer.utils import dist
-    if not cfg.save_folder or checks.is_remote(cfg.save_folder) or dist.get_global_rank() != 0:
+    path = path or config_copy_path(cfg)
+    if path is None or dist.get_global_rank() != 0:
         return
-    folder = save_dir(cfg)
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     text = config_to_yaml(cfg)
-    path = os.path.join(folder, "config.yaml")
     if os.path.exists(path):
         with open(path) as f:
             if f.read() == text:
                 return
-        path = os.path.join(folder, f"config-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
     with open(path, "w") as f:
         f.write(text)
 

@@ -19,8 +19,9 @@ Several machines: run the same command on every node, with the node's rank and t
 ``global_train_batch_size`` is split over all ``world_size`` ranks; with ``fsdp.sharding_strategy: HYBRID_SHARD``
 each node holds one full copy of the sharded model and nodes exchange gradients (DDP across nodes).
 
-Steps of ``build_trainer``: resolve device/precision -> start torch.distributed -> log the resolved config ->
-check batch sizes, object stores and disk -> tokenizer -> ``ComposerMPT`` -> optimizer -> loaders ->
+Steps of ``build_trainer``: resolve device/precision -> start torch.distributed -> check batch sizes -> log a
+summary of the run (``run_summary``; the whole resolved config at debug level) -> check object stores and disk ->
+tokenizer -> ``ComposerMPT`` -> optimizer -> loaders ->
 ``composer.Trainer`` (FSDP wrap, checkpoint load / autoresume) -> what ``resume.py`` adds across launches (the
 config copy written at the first batch, a warning when a resume changes the batch shape, checkpoint pruning that
 counts earlier launches). ``train`` then calls ``fit``, during which SIGTERM stops the run at a checkpoint
@@ -36,7 +37,7 @@ import sys
 import torch
 
 from llmfoundry.checkpoint import ModelConfigRecorder
-from llmfoundry.train import builders, checks, preemption, resume
+from llmfoundry.train import builders, checks, preemption, pretrained, resume
 from llmfoundry.train.checks import TrainError
 from llmfoundry.train.composer_model import ComposerMPT
 from llmfoundry.train.config import TrainConfig, config_to_yaml, env_run_name, load_config, run_name_of
@@ -101,7 +102,11 @@ def _preflight(cfg: TrainConfig) -> None:
             problems.append(checks.load_path_problem(cfg.load_path) if os.path.exists(cfg.load_path) else
                             f"load_path = {cfg.load_path!r} does not exist; point it at a checkpoint file "
                             f"(or a sharded checkpoint folder) or remove it")
-    if cfg.save_folder and cfg.check_free_disk and dist.get_local_rank() == 0:
+    unwritable = None
+    if cfg.save_folder and not checks.is_remote(cfg.save_folder) and dist.get_local_rank() == 0:
+        unwritable = checks.save_folder_problem(resume.save_dir(cfg))
+        problems.append(unwritable)
+    if cfg.save_folder and cfg.check_free_disk and dist.get_local_rank() == 0 and not unwritable:
         per_ckpt = checks.checkpoint_bytes(cfg.model.num_params(), cfg.optimizer.name, cfg.save_weights_only)
         if cfg.fsdp is not None and cfg.fsdp.state_dict_type == "sharded":
             per_ckpt = per_ckpt * dist.get_local_world_size() // dist.get_world_size()
@@ -118,7 +123,7 @@ def _local_checkpoint(cfg: TrainConfig, loaded: str | None = None) -> str | None
     candidates = [loaded] if loaded else []
     if cfg.autoresume and cfg.save_folder and not checks.is_remote(cfg.save_folder):
         candidates.append(os.path.join(resume.save_dir(cfg), "latest-rank0.pt"))
-    if cfg.load_path and not checks.is_remote(cfg.load_path):
+    if cfg.load_path and not checks.is_remote(cfg.load_path) and not pretrained.is_pretrained_start(cfg.load_path):
         candidates.append(cfg.load_path.replace("{rank}", "0").replace("{run_name}", run_name_of(cfg)))
     for path in candidates:
         if path and os.path.exists(path):
@@ -165,6 +170,88 @@ def _resume_point(cfg: TrainConfig, sharded: bool) -> tuple[str | None, bool, bo
     log.info("autoresume: no checkpoint in %s yet; starting %s", resume.save_dir(cfg),
              f"from load_path {cfg.load_path}" if cfg.load_path else "from scratch")
     return cfg.load_path, cfg.load_weights_only, False
+
+
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(int(n))
+
+
+def _data_sources(loader) -> str:
+    """Where a loader reads from, in a few words: its streams, remote/local folder and split, or finetune files."""
+    from llmfoundry.data.finetune import FinetuneLoaderConfig
+    if isinstance(loader, FinetuneLoaderConfig):
+        files = loader.data_files if isinstance(loader.data_files, str) else ", ".join(loader.data_files or [])
+        return f"{loader.hf_dataset or files} (split {loader.split})"
+    if loader.streams:
+        names = [f"{k}: {v.remote or v.local}" for k, v in loader.streams.items()]
+        return f"{len(names)} streams ({'; '.join(names)})" + (f", split {loader.split}" if loader.split else "")
+    return f"{loader.remote or loader.local}" + (f" (split {loader.split})" if loader.split else "")
+
+
+def run_summary(cfg: TrainConfig, device: str, precision: str, world_size: int, device_batch: int,
+                microbatch, config_path: str | None) -> str:
+    """What the run is, in a few lines (the full resolved config goes to ``config_path`` and the debug log)."""
+    m, a = cfg.model, cfg.model.attn_config
+    heads = f"{m.n_heads} heads" + (f" ({m.kv_n_heads} kv)" if m.kv_n_heads != m.n_heads else "")
+    lines = [
+        f"run {run_name_of(cfg)}: MPT with {_count(m.num_params())} parameters (d_model {m.d_model}, "
+        f"{m.n_layers} layers, {heads}), attn_impl {a.attn_impl}{' + alibi' if a.alibi else ''}, "
+        f"seq len {cfg.train_loader.max_seq_len}",
+        f"  batch {cfg.global_train_batch_size} = {device_batch} per device x {world_size} "
+        f"device{'s' if world_size > 1 else ''} ({device}, world_size={world_size}), micro-batch {microbatch}, "
+        f"precision {precision}, fsdp {'v%d' % cfg.fsdp.version if cfg.fsdp else 'off'}",
+        f"  train {cfg.max_duration} on {_data_sources(cfg.train_loader)}",
+    ]
+    if cfg.eval_loader is not None:
+        lines.append(f"  eval every {cfg.eval_interval} on {_data_sources(cfg.eval_loader)}")
+    if cfg.save_folder:
+        lines.append(f"  save to {resume.save_dir(cfg)} every {cfg.save_interval}"
+                     f"{', autoresume' if cfg.autoresume else ''}")
+    where = [f"{config_path} (written at the first batch)"] if config_path else []
+    where += ["wandb's run config"] if cfg.loggers.wandb is not None else []
+    lines.append(f"  full config: {'; '.join(where + ['python_log_level=debug prints it'])}")
+    return "\n".join(lines)
+
+
+def console_output(progress_bar, log_to_console: bool) -> tuple[bool, bool]:
+    """(progress_bar, log_to_console) for composer's Trainer. ``progress_bar: auto``: composer's progress bar when
+    its console stream (stderr) is a terminal with a width (tqdm draws nothing 0 columns wide); otherwise (CI,
+    files, SLURM logs) the console log lines every ``console_log_interval`` (when ``log_to_console``)."""
+    if progress_bar != "auto":
+        return progress_bar, log_to_console
+    try:
+        tty = sys.stderr.isatty() and os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except (OSError, ValueError):  # no file descriptor (a replaced sys.stderr)
+        tty = False
+    return tty, log_to_console and not tty
+
+
+# composer's autoresume search logs, at INFO, four lines of which one names a logger object ("Checkpoint not found
+# in: <...ConsoleLogger object at 0x...>"); _log_autoresume says the outcome in one line instead.
+_COMPOSER_AUTORESUME_LINES = ("Searching for a previous checkpoint to autoresume", "Looking for autoresume checkpoint",
+                              "Checkpoint not found in:", "No previous autoresume checkpoint found")
+
+
+def _not_autoresume_noise(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_COMPOSER_AUTORESUME_LINES) or record.levelno > logging.INFO \
+        or logging.getLogger("llmfoundry").isEnabledFor(logging.DEBUG)
+
+
+def _quiet_composer_autoresume() -> None:
+    composer_log = logging.getLogger("composer.trainer.trainer")
+    if _not_autoresume_noise not in composer_log.filters:
+        composer_log.addFilter(_not_autoresume_noise)
+
+
+def _log_autoresume(cfg: TrainConfig, loaded: str | None, load_path: str | None) -> None:
+    if loaded and loaded != load_path:
+        log.info("autoresume: continuing from %s", _local_checkpoint(cfg, loaded) or loaded)
+    else:
+        log.info("autoresume: no checkpoint yet in %s; starting %s", resume.save_dir(cfg),
+                 f"from load_path {load_path}" if loaded else "from scratch")
 
 
 def _check_init_device(cfg: TrainConfig, device: str) -> None:
@@ -221,13 +308,13 @@ def _build_trainer(cfg: TrainConfig):
         if device == "gpu":
             torch.cuda.set_device(dist.get_local_rank())
         dist.initialize_dist(device, cfg.dist_timeout)  # composer's Trainer reuses this process group
-    if dist.get_global_rank() == 0:
-        log.info("resolved config (device=%s, precision=%s, world_size=%d):\n%s", device, precision, world_size,
-                 config_to_yaml(cfg))
-
     device_batch = checks.device_batch_size(cfg.global_train_batch_size, world_size)
     microbatch = checks.check_microbatch(cfg.device_train_microbatch_size, device_batch, device == "gpu",
                                          cfg.fsdp.version if cfg.fsdp else None)
+    config_path = resume.config_copy_path(cfg)
+    if dist.get_global_rank() == 0:
+        log.info("%s", run_summary(cfg, device, precision, world_size, device_batch, microbatch, config_path))
+        log.debug("resolved config:\n%s", config_to_yaml(cfg))
     if cfg.autoresume and not (cfg.run_name or env_run_name()):
         raise ConfigError("autoresume needs a run_name (set run_name, or RUN_NAME in the environment)")
     _preflight(cfg)
@@ -266,7 +353,12 @@ def _build_trainer(cfg: TrainConfig):
     if world_size > 1:
         dist.barrier()
     load_path, load_weights_only, autoresume = _resume_point(cfg, sharded)
+    resuming = autoresume and os.path.exists(os.path.join(resume.save_dir(cfg) or "", "latest-rank0.pt"))
+    if pretrained.is_pretrained_start(load_path) and not resuming:  # a Hugging Face MPT folder: checked, converted
+        load_path, load_weights_only = pretrained.prepare(cfg.model, load_path, run_name_of(cfg)), True
+    progress_bar, log_to_console = console_output(cfg.progress_bar, cfg.log_to_console)
 
+    _quiet_composer_autoresume()
     try:
         trainer = Trainer(
             run_name=run_name_of(cfg),
@@ -282,8 +374,8 @@ def _build_trainer(cfg: TrainConfig):
             device_train_microbatch_size=microbatch,
             callbacks=callbacks,
             loggers=loggers,
-            progress_bar=cfg.progress_bar,
-            log_to_console=cfg.log_to_console,
+            progress_bar=progress_bar,
+            log_to_console=log_to_console,
             console_log_interval=cfg.console_log_interval,
             save_folder=cfg.save_folder,
             save_interval=cfg.save_interval,
@@ -310,9 +402,13 @@ def _build_trainer(cfg: TrainConfig):
                 raise TrainError(checks.unreadable_checkpoint_message(checkpoint, e)) from e
             _check_loaded_shapes(cfg, model_shapes, checkpoint, error=e)
         raise
+    if autoresume and dist.get_global_rank() == 0:
+        _log_autoresume(cfg, trainer.state.load_path, load_path)
     if trainer.state.load_path is not None:  # composer may load some mismatches non-strictly: check them all
         loaded = _local_checkpoint(cfg, trainer.state.load_path)
         _check_loaded_shapes(cfg, model_shapes, loaded)
+        if pretrained.is_init_file(load_path):
+            pretrained.remove(load_path)
         if dist.get_global_rank() == 0:
             resume.warn_batch_shape_changes(cfg, shape_recorder.previous, trainer.state,
                                             loaded or trainer.state.load_path)
@@ -320,7 +416,7 @@ def _build_trainer(cfg: TrainConfig):
         if earlier:  # after composer's CheckpointSaver, so that it runs after each save
             keep = cfg.save_num_checkpoints_to_keep
             trainer.state.callbacks.append(resume.PruneEarlierCheckpoints(trainer, earlier, keep, sharded))
-    trainer.state.callbacks.append(resume.ConfigCopy(cfg))  # added after the load: it keeps no state to restore
+    trainer.state.callbacks.append(resume.ConfigCopy(cfg, config_path))  # after the load: it keeps no state
 
     peak = builders.peak_flops_used(callbacks)
     if peak:
@@ -329,7 +425,7 @@ def _build_trainer(cfg: TrainConfig):
     elif cfg.callbacks.speed_monitor is not None:
         log.info("MFU is not reported: no peak FLOP/s known for this device (set "
                  "callbacks.speed_monitor.gpu_flops_available)")
-    # the full config went to the log above and to wandb's run config; record what was resolved at run time
+    # the full config goes to the config copy, the debug log and wandb's run config; add what was resolved here
     trainer.logger.log_hyperparameters({"mfu_peak_flops_per_device": peak or 0, "resolved_device": device,
                                         "resolved_precision": precision, "world_size": world_size})
     return trainer
