@@ -27,6 +27,27 @@ def run_interpreter_worker(script: str, timeout: float, unset: tuple[str, ...] =
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def checkpoint_state(folder, batch: int) -> dict:
+    """The ``state`` of the whole-file checkpoint ``ep*-ba{batch}-rank0.pt`` in ``folder``."""
+    import glob
+
+    import torch
+    (path,) = glob.glob(os.path.join(str(folder), f"ep*-ba{batch}-rank0.pt"))
+    return torch.load(path, map_location="cpu", weights_only=False)["state"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two checkpoint states hold bit-equal model weights and LION momenta."""
+    import torch
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    opt_a, opt_b = a["optimizers"]["Lion"]["state"], b["optimizers"]["Lion"]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for k in opt_a:
+        assert torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"]), k
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from conftest import assert_same_weights, checkpoint_state
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "yamls" / "tiny-cpu.yaml")
@@ -130,19 +131,6 @@ def explain(out: str, logs: Path) -> str:
     return out[-3000:] + "".join(f"\n--- {f.name}\n" + f.read_text()[-2000:] for f in sorted(logs.glob("rank*")))
 
 
-def state_at(folder: Path, batch: int) -> dict:
-    (path,) = glob.glob(str(folder / f"ep*-ba{batch}-rank0.pt"))
-    return torch.load(path, map_location="cpu", weights_only=False)["state"]
-
-
-def assert_same_weights(a: dict, b: dict):
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    opt_a, opt_b = a["optimizers"]["Lion"]["state"], b["optimizers"]["Lion"]["state"]
-    assert opt_a.keys() == opt_b.keys()
-    for k in opt_a:
-        assert torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"]), k
 
 
 def preempted_batch(out: str, folder: Path) -> int:
@@ -160,7 +148,7 @@ def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("full")
     r = launch(run_args(tmp / "ck"), tmp / "logs")
     assert r.returncode == 0, explain(r.stdout + r.stderr, tmp / "logs")
-    return state_at(tmp / "ck", N)
+    return checkpoint_state(tmp / "ck", N)
 
 
 def resume_and_compare(tmp_path: Path, folder: Path, batch: int, reference: dict):
@@ -169,7 +157,7 @@ def resume_and_compare(tmp_path: Path, folder: Path, batch: int, reference: dict
     out = r.stdout + r.stderr
     assert r.returncode == 0, explain(out, tmp_path / "logs-rerun")
     assert f"[batch={batch + 1}/{N}]" in out and f"[batch={batch}/{N}]" not in out
-    assert_same_weights(state_at(folder, N), reference)
+    assert_same_weights(checkpoint_state(folder, N), reference)
 
 
 @pytest.mark.slow
@@ -278,7 +266,7 @@ def test_checkpoint_cut_short_is_set_aside_and_the_run_resumes_from_the_newest_c
     assert f"autoresume: continuing from the newest complete checkpoint, {good}" in out
     assert f"[batch=4/{N}]" in out and f"[batch=3/{N}]" not in out
     assert (folder / "ep0-ba6-rank0.pt.incomplete").exists() and (folder / "ep0-ba7-rank0.pt.incomplete").exists()
-    assert_same_weights(state_at(folder, N), uninterrupted)
+    assert_same_weights(checkpoint_state(folder, N), uninterrupted)
 
     (folder / "latest-rank0.pt").unlink()
     (folder / "latest-rank0.pt").symlink_to("ep0-ba3-rank0.pt")  # a complete ep0-ba8 is newer than the link

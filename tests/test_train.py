@@ -19,6 +19,8 @@ from llmfoundry.train.checks import TrainError
 from llmfoundry.train.composer_model import ComposerMPT, causal_lm_loss
 from llmfoundry.utils.config import ConfigError
 
+from conftest import assert_same_weights, checkpoint_state
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "yamls" / "tiny-cpu.yaml")
 N = 8  # batches of the short runs
@@ -41,17 +43,7 @@ def run_cli(args: list[str], script: str = str(REPO / "scripts" / "train.py"), t
 
 
 def final_state(folder, batch: int = N) -> dict:
-    (path,) = glob.glob(os.path.join(str(folder), f"ep*-ba{batch}-rank0.pt"))
-    return torch.load(path, map_location="cpu", weights_only=False)["state"]
-
-
-def assert_same_weights(a: dict, b: dict):
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    opt_a, opt_b = a["optimizers"]["Lion"]["state"], b["optimizers"]["Lion"]["state"]
-    for k in opt_a:
-        assert torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"]), k
+    return checkpoint_state(folder, batch)
 
 
 @pytest.fixture(scope="module")
