@@ -313,6 +313,14 @@ def test_config_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- sources
+def test_a_file_reader_without_files_is_refused(tmp_path, tok, monkeypatch):
+    """hf_dataset: json names datasets' JSON reader: with no files it would read the working directory."""
+    jsonl(tmp_path / "stray.jsonl", [{"prompt": "a", "response": "b"}])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"hf_dataset 'json' is one of datasets' file readers.*set data_files"):
+        build_finetune_dataset(make("json", hf=True), tok)
+
+
 def test_hf_dataset_saved_to_disk_with_column_mapping(tmp_path, tok):
     import datasets
 

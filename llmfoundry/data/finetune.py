@@ -261,11 +261,20 @@ def _read_jsonl(paths: Sequence[str]) -> Iterator[tuple[Any, str]]:
                 yield record, where
 
 
+# datasets' packaged builders that read files given to them (load_dataset('json', data_files=...))
+FILE_READERS = ("json", "csv", "parquet", "text", "arrow", "pandas", "webdataset", "xml")
+
+
 def _open_hf(cfg: FinetuneLoaderConfig):
     import datasets
 
     label = f"Hugging Face dataset '{cfg.hf_dataset}'" + (f" ({cfg.hf_subset})" if cfg.hf_subset else "")
     local = os.path.expanduser(cfg.hf_dataset)
+    if cfg.hf_dataset in FILE_READERS and not os.path.exists(local):
+        raise DataError(f"hf_dataset '{cfg.hf_dataset}' is one of datasets' file readers, not a dataset: without "
+                        f"data files it would read whatever lies in the working directory. Fix: for JSON Lines "
+                        f"files set data_files: [FILE, ...] instead of hf_dataset; for other formats pass as hf_dataset "
+                        f"a folder holding the files, or one written by Dataset.save_to_disk")
     try:
         if os.path.isdir(local) and is_saved_dataset(local):
             ds = datasets.load_from_disk(local)
