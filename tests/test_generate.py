@@ -67,6 +67,30 @@ def test_stops_at_eos(model, tok):
     assert out == [[]]
 
 
+def test_transformers_keywords_mean_what_they_mean_there(model, tok):
+    """do_sample, use_cache, pad_token_id, eos_token_id, max_new_tokens, temperature, top_k, top_p."""
+    ids = torch.tensor([tok("def main(")["input_ids"]])
+    n = ids.shape[1]
+    greedy = model.generate(ids, max_new_tokens=12)
+    assert greedy[0, n:].tolist() == argmax_loop(model, ids[0].tolist(), 12)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, temperature=0.7, top_k=5), greedy)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, use_cache=False), greedy)
+
+    def sampled(**kw):
+        return model.generate(ids, max_new_tokens=12, generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(sampled(do_sample=True), sampled(temperature=1.0))  # do_sample alone: temperature 1
+    assert torch.equal(sampled(do_sample=True, top_p=0.9, use_cache=False), sampled(temperature=1.0, top_p=0.9))
+    assert not torch.equal(sampled(do_sample=True), greedy)
+    # after eos, a row holds pad_token_id when one is given, else its eos
+    eos = int(greedy[0, n + 2])
+    padded = model.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert padded[0, n:].tolist()[:3] == greedy[0, n:n + 3].tolist() and padded.shape[1] == n + 3
+    batch = torch.cat([ids, ids.flip(1)])
+    out = model.generate(batch, max_new_tokens=8, eos_token_id=eos, pad_token_id=7)
+    row = out[0, n:].tolist()
+    assert row[:3] == greedy[0, n:n + 3].tolist() and set(row[3:]) <= {7}
+
+
 def test_long_prompt_needs_max_seq_len_then_works(tmp_path, model, tok):
     path = save_composer_weights(model.state_dict(), model.config, str(tmp_path / "w.pt"), tokenizer="bundled")
     long_prompt = "def f(x):\n    return x\n" * 12  # ~100 tokens > max_seq_len 64

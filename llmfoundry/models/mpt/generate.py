@@ -31,13 +31,23 @@ def generate(model, input_ids: torch.LongTensor, max_new_tokens: int,
              attention_mask: Optional[torch.Tensor] = None, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None,
              eos_token_id: Union[int, Sequence[int], None] = None,
-             generator: Optional[torch.Generator] = None) -> torch.LongTensor:
+             generator: Optional[torch.Generator] = None, *, do_sample: Optional[bool] = None,
+             use_cache: bool = True, pad_token_id: Optional[int] = None) -> torch.LongTensor:
     """Prompt plus up to ``max_new_tokens`` new tokens, ``(B, S + n)``.
 
     Left-pad batched prompts and pass ``attention_mask`` (0 = padding). A row that produced ``eos_token_id``
-    (an id or a list of ids) is filled with that row's eos afterwards; decoding stops when every row is done.
-    The model runs in eval mode (restored afterwards).
+    (an id or a list of ids) is filled afterwards with ``pad_token_id`` if given, else with that row's eos;
+    decoding stops when every row is done. The model runs in eval mode (restored afterwards).
+
+    transformers' keywords mean what they mean there: ``do_sample=False`` decodes greedily whatever the
+    temperature; ``do_sample=True`` samples, at temperature 1.0 unless one above 0 is given; ``do_sample`` left
+    out samples when ``temperature > 0``. ``use_cache=False`` runs the whole sequence at every step (same tokens,
+    slower).
     """
+    if do_sample is False:
+        temperature = 0.0
+    elif do_sample and temperature <= 0:
+        temperature = 1.0
     was_training = model.training
     model.eval()
     try:
@@ -47,7 +57,7 @@ def generate(model, input_ids: torch.LongTensor, max_new_tokens: int,
             ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
             eos = torch.tensor(ids, device=input_ids.device)
         mask = attention_mask
-        out = model(input_ids, attention_mask=mask, use_cache=True)
+        out = model(input_ids, attention_mask=mask, use_cache=use_cache)
         cache, logits = out.past_key_values, out.logits[:, -1]
         tokens = [input_ids]
         done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
@@ -57,14 +67,17 @@ def generate(model, input_ids: torch.LongTensor, max_new_tokens: int,
             if eos is not None:
                 nxt = torch.where(done, fill, nxt)
                 hit = torch.isin(nxt, eos) & ~done
-                fill = torch.where(hit, nxt, fill)
+                fill = torch.where(hit, nxt if pad_token_id is None else torch.full_like(nxt, pad_token_id), fill)
                 done = done | hit
             tokens.append(nxt[:, None])
             if step == max_new_tokens - 1 or (eos is not None and bool(done.all())):
                 break
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-            out = model(nxt[:, None], attention_mask=mask, past_key_values=cache, use_cache=True)
+            if use_cache:
+                out = model(nxt[:, None], attention_mask=mask, past_key_values=cache, use_cache=True)
+            else:
+                out = model(torch.cat(tokens, dim=1), attention_mask=mask)
             cache, logits = out.past_key_values, out.logits[:, -1]
         return torch.cat(tokens, dim=1)
     finally:
