@@ -92,6 +92,25 @@ def test_from_hf_dict_gqa_and_mqa():
     assert MPTConfig.from_hf_dict({**MPT_7B_CONFIG_JSON, "attn_config": a}).kv_n_heads == 32
 
 
+def test_python_api_takes_attn_type_and_use_cache():
+    """llm-foundry's and transformers' habits in the constructor: attn_type and use_cache."""
+    gqa = MPTConfig(d_model=64, n_heads=8, attn_config={"attn_type": "grouped_query_attention", "kv_n_heads": 2})
+    assert gqa.kv_n_heads == 2
+    assert MPTConfig(d_model=64, n_heads=8, attn_config={"attn_type": "multiquery_attention"}).kv_n_heads == 1
+    assert MPTConfig(d_model=64, n_heads=8,
+                     attn_config={"attn_type": "multihead_attention", "kv_n_heads": 1}).kv_n_heads == 8
+    with pytest.raises(ConfigError, match="grouped_query_attention' needs kv_n_heads"):
+        MPTConfig(d_model=64, n_heads=8, attn_config={"attn_type": "grouped_query_attention"})
+    with pytest.raises(ConfigError, match="'cross_attention' is not one of"):
+        MPTConfig(d_model=64, n_heads=8, attn_config={"attn_type": "cross_attention"})
+    cfg = MPTConfig(d_model=64, n_heads=4, n_layers=1, max_seq_len=32, vocab_size=64, use_cache=False)
+    assert cfg.use_cache is False and MPTConfig().use_cache
+    torch.manual_seed(0)
+    model = MPTForCausalLM(cfg).eval()
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(model.generate(ids, max_new_tokens=5), model.generate(ids, max_new_tokens=5, use_cache=True))
+
+
 def test_from_hf_dict_reads_llm_foundry_keys():
     d = {**MPT_7B_CONFIG_JSON, "fc_type": {"name": "torch"}, "ffn_config": {"ffn_type": "mptmlp", "fc_type": "torch"},
          "use_pad_tok_in_ffn": True, "block_overrides": None, "norm_eps": 1e-6, "final_logit_softcapping": None,

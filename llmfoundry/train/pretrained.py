@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # settings that leave the computation unchanged: training knobs, where and how attention runs, initialization
 _FREE = {"attn_config.attn_impl", "attn_config.attn_pdrop", "attn_config.attn_uses_sequence_id", "resid_pdrop",
-         "emb_pdrop", "init_device", "max_seq_len"}
+         "emb_pdrop", "init_device", "max_seq_len", "use_cache"}
 _FREE_PREFIXES = ("init_config.",)
 
 

@@ -68,10 +68,14 @@ class MPTConfig:
     norm_type: NormType = "low_precision_layernorm"
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
+    use_cache: bool = True              # generate()'s default for use_cache (transformers' habit); no effect on training
 
     def __post_init__(self):
         a, i = self.attn_config, self.init_config
         if isinstance(a, Mapping):
+            a = dict(a)
+            if "attn_type" in a:  # llm-foundry's / transformers' spelling of the key-value head count
+                apply_attn_type(a, "attn_config")
             self.attn_config = a = from_dict(AttnConfig, a, "attn_config")
         if isinstance(i, Mapping):
             self.init_config = i = from_dict(InitConfig, i, "init_config")
@@ -223,6 +227,7 @@ def _refuse(what: str):
 def config_from_hf_dict(d: Mapping[str, Any]) -> MPTConfig:
     """``MPTConfig`` from a Hugging Face / MosaicML MPT ``config.json`` dict (see the module docstring)."""
     d = dict(d)
+    d.pop("use_cache", None)  # transformers' forward default, written False on export; ours is generate()'s
     attn = dict(d.pop("attn_config", None) or {})
     init = dict(d.pop("init_config", None) or {})
     attn_keys = {f.name for f in fields(AttnConfig)} | {"attn_type"} | set(_NEUTRAL_ATTN)
@@ -239,16 +244,7 @@ def config_from_hf_dict(d: Mapping[str, Any]) -> MPTConfig:
         attn.pop(k, None)
     for k in [k for k in attn if k.startswith("rope_")]:
         attn.pop(k)
-    attn_type = attn.pop("attn_type", "multihead_attention")
-    if attn_type == "multihead_attention":
-        attn.pop("kv_n_heads", None)  # llm-foundry writes a kv_n_heads default that only GQA reads
-    elif attn_type == "multiquery_attention":
-        attn["kv_n_heads"] = 1
-    elif attn_type == "grouped_query_attention":
-        if "kv_n_heads" not in attn:
-            raise ConfigError("MPT config.json: attn_type 'grouped_query_attention' needs attn_config.kv_n_heads")
-    else:
-        _refuse(f"attn_config.attn_type={attn_type!r}")
+    apply_attn_type(attn, "MPT config.json: attn_config")
     for k, ok in _NEUTRAL_TOP.items():
         if k in d:
             v = d.pop(k)
@@ -277,6 +273,22 @@ def config_from_hf_dict(d: Mapping[str, Any]) -> MPTConfig:
 
 def _num(x: float):
     return int(x) if float(x).is_integer() else x
+
+
+def apply_attn_type(attn: dict, where: str) -> None:
+    """Replace ``attn_type`` (multihead / multiquery / grouped_query_attention, default multihead) in the attention
+    dict ``attn`` with the ``kv_n_heads`` it means here."""
+    attn_type = attn.pop("attn_type", "multihead_attention")
+    if attn_type == "multihead_attention":
+        attn.pop("kv_n_heads", None)  # llm-foundry writes a kv_n_heads default that only GQA reads
+    elif attn_type == "multiquery_attention":
+        attn["kv_n_heads"] = 1
+    elif attn_type == "grouped_query_attention":
+        if attn.get("kv_n_heads") is None:
+            raise ConfigError(f"{where}: attn_type 'grouped_query_attention' needs kv_n_heads")
+    else:
+        raise ConfigError(f"{where}: attn_type {attn_type!r} is not one of multihead_attention, "
+                          f"multiquery_attention, grouped_query_attention")
 
 
 def config_to_hf_dict(cfg: MPTConfig) -> dict:

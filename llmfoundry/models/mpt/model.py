@@ -219,15 +219,17 @@ class MPTForCausalLM(nn.Module):
     def generate(self, input_ids: torch.LongTensor, max_new_tokens: int = 20, attention_mask=None,
                  temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  eos_token_id=None, generator: Optional[torch.Generator] = None, *,
-                 do_sample: Optional[bool] = None, use_cache: bool = True,
+                 do_sample: Optional[bool] = None, use_cache: Optional[bool] = None,
                  pad_token_id: Optional[int] = None) -> torch.LongTensor:
         """Batched decoding with a KV cache, with transformers' keywords (``do_sample``, ``use_cache``,
         ``pad_token_id``, ``eos_token_id``, ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``) meaning what
-        they mean there; see ``llmfoundry.models.mpt.generate.generate``."""
+        they mean there (``use_cache`` defaults to ``config.use_cache``); see
+        ``llmfoundry.models.mpt.generate.generate``."""
         from llmfoundry.models.mpt.generate import generate
         return generate(self, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
                         top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,
-                        do_sample=do_sample, use_cache=use_cache, pad_token_id=pad_token_id)
+                        do_sample=do_sample, use_cache=self.config.use_cache if use_cache is None else use_cache,
+                        pad_token_id=pad_token_id)
 
     def save_pretrained(self, path: str, strict_hf: bool = True) -> None:
         """Write ``config.json`` + ``model.safetensors`` loadable by transformers' ``MptForCausalLM``; features it
