@@ -150,7 +150,31 @@ def test_three_bad_keys_are_named_in_one_message(capsys):
     assert "has 3 keys with no equivalent" in msg
     for key in ("model.attn_config.rope", "algorithms.alibi", "callbacks.hf_checkpointer"):
         assert key in msg, key
-    assert "use model.attn_config.alibi: true" in msg and "convert_composer_to_hf.py" in msg
+    assert "use model.attn_config.alibi: true" in msg and "'1ep': only batch intervals here" in msg
+
+
+def test_hf_checkpointer_becomes_hf_checkpoint(tmp_path):
+    """llm-foundry's hf_checkpointer: same folders ({save_folder}/huggingface/ba{N}), its overwrite default, and a
+    run writes them; MLflow registration, float16 and epoch intervals are refused."""
+    t = translate({"callbacks": {"hf_checkpointer": {"save_folder": "s3://b/run/", "save_interval": "500ba",
+                                                     "precision": "bfloat16", "flatten_imports": ["llmfoundry"]}}})
+    assert not t.problems
+    assert t.data["callbacks"]["hf_checkpoint"] == {"save_folder": "s3://b/run/huggingface", "interval": "500ba",
+                                                    "precision": "bf16", "overwrite": True}
+    t = translate({"callbacks": {"hf_checkpointer": {"save_folder": "x", "save_interval": 2, "precision": "float16",
+                                                     "mlflow_registered_model_name": "m"}}})
+    assert sorted(p.split(":")[0] for p in t.problems) == [
+        "callbacks.hf_checkpointer.mlflow_registered_model_name", "callbacks.hf_checkpointer.precision",
+        "callbacks.hf_checkpointer.save_interval"]
+    r = run_cli([TINY, f"save_folder={tmp_path}/ck", "max_duration=2ba", "eval_loader=null", "autoresume=false",
+                 "global_train_batch_size=4", "device_train_microbatch_size=2", "scheduler.t_warmup=1ba",
+                 f"callbacks.hf_checkpointer.save_folder={tmp_path}/{{run_name}}",
+                 "callbacks.hf_checkpointer.save_interval=1ba"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "callbacks.hf_checkpointer: -> callbacks.hf_checkpoint" in r.stdout + r.stderr
+    from transformers import MptForCausalLM
+    assert sorted(os.listdir(tmp_path / "tiny-cpu" / "huggingface")) == ["ba1", "ba2"]
+    MptForCausalLM.from_pretrained(tmp_path / "tiny-cpu" / "huggingface" / "ba2")
 
 
 def test_cli_prints_all_problems(tmp_path):

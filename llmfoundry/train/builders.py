@@ -175,7 +175,8 @@ def build_grad_sync(cfg: FSDPConfig | None, precision: str) -> list:
 def build_callbacks(cfg: CallbacksConfig, on_gpu: bool, save_folder: str | None = None) -> list:
     """SpeedMonitor (throughput; MFU from the model's ``flops_per_batch``), LRMonitor, MemoryMonitor (GPU only),
     RuntimeEstimator, TraceProfiler when ``callbacks.profiler`` is set, StopOnNonFiniteLoss (``save_folder``
-    goes into its message), and when set: LossSpike, TimeLimit (needs ``save_folder``), OptimizerMonitor."""
+    goes into its message), and when set: LossSpike, TimeLimit (needs ``save_folder``), OptimizerMonitor,
+    HFCheckpoint (Hugging Face folders while training)."""
     from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
     callbacks = []
     if cfg.speed_monitor is not None:
@@ -207,6 +208,10 @@ def build_callbacks(cfg: CallbacksConfig, on_gpu: bool, save_folder: str | None 
     if cfg.optimizer_monitor is not None:
         from llmfoundry.train.monitors import OptimizerMonitor
         callbacks.append(OptimizerMonitor(cfg.optimizer_monitor.interval, cfg.optimizer_monitor.per_layer))
+    if cfg.hf_checkpoint is not None:
+        from llmfoundry.train.hf_checkpoint import HFCheckpoint
+        h = cfg.hf_checkpoint
+        callbacks.append(HFCheckpoint(h.save_folder, h.interval_batches, h.precision, h.overwrite))
     return callbacks
 
 

@@ -62,6 +62,9 @@ YAML key                       used by
 ``callbacks.time_limit``        (off) time_limit.TimeLimit: before ``max_time``, save a checkpoint and exit 0
 ``callbacks.optimizer_monitor`` (off) monitors.OptimizerMonitor: gradient (pre-clipping) and weight norms, global
                                and per parameter, every ``interval`` batches
+``callbacks.hf_checkpoint``    (off) hf_checkpoint.HFCheckpoint: every ``interval`` batches and at the end, a
+                               transformers ``MptForCausalLM`` folder ``{save_folder}/ba{N}`` (local or s3://;
+                               ``precision`` fp32/bf16, ``overwrite``); unexportable models refused at Trainer init
 ``loggers.wandb``              composer ``WandBLogger`` (``WANDB_MODE=offline`` works)
 ``progress_bar``               ``auto`` (default): composer's progress bar when stderr is a terminal, else the console
                                log every ``console_log_interval`` (train.console_output); ``true`` / ``false``: as given
@@ -326,6 +329,34 @@ class OptimizerMonitorConfig:
 
 
 @dataclass
+class HFCheckpointConfig:
+    """``callbacks.hf_checkpoint`` (hf_checkpoint.HFCheckpoint): every ``interval`` batches (``1000ba`` or 1000) and
+    after the last batch, a folder ``{save_folder}/ba{N}/`` that transformers' ``MptForCausalLM`` and
+    ``AutoTokenizer`` load (weights in ``precision``: fp32 or bf16, config, the run's tokenizer, generation
+    config; ``COMPLETE`` written last). ``save_folder``: local or ``s3://`` (``{run_name}`` filled in). An existing
+    ``ba{N}`` is kept unless ``overwrite``. FSDP weights are gathered to rank 0, which writes. A model
+    transformers' MPT cannot represent (see ``hf_export_problems``) is refused before training."""
+    save_folder: str  # required
+    interval: int | str = "1000ba"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if not self.save_folder:
+            raise ValueError("'save_folder' is empty; name a folder or s3:// prefix for the Hugging Face checkpoints")
+        _ = self.interval_batches  # validates
+
+    @property
+    def interval_batches(self) -> int:
+        v = self.interval
+        if isinstance(v, str) and re.fullmatch(r"\s*\d+\s*ba\s*", v):
+            v = int(v.strip()[:-2])
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"'interval' = {self.interval!r}: use a number of batches >= 1, e.g. 1000ba (or 1000)")
+        return v
+
+
+@dataclass
 class CallbacksConfig:
     """``callbacks:``; set one to ``null``/``false`` to turn it off."""
     speed_monitor: SpeedMonitorConfig | None = field(default_factory=SpeedMonitorConfig)
@@ -337,6 +368,7 @@ class CallbacksConfig:
     loss_spike: LossSpikeConfig | None = None  # off unless set, e.g. callbacks.loss_spike.action=stop
     time_limit: TimeLimitConfig | None = None  # off unless set, e.g. callbacks.time_limit.max_time=2h30m
     optimizer_monitor: OptimizerMonitorConfig | None = None  # off unless set: callbacks.optimizer_monitor.interval=10
+    hf_checkpoint: HFCheckpointConfig | None = None  # off unless set: callbacks.hf_checkpoint.save_folder=hf
 
 
 @dataclass

@@ -21,6 +21,8 @@ What changes meaning, not only names (and is kept as llm-foundry had it):
   eval loader runs every epoch unless ``eval_interval`` says otherwise: in a whole llm-foundry YAML (its model
   section names the model), not in one of ours given a dialect key as an override.
 - an integer time (``eval_interval: 1``, ``max_duration: 2``) counts epochs, as in composer.
+- ``callbacks.hf_checkpointer`` becomes ``callbacks.hf_checkpoint`` writing to ``{save_folder}/huggingface/ba{N}``
+  as llm-foundry does, with its ``overwrite: true`` default; batch intervals only, no MLflow registration.
 
 Keys that change nothing that is trained (logging, CUDA allocator and loader-speed knobs, ``eval_first``) are
 dropped with a note; everything else without an equivalent is a problem.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -679,12 +682,54 @@ _DIAGNOSTIC_CALLBACKS = ("scheduled_gc", "optimizer_monitor", "activation_monito
                          "loss_perp_v_len", "log_mbmoe_tok_per_expert", "env_logging", "memory_snapshot",
                          "oom_observer", "nan_monitor", "mbmoe_tok_per_expert", "run_timeout", "system_metrics_monitor")
 _CALLBACK_HINTS = {
-    "hf_checkpointer": "export after training with scripts/convert_composer_to_hf.py",
     "kill_loss_spike": "callbacks.stop_on_nonfinite_loss stops at a NaN/inf loss; loss-spike detection is absent",
     "mono_checkpoint_saver": "set fsdp.state_dict_type: full for one checkpoint file",
     "early_stopper": "absent here; set max_duration",
     "curriculum_learning": "absent here; remove it",
 }
+
+
+_HF_PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
+_MLFLOW_KEYS = ("mlflow_registered_model_name", "mlflow_logging_config", "final_register_only",
+                "register_wait_seconds")
+
+
+def _hf_checkpointer(t: Translation, v: Any) -> dict | None:
+    """llm-foundry's ``hf_checkpointer`` -> ``callbacks.hf_checkpoint``: its folders ``{save_folder}/huggingface/
+    ba{batch}`` stay where they were; batch intervals only; float32/bfloat16; overwrite defaults to true there."""
+    p = "callbacks.hf_checkpointer"
+    t.mark(p)
+    v = _mapping(t, v, p)
+    out = {}
+    if not v.get("save_folder"):
+        t.problem(f"{p}.save_folder", "missing; the folder or s3:// prefix to write the Hugging Face folders under")
+    else:
+        out["save_folder"] = str(v["save_folder"]).rstrip("/") + "/huggingface"
+    interval = v.get("save_interval")
+    if isinstance(interval, str) and re.fullmatch(r"\s*\d+\s*ba\s*", interval):
+        out["interval"] = interval.strip()
+    else:
+        t.problem(f"{p}.save_interval", f"{_short(interval)}: only batch intervals here, e.g. 1000ba (an integer "
+                  "counts epochs in llm-foundry)")
+    precision = v.get("precision", "float32")
+    if precision in _HF_PRECISION:
+        out["precision"] = _HF_PRECISION[precision]
+    else:
+        t.problem(f"{p}.precision", f"{_short(precision)}: use float32 or bfloat16")
+    out["overwrite"] = v.get("overwrite", True)  # llm-foundry's default
+    if v.get("huggingface_folder_name", "ba{batch}") != "ba{batch}":
+        t.problem(f"{p}.huggingface_folder_name", "folders are always named ba{batch} here; remove it")
+    for k in v:
+        if k in _MLFLOW_KEYS:
+            t.problem(f"{p}.{k}", "MLflow model registration is absent here; remove it (the folders are written "
+                      "all the same)")
+        elif k == "flatten_imports":
+            t.note(f"{p}.{k}", "dropped (the folders load with transformers' MptForCausalLM, no custom code)")
+        elif k not in ("save_folder", "save_interval", "precision", "overwrite", "huggingface_folder_name"):
+            _unknown(t, p, k, ("save_folder", "save_interval", "precision", "overwrite", "huggingface_folder_name",
+                               *_MLFLOW_KEYS, "flatten_imports"))
+    t.note(p, f"-> callbacks.hf_checkpoint {out}")
+    return out
 
 
 def _callbacks(t: Translation, cbs: Any) -> Any:
@@ -713,6 +758,8 @@ def _callbacks(t: Translation, cbs: Any) -> Any:
                 out[name] = v
         elif name in _fields(CallbacksConfig):
             out[name] = v
+        elif name == "hf_checkpointer":
+            out["hf_checkpoint"] = _hf_checkpointer(t, v)
         elif name in _DIAGNOSTIC_CALLBACKS:
             t.mark(p)
             t.note(p, "absent here; dropped (it does not change training)")
