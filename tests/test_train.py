@@ -222,7 +222,7 @@ def test_load_path_that_is_not_a_checkpoint_is_named(uninterrupted, tmp_path, ki
     elif kind == "hf_folder":
         (tmp_path / "hf").mkdir()
         (tmp_path / "hf" / "config.json").write_text("{}")
-        path, expected = str(tmp_path / "hf"), r"is a Hugging Face model folder.*convert_hf_to_composer\.py"
+        path, expected = str(tmp_path / "hf"), r"is a Hugging Face folder of model_type None: only MPT folders"
     elif kind == "text_file":
         path, expected = str(REPO / "README.md"), r"README\.md' is not a composer checkpoint file"
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 import urllib.parse
@@ -130,6 +131,40 @@ def latest_s3_checkpoint(save_folder: str) -> str | None:
             return None
         raise
     return f"s3://{parsed.netloc}/{body}"
+
+
+_S3_CHECKPOINT = re.compile(r"ep(\d+)-ba(\d+)-rank0\.pt$")
+
+
+def complete_s3_checkpoints(save_folder: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """(``s3://bucket/key`` of the newest complete whole-file checkpoint under ``save_folder``, [(uri, why)] for
+    the newer ones skipped). Complete: its ``<key>.complete`` marker (written by ``uploads.py`` after a verified
+    upload) holds the object's size. A folder whose checkpoints have no markers at all (uploaded by an earlier
+    version) falls back to the one ``latest-rank0.pt.symlink`` names, when it exists."""
+    parsed = urllib.parse.urlparse(save_folder)
+    bucket, prefix = parsed.netloc, parsed.path.strip("/")
+    prefix = f"{prefix}/" if prefix else ""
+    client = _s3_client()
+    sizes = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        sizes.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
+    ckpts = [k for k in sizes if "/" not in k[len(prefix):] and _S3_CHECKPOINT.match(k[len(prefix):])]
+    if not any(k + ".complete" in sizes for k in ckpts):
+        latest = latest_s3_checkpoint(save_folder)
+        return (latest if latest and latest[len(f"s3://{bucket}/"):] in sizes else None), []
+    ckpts.sort(key=lambda k: tuple(int(x) for x in _S3_CHECKPOINT.match(k[len(prefix):]).groups()), reverse=True)
+    skipped = []
+    for key in ckpts:
+        uri = f"s3://{bucket}/{key}"
+        if key + ".complete" not in sizes:
+            skipped.append((uri, f"no {key.rsplit('/', 1)[-1]}.complete marker: its upload did not finish"))
+            continue
+        marked = client.get_object(Bucket=bucket, Key=key + ".complete")["Body"].read().decode().strip()
+        if marked != str(sizes[key]):
+            skipped.append((uri, f"{sizes[key]} bytes in the bucket, the complete checkpoint has {marked}"))
+            continue
+        return uri, skipped
+    return None, skipped
 
 
 # ------------------------------------------------------------------------------------------------ disk space
@@ -255,8 +290,18 @@ def load_path_problem(path: str) -> str | None:
     where = f"load_path = {path!r}"
     if os.path.isdir(path):
         from llmfoundry.checkpoint import folder_checkpoint_problem, is_hf_dir
-        if is_hf_dir(path):
-            return None  # pretrained weights to start from: train/pretrained.py checks and converts them
+        if is_hf_dir(path):  # pretrained weights to start from: train/pretrained.py checks and converts them
+            import json
+            try:
+                with open(os.path.join(path, "config.json")) as f:
+                    model_type = json.load(f).get("model_type")
+            except (OSError, ValueError, AttributeError) as e:
+                return f"{where}: its config.json cannot be read ({e})"
+            if model_type != "mpt":
+                return (f"{where} is a Hugging Face folder of model_type {model_type!r}: only MPT folders "
+                        f"(model_type 'mpt', as save_pretrained and convert_composer_to_hf.py write them) can start "
+                        f"a run here")
+            return None
         hf_fix = (f"convert it first (python scripts/convert_hf_to_composer.py {path} init.pt) and set "
                   "load_path=init.pt load_weights_only=true")
         problem = folder_checkpoint_problem(path, hf_fix=hf_fix)

@@ -37,7 +37,7 @@ import sys
 import torch
 
 from llmfoundry.checkpoint import ModelConfigRecorder
-from llmfoundry.train import builders, checks, preemption, pretrained, resume
+from llmfoundry.train import builders, checks, preemption, pretrained, resume, uploads
 from llmfoundry.train.checks import TrainError
 from llmfoundry.train.composer_model import ComposerMPT
 from llmfoundry.train.config import TrainConfig, config_to_yaml, env_run_name, load_config, run_name_of
@@ -151,21 +151,25 @@ def _model_description(cfg: TrainConfig) -> str:
 def _resume_point(cfg: TrainConfig, sharded: bool) -> tuple[str | None, bool, bool]:
     """(load_path, load_weights_only, autoresume) to give composer.
 
-    For an ``s3://`` save folder with whole-file checkpoints, the latest checkpoint is looked up on the bucket
-    here (composer uploads ``latest-rank0.pt.symlink`` naming it). composer 0.32.1 would instead copy it to
-    ``./s3:/<bucket>/...`` under the working directory and, on later restarts, reuse that stale copy rather
-    than the newest checkpoint in the bucket.
+    For an ``s3://`` save folder with whole-file checkpoints, the newest complete checkpoint is looked up on the
+    bucket here (``checks.complete_s3_checkpoints``: its ``.complete`` marker gives the size a HEAD must find; a
+    newer partial or unmarked one is skipped and named). composer 0.32.1 would instead copy the one
+    ``latest-rank0.pt.symlink`` names to ``./s3:/<bucket>/...`` under the working directory and, on later
+    restarts, reuse that stale copy rather than the newest checkpoint in the bucket.
     """
     if not (cfg.autoresume and checks.is_remote(cfg.save_folder) and not sharded
             and cfg.save_folder.startswith("s3://")):
         return cfg.load_path, cfg.load_weights_only, cfg.autoresume
     from composer.utils import dist
-    found = [None]
+    found, skipped = [None], []
     if dist.get_global_rank() == 0:
-        found[0] = checks.latest_s3_checkpoint(resume.save_dir(cfg))
+        found[0], skipped = checks.complete_s3_checkpoints(resume.save_dir(cfg))
+        for uri, why in skipped:
+            log.warning("autoresume: skipping %s: %s", uri, why)
     dist.broadcast_object_list(found)
     if found[0]:
-        log.info("autoresume: continuing from %s", found[0])
+        log.info("autoresume: continuing from %s%s", found[0],
+                 " (the newest complete checkpoint in the bucket)" if skipped else "")
         return found[0], False, False
     log.info("autoresume: no checkpoint in %s yet; starting %s", resume.save_dir(cfg),
              f"from load_path {cfg.load_path}" if cfg.load_path else "from scratch")
@@ -402,6 +406,7 @@ def _build_trainer(cfg: TrainConfig):
                 raise TrainError(checks.unreadable_checkpoint_message(checkpoint, e)) from e
             _check_loaded_shapes(cfg, model_shapes, checkpoint, error=e)
         raise
+    uploads.install(trainer)  # s3:// checkpoints: retried uploads, 'latest' only for complete objects
     if autoresume and dist.get_global_rank() == 0:
         _log_autoresume(cfg, trainer.state.load_path, load_path)
     if trainer.state.load_path is not None:  # composer may load some mismatches non-strictly: check them all
