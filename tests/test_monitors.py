@@ -272,8 +272,9 @@ def test_loss_spike_skip_on_two_ranks(tmp_path):
                    "save_num_checkpoints_to_keep=-1", "callbacks.loss_spike.action=skip"], tmp_path / "logs")
     assert r.returncode == 1, explain(r, tmp_path / "logs")
     assert "error: loss spike: the training loss stayed above 8.446" in r.stderr and "8 to 10" in r.stderr
-    rank1 = (tmp_path / "logs" / "rank1.err").read_text()  # the launcher may end rank 1 before it prints its error
-    for b in (8, 9, 10):
+    # the launcher may end rank 1 as soon as rank 0 stops at batch 10, before rank 1 logs that batch
+    rank1 = (tmp_path / "logs" / "rank1.err").read_text()
+    for b in (8, 9):
         assert "rank1[" in rank1 and f"loss spike: batch {b}'s loss" in rank1, rank1[-2000:]
     s7, s8, s9 = (final_state(tmp_path / "ck", b) for b in (7, 8, 9))
     assert same_state(s7, s8) and same_state(s8, s9)
