@@ -13,7 +13,7 @@ import termios
 
 from test_train import REPO, TINY, fast, run_cli
 
-from llmfoundry.train import load_config, train
+from llmfoundry.train import load_config
 from llmfoundry.train.train import console_output
 from llmfoundry.utils.config import ConfigError
 
@@ -107,19 +107,3 @@ def test_progress_bar_key():
     assert console_output(False, True) == (False, True)
     assert console_output("auto", True) == (False, True)  # pytest captures stderr: not a terminal
     assert console_output("auto", False) == (False, False)
-
-
-def test_wandb_gets_the_full_config(tmp_path, monkeypatch):
-    import wandb
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = load_config(TINY, fast(tmp_path / "ck", "max_duration=1ba", "eval_loader=null", "autoresume=false",
-                                 "loggers.wandb.project=tiny", "save_folder=null"))
-    trainer = train(cfg)
-    try:
-        config = dict(wandb.run.config)
-        assert config["optimizer"]["name"] == "lion" and config["model"]["d_model"] == 128
-        assert config["train_loader"]["shuffle_algo"] == "py1e" and config["progress_bar"] == "auto"
-    finally:
-        trainer.close()

@@ -288,13 +288,23 @@ def test_disk_full_while_saving(tmp_path, monkeypatch):
 
 
 def test_wandb_offline(tmp_path, monkeypatch):
+    """An offline wandb run is written under WANDB_DIR and gets the full resolved config (the console shows only a
+    summary of it)."""
+    import wandb
+    wandb.teardown()  # wandb keeps its settings (WANDB_DIR) for the process after a first run
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = load_config(TINY, fast(tmp_path / "ck", "max_duration=2ba", "eval_loader=null", "autoresume=false",
                                  "loggers.wandb.project=tiny", "save_folder=null"))
     trainer = train(cfg)
-    trainer.close()
+    try:
+        config = dict(wandb.run.config)
+        assert config["optimizer"]["name"] == "lion" and config["model"]["d_model"] == 128
+        assert config["train_loader"]["shuffle_algo"] == "py1e" and config["progress_bar"] == "auto"
+    finally:
+        trainer.close()
+        wandb.teardown()
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
     assert runs, os.listdir(tmp_path)
 
