@@ -15,11 +15,12 @@ import platform
 import tempfile
 
 from llmfoundry.data.convert import ConvertConfig, convert
-from llmfoundry.data.readers import JsonFiles, TextList, bundled_documents
+from llmfoundry.data.bundled import corpus_documents
+from llmfoundry.data.readers import JsonFiles, TextList
 
 
 def write_corpus(folder: str, mb: float, files: int) -> list[str]:
-    docs = bundled_documents()
+    docs = corpus_documents()
     lines = [json.dumps({"text": d}) + "\n" for d in docs]
     per_file = mb * 1e6 / files
     paths = []

@@ -190,12 +190,9 @@ def fmt(x, spec: str) -> str:
 
 # ----------------------------------------------------------------------------- part 2: ALiBi extrapolation
 def bundled_splits() -> dict[str, list[str]]:
-    """The bundled corpus split as ``data_prep/build_bundled.py`` splits it (every 20th document held out)."""
-    from build_bundled import VAL_EVERY, VAL_OFFSET
-    from llmfoundry.data.readers import bundled_documents
-    docs = bundled_documents()
-    return {"train": [d for i, d in enumerate(docs) if i % VAL_EVERY != VAL_OFFSET],
-            "val": [d for i, d in enumerate(docs) if i % VAL_EVERY == VAL_OFFSET]}
+    """The tiny default corpus split as its MDS shards are (every 20th document held out)."""
+    from llmfoundry.data.bundled import corpus_documents, split_documents
+    return split_documents(corpus_documents())
 
 
 def convert_split(texts: list[str], out: Path, seq_len: int) -> dict:

@@ -9,13 +9,15 @@ import argparse
 import itertools
 
 from llmfoundry.data.convert import run_cli
-from llmfoundry.data.readers import JSON_EXTENSIONS, JsonFiles, TextFiles, bundled_documents, find_files, iter_documents
-from llmfoundry.data.tokenizer import padded_vocab_size, train_bpe_tokenizer
+from llmfoundry.data.bundled import corpus_documents
+from llmfoundry.data.readers import JSON_EXTENSIONS, JsonFiles, TextFiles, find_files, iter_documents
+from llmfoundry.data.bpe import train_bpe_tokenizer
+from llmfoundry.data.tokenizer import padded_vocab_size
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="*", help="files, folders or glob patterns (default: the bundled corpus)")
+    parser.add_argument("inputs", nargs="*", help="files, folders or glob patterns (default: the tiny default corpus, read from this Python)")
     parser.add_argument("--extensions", nargs="*", default=None, help="only take these file endings from folders")
     parser.add_argument("--out", required=True, help="folder to save the tokenizer in")
     parser.add_argument("--vocab_size", type=int, default=4096)
@@ -28,7 +30,7 @@ def main(argv=None):
         docs = itertools.chain(iter_documents(JsonFiles(json_files, args.text_field)),
                                iter_documents(TextFiles(text_files)))
     else:
-        docs = bundled_documents()
+        docs = corpus_documents()
     tokenizer = train_bpe_tokenizer(docs, args.vocab_size)
     tokenizer.save_pretrained(args.out)
     print(f"saved a {len(tokenizer)}-token tokenizer to {args.out} (model vocab_size: {padded_vocab_size(tokenizer)})")

@@ -14,14 +14,15 @@ import time
 import numpy as np
 import pytest
 
-from llmfoundry.data import BUNDLED_CORPUS, BUNDLED_MDS, DataError
+from llmfoundry.data import DataError, bundled
 from llmfoundry.data.convert import ConvertConfig, Packer, convert, pack, processes_note, run_cli
-from llmfoundry.data.readers import (HFDataset, JsonFiles, ParquetFiles, TextFiles, TextList, bundled_documents,
+from llmfoundry.data.readers import (HFDataset, JsonFiles, ParquetFiles, TextFiles, TextList,
                                      find_files, iter_documents)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROSE = os.path.join(BUNDLED_CORPUS, "python_reference.jsonl")
-CODE = os.path.join(BUNDLED_CORPUS, "code")
+CORPUS = bundled.corpus_dir()  # the tiny default corpus as files (built at first use)
+PROSE = os.path.join(CORPUS, "python_reference.jsonl")
+CODE = os.path.join(CORPUS, "code")
 
 
 def cfg(out, **kw) -> ConvertConfig:
@@ -118,7 +119,7 @@ def test_parquet_converter(tmp_path, tok):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    docs = bundled_documents()[:30]
+    docs = bundled.corpus_documents()[:30]
     path = tmp_path / "docs.parquet"
     pq.write_table(pa.table({"id": list(range(30)), "content": docs}), path, row_group_size=10)
     source = ParquetFiles((str(path),), text_field="content")
@@ -131,7 +132,7 @@ def test_parquet_converter(tmp_path, tok):
 def test_hf_converter_on_a_saved_dataset_and_on_local_json(tmp_path, tok):
     import datasets
 
-    docs = bundled_documents()
+    docs = bundled.corpus_documents()
     train, val = docs[:60], docs[60:70]
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train, "n": list(range(60))}),
                                "validation": datasets.Dataset.from_dict({"text": val, "n": list(range(10))})})
@@ -448,8 +449,8 @@ def test_help_names_the_default_tokenizer():
     res = run_script("data_prep/convert_dataset_json.py", "--help")
     assert res.returncode == 0, res.stderr
     flat = " ".join(res.stdout.split())
-    assert "--tokenizer TOKENIZER 'bundled' (default: the byte-level BPE tokenizer shipped in " \
-           "llmfoundry/assets/tokenizer)" in flat, res.stdout
+    assert "--tokenizer TOKENIZER 'bundled' (default: the tiny byte-level BPE tokenizer built at first use, " \
+           "llmfoundry/data/bundled.py)" in flat, res.stdout
     assert "--text_field text \\\n        --out_root s3://bucket/mds/mydata" in res.stdout, res.stdout
 
 
@@ -473,29 +474,3 @@ def test_hf_converter_bad_data_files_and_splits(tmp_path, capsys):
                     "train", "tset", "--out_root", str(out))
     assert "split 'tset': Bad split: tset. Available splits: ['train']; pass --splits with existing names" in err
     assert not (out / "train").exists()
-
-
-# ------------------------------------------------------------------------------------------ bundled data
-
-
-def test_bundled_mds_is_small_readable_and_untouched_by_reading(tok):
-    listing = {s: sorted(os.listdir(os.path.join(BUNDLED_MDS, s))) for s in ("train", "val")}
-    size = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(BUNDLED_MDS) for n in ns)
-    assert size < 3e6
-    train, val = read_mds(BUNDLED_MDS, split="train"), read_mds(BUNDLED_MDS, split="val")
-    assert len(train) > 1000 and 40 < len(val) < len(train) / 10
-    assert {len(r) for r in train + val} == {256} and max(int(r.max()) for r in train) < len(tok)
-    assert "<|endoftext|>" in tok.decode(np.concatenate(train[:50]))
-    assert {s: sorted(os.listdir(os.path.join(BUNDLED_MDS, s))) for s in ("train", "val")} == listing
-
-
-def test_bundled_assets_rebuild_identically(tmp_path):
-    """data_prep/build_bundled.py rebuilds the shipped tokenizer and shards byte for byte from the corpus."""
-    import shutil
-
-    shutil.copytree(BUNDLED_CORPUS, tmp_path / "corpus")
-    load_script("build_bundled").main(["--assets", str(tmp_path)])
-    for rel in ["tokenizer/tokenizer.json", "mds/tiny/train/index.json", "mds/tiny/train/shard.00000.mds.zstd",
-                "mds/tiny/val/index.json", "mds/tiny/val/shard.00000.mds"]:
-        with open(tmp_path / rel, "rb") as a, open(os.path.join(BUNDLED_CORPUS, "..", rel), "rb") as b:
-            assert a.read() == b.read(), rel

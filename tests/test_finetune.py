@@ -454,11 +454,12 @@ def test_tiny_storywriter_yaml_runs_at_4x_length(tmp_path):
     """tiny-cpu weights (trained at 256) continue at 1024 tokens per sample on long-document MDS."""
     from llmfoundry.checkpoint import save_composer_weights
     from llmfoundry.data.convert import ConvertConfig, convert
-    from llmfoundry.data.readers import TextList, bundled_documents
+    from llmfoundry.data.bundled import corpus_documents
+    from llmfoundry.data.readers import TextList
     from llmfoundry.train import train
     from llmfoundry.train.composer_model import ComposerMPT
 
-    docs = sorted(bundled_documents(), key=len)[-6:]  # the longest documents
+    docs = sorted(corpus_documents(), key=len)[-6:]  # the longest documents
     convert(TextList(tuple(docs)), ConvertConfig(out_root=str(tmp_path / "mds" / "train"), concat_tokens=1024,
                                                   progress=False))
     short = ComposerMPT(_tiny_cpu_model_config(max_seq_len=256))  # stands in for runs/tiny-cpu's checkpoint

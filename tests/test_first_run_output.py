@@ -32,7 +32,7 @@ def test_first_run_prints_a_summary_and_plain_progress_lines(tmp_path):
     assert "run tiny-cpu: MPT with 918K parameters (d_model 128, 2 layers, 4 heads), attn_impl torch + alibi, " \
            "seq len 256" in out
     assert "batch 4 = 4 per device x 1 device (cpu, world_size=1), micro-batch 2, precision fp32, fsdp off" in out
-    assert "train 6ba on " in out and "llmfoundry/assets/mds/tiny (split train)" in out
+    assert "train 6ba on " in out and "/mds (split train)" in out
     assert f"save to {folder} every 3ba, autoresume" in out
     assert f"full config: {folder}/config.yaml" in out
     assert "optimizer:" not in out and "shuffle_algo" not in out

@@ -255,21 +255,15 @@ def test_check_attn_impl_on_cuda_device():
 
 
 def corpus_texts() -> list[str]:
-    import json
-    import os
-
-    from llmfoundry.data import BUNDLED_CORPUS
-    with open(os.path.join(BUNDLED_CORPUS, "python_reference.jsonl"), encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f if line.strip()]
-    code = Path(BUNDLED_CORPUS) / "code"
-    return texts + [p.read_text(encoding="utf-8") for p in sorted(code.glob("*.py"))]
+    from llmfoundry.data.bundled import corpus_documents
+    return corpus_documents()
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dirs(tmp_path_factory) -> dict[int, str]:
     """Real BPE tokenizers trained on the bundled corpus, one larger (6000) and one smaller (1000) than the
     model's vocab_size of 4096, saved as directories that --tokenizer accepts."""
-    from llmfoundry.data.tokenizer import train_bpe_tokenizer
+    from llmfoundry.data.bpe import train_bpe_tokenizer
     texts = corpus_texts()
     out = {}
     for size in (6000, 1000):

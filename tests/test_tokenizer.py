@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
-from llmfoundry.data import BUNDLED_CORPUS, BUNDLED_TOKENIZER, DataError
-from llmfoundry.data.tokenizer import EOS_TOKEN, load_tokenizer, padded_vocab_size
+from llmfoundry.data import DataError
+from llmfoundry.data.bundled import corpus_dir, tokenizer_dir
+from llmfoundry.data.bpe import EOS_TOKEN
+from llmfoundry.data.tokenizer import load_tokenizer, padded_vocab_size
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "def f(x):\n    return x ** 2  # naïve — 日本語\n\nThe `with` statement wraps a block."
@@ -37,9 +39,9 @@ def test_autotokenizer_loads_the_bundled_directory():
     from transformers import AutoTokenizer
 
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        assert os.path.isfile(os.path.join(BUNDLED_TOKENIZER, name))
-    auto = AutoTokenizer.from_pretrained(BUNDLED_TOKENIZER)
-    assert auto(TEXT)["input_ids"] == load_tokenizer(BUNDLED_TOKENIZER)(TEXT)["input_ids"]
+        assert os.path.isfile(os.path.join(tokenizer_dir(), name))
+    auto = AutoTokenizer.from_pretrained(tokenizer_dir())
+    assert auto(TEXT)["input_ids"] == load_tokenizer(tokenizer_dir())(TEXT)["input_ids"]
 
 
 def test_load_tokenizer_names_missing_and_empty_paths(tmp_path):
@@ -67,7 +69,7 @@ def test_unreachable_hub_name_says_what_to_pass(tmp_path):
 
 
 def test_build_tokenizer_script_writes_a_loadable_tokenizer(tmp_path):
-    res = run_script("data_prep/build_tokenizer.py", os.path.join(BUNDLED_CORPUS, "code"), "--vocab_size", "512",
+    res = run_script("data_prep/build_tokenizer.py", os.path.join(corpus_dir(), "code"), "--vocab_size", "512",
                      "--out", str(tmp_path / "tok"))
     assert res.returncode == 0, res.stderr
     tok = load_tokenizer(str(tmp_path / "tok"))
@@ -99,7 +101,7 @@ def test_cached_hub_tokenizer_loads_without_a_request(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         repo = tmp_path / "hf" / "hub" / "models--acme--tok"  # huggingface_hub's cache layout
-        shutil.copytree(BUNDLED_TOKENIZER, repo / "snapshots" / "0123abcd")
+        shutil.copytree(tokenizer_dir(), repo / "snapshots" / "0123abcd")
         (repo / "refs").mkdir()
         (repo / "refs" / "main").write_text("0123abcd")
         env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}

@@ -658,8 +658,8 @@ def add_convert_args(parser) -> None:
     """The flags every data_prep/convert_* script shares."""
     parser.add_argument("--out_root", required=True, help="output folder or s3://bucket/prefix")
     parser.add_argument("--tokenizer", default="bundled",
-                        help="'bundled' (default: the byte-level BPE tokenizer shipped in "
-                             "llmfoundry/assets/tokenizer), a local tokenizer folder, or a hub name "
+                        help="'bundled' (default: the tiny byte-level BPE tokenizer built at first use, "
+                             "llmfoundry/data/bundled.py), a local tokenizer folder, or a hub name "
                              "(e.g. EleutherAI/gpt-neox-20b)")
     parser.add_argument("--concat_tokens", type=int, default=2048,
                         help="tokens per sample (default 2048): the documents, each followed by --eos_text, are "

@@ -408,13 +408,3 @@ def _first_line(e: BaseException) -> str:
 def _open_hf(source: HFDataset):
     """Open each dataset once per process (for hub datasets, opening resolves the data files over the network)."""
     return source._open()
-
-
-def bundled_documents(folder: str | None = None) -> list[str]:
-    """The bundled corpus as documents: the prose records of its JSON Lines files, then each code file."""
-    from llmfoundry.data import BUNDLED_CORPUS
-
-    folder = folder or BUNDLED_CORPUS
-    prose = JsonFiles(tuple(find_files([folder], [".jsonl"])))
-    code = TextFiles(tuple(find_files([os.path.join(folder, "code")], [".py"])))
-    return [*iter_documents(prose), *iter_documents(code)]

@@ -1,19 +1,15 @@
-"""Tokenizers: load one by name ('bundled', a local directory, or a Hugging Face hub name), or train one.
+"""Tokenizers: load one by name ('bundled', a local directory, or a Hugging Face hub name).
 
-The bundled tokenizer follows gpt-neox-20b's conventions at a small size: byte-level BPE (no unknown bytes,
-no prefix space), one special token ``<|endoftext|>`` with id 0 that serves as EOS, BOS and UNK. It is saved
-with ``save_pretrained`` so ``transformers.AutoTokenizer.from_pretrained(dir)`` loads it as a
-``PreTrainedTokenizerFast``.
+``'bundled'`` is the tiny default tokenizer, built at first use (``llmfoundry/data/bundled.py``) with
+``llmfoundry/data/bpe.py``: gpt-neox-20b's conventions at a small size, ``<|endoftext|>`` = id 0.
 """
 from __future__ import annotations
 
 import os
 import re
-from typing import Iterable
 
-from llmfoundry.data import BUNDLED_TOKENIZER, DataError
+from llmfoundry.data import DataError
 
-EOS_TOKEN = "<|endoftext|>"
 # Any one of these files makes a directory loadable by AutoTokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
                    "vocab.txt")
@@ -32,7 +28,8 @@ def load_tokenizer(name_or_path: str = "bundled"):
     from transformers import AutoTokenizer
 
     if name_or_path == "bundled":
-        name_or_path = BUNDLED_TOKENIZER
+        from llmfoundry.data.bundled import tokenizer_dir
+        name_or_path = tokenizer_dir()
     path = os.path.expanduser(name_or_path)
     if os.path.isdir(path):
         if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
@@ -64,25 +61,3 @@ def load_tokenizer(name_or_path: str = "bundled"):
 def padded_vocab_size(tokenizer, multiple: int = 64) -> int:
     """The model vocab size for ``tokenizer``: its length rounded up to a multiple of ``multiple``."""
     return -(-len(tokenizer) // multiple) * multiple
-
-
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2):
-    """Train a gpt-neox-style byte-level BPE tokenizer on ``texts``; returns a ``PreTrainedTokenizerFast``.
-
-    Save it with ``.save_pretrained(dir)``; ``load_tokenizer(dir)`` loads it back.
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True)
-    tok.post_processor = processors.ByteLevel(trim_offsets=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=[EOS_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    assert tok.token_to_id(EOS_TOKEN) == 0
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
-                                   unk_token=EOS_TOKEN, clean_up_tokenization_spaces=False)

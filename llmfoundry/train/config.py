@@ -15,8 +15,9 @@ equivalent listed in one ``ConfigError``).
 YAML key                       used by
 =============================  ==================================================================================
 ``variables``                  nothing: free-form values for ``${variables.x}`` interpolation elsewhere in the YAML
-                               (``${bundled:mds}`` / ``${bundled:tokenizer}`` / ``${bundled:finetune}`` name the
-                               assets shipped in the package)
+                               (``${bundled:mds}`` / ``${bundled:tokenizer}`` / ``${bundled:corpus}``: the tiny
+                               default data built at first use, data/bundled.py; ``${bundled:finetune}``: the
+                               finetuning examples shipped in llmfoundry/assets/finetune)
 ``run_name``                   ``Trainer(run_name=...)``; names the checkpoint folder via ``{run_name}``;
                                default: ``$RUN_NAME`` or the YAML file's stem (so the same command resumes);
                                ``run`` for a config built in Python with neither (``run_name_of``)
@@ -506,18 +507,20 @@ def _check_schedule_units(sched: SchedulerConfig, max_duration) -> None:
 
 
 def _register_resolvers() -> None:
-    """``${bundled:mds}`` / ``${bundled:tokenizer}`` / ``${bundled:finetune}``: paths of the assets shipped inside
-    the package."""
+    """``${bundled:mds}`` / ``${bundled:tokenizer}`` / ``${bundled:corpus}``: the tiny default data, built at first
+    use from this Python's standard library (``llmfoundry/data/bundled.py``); ``${bundled:finetune}``: the
+    finetuning examples shipped in ``llmfoundry/assets/finetune``."""
     from omegaconf import OmegaConf
 
     def bundled(what: str) -> str:
-        from llmfoundry.data import BUNDLED_MDS, BUNDLED_TOKENIZER
+        from llmfoundry.data import bundled as tiny
         from llmfoundry.data.finetune import BUNDLED_FINETUNE
-        paths = {"mds": BUNDLED_MDS, "tokenizer": BUNDLED_TOKENIZER, "finetune": BUNDLED_FINETUNE}
+        paths = {"mds": tiny.mds_dir, "tokenizer": tiny.tokenizer_dir, "corpus": tiny.corpus_dir,
+                 "finetune": lambda: BUNDLED_FINETUNE}
         if what not in paths:
             raise ConfigError(f"${{bundled:{what}}}: unknown bundled asset{closest(what, paths)}; "
                               f"one of {', '.join(paths)}")
-        return paths[what]
+        return paths[what]()
 
     if not OmegaConf.has_resolver("bundled"):
         import omegaconf
