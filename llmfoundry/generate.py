@@ -16,7 +16,7 @@ fp32) and ``check_tokenizer_fits`` (a tokenizer with more tokens than the model'
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -169,6 +169,30 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *
     return new
 
 
+def stream_ids(model, prompt: Sequence[int], cfg: SamplingConfig, *, stop_ids: Sequence[int] = (),
+               generator: Optional[torch.Generator] = None) -> Iterator[int]:
+    """New token ids for one tokenized prompt, yielded one by one as they are picked (KV cache on), for printing
+    a reply while it is produced. The stream ends after ``cfg.max_new_tokens`` ids or after an id in
+    ``stop_ids`` (that id is yielded last, so the caller sees why it ended; ``cfg.stop_at_eos`` does not apply:
+    pass the EOS id in ``stop_ids``). Greedy (``temperature: 0``) gives the ids ``generate_ids`` gives, up to the
+    stop id. Refuses, like ``generate_ids``, an empty prompt or one that leaves no room for ``max_new_tokens``."""
+    from llmfoundry.models.mpt.generate import stream
+    if len(prompt) == 0:
+        raise ValueError("an empty prompt has nothing to continue from; give it at least one token")
+    check_length(model, len(prompt), cfg.max_new_tokens)
+    device = model_device(model)
+    check_attn_impl(attn_impl_of(model), device, next(model.parameters()).dtype)
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    steps = stream(model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                   top_p=cfg.top_p if cfg.top_p < 1.0 else None, eos_token_id=list(stop_ids) or None,
+                   generator=generator, use_cache=True)
+    try:
+        for step in steps:
+            yield int(step[0])
+    finally:
+        steps.close()  # leaves the model's train/eval mode as it was, also when the caller stops early
+
+
 def generate_texts(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig | None = None, *,
                    batch_size: int = 8) -> list[str]:
     """Completions (new text only) for ``prompts``, in order, ``batch_size`` prompts per forward."""
@@ -222,5 +246,5 @@ def read_prompts(prompts: Sequence[str] | None = None, prompts_file: str | None 
     return out
 
 
-__all__ = ["SamplingConfig", "generate_texts", "generate_ids", "left_pad", "read_prompts", "make_generator",
-           "check_length", "check_attn_impl", "check_tokenizer_fits"]
+__all__ = ["SamplingConfig", "generate_texts", "generate_ids", "stream_ids", "left_pad", "read_prompts",
+           "make_generator", "check_length", "check_attn_impl", "check_tokenizer_fits"]

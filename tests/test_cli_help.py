@@ -55,6 +55,16 @@ def test_eval_help():
     assert out.rstrip().endswith("HEAVY:"), "--help imported " + out.rstrip().rsplit("HEAVY:", 1)[-1]
 
 
+def test_chat_help():
+    r = run_script("chat.py", "--help")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "usage: python scripts/chat.py MODEL" in out
+    assert "latest-rank0.pt" in out and "convert_composer_to_hf.py" in out  # a checkpoint and an HF folder
+    assert "/reset" in out and "--temperature" in out
+    assert out.rstrip().endswith("HEAVY:"), "--help imported " + out.rstrip().rsplit("HEAVY:", 1)[-1]
+
+
 def test_train_without_a_config_still_reaches_main():
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py")], cwd=REPO, capture_output=True,
                        text=True, timeout=300)

@@ -1,7 +1,7 @@
 """Batched autoregressive decoding with a KV cache: greedy, temperature, top-k, top-p."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -27,27 +27,19 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.LongTensor, max_new_tokens: int,
-             attention_mask: Optional[torch.Tensor] = None, temperature: float = 0.0,
-             top_k: Optional[int] = None, top_p: Optional[float] = None,
-             eos_token_id: Union[int, Sequence[int], None] = None,
-             generator: Optional[torch.Generator] = None, *, do_sample: Optional[bool] = None,
-             use_cache: bool = True, pad_token_id: Optional[int] = None) -> torch.LongTensor:
-    """Prompt plus up to ``max_new_tokens`` new tokens, ``(B, S + n)``.
+def stream(model, input_ids: torch.LongTensor, max_new_tokens: int,
+           attention_mask: Optional[torch.Tensor] = None, temperature: float = 0.0,
+           top_k: Optional[int] = None, top_p: Optional[float] = None,
+           eos_token_id: Union[int, Sequence[int], None] = None,
+           generator: Optional[torch.Generator] = None, *, use_cache: bool = True,
+           pad_token_id: Optional[int] = None) -> Iterator[torch.LongTensor]:
+    """The new tokens of ``generate``, one step at a time: yields a ``(B,)`` tensor per step, as soon as it is
+    picked (for printing text while it is produced).
 
-    Left-pad batched prompts and pass ``attention_mask`` (0 = padding). A row that produced ``eos_token_id``
-    (an id or a list of ids) is filled afterwards with ``pad_token_id`` if given, else with that row's eos;
-    decoding stops when every row is done. The model runs in eval mode (restored afterwards).
-
-    transformers' keywords mean what they mean there: ``do_sample=False`` decodes greedily whatever the
-    temperature; ``do_sample=True`` samples, at temperature 1.0 unless one above 0 is given; ``do_sample`` left
-    out samples when ``temperature > 0``. ``use_cache=False`` runs the whole sequence at every step (same tokens,
-    slower).
-    """
-    if do_sample is False:
-        temperature = 0.0
-    elif do_sample and temperature <= 0:
-        temperature = 1.0
+    Same arguments and the same tokens as ``generate`` (which is built on it), except that ``do_sample`` is not
+    taken: ``temperature`` alone decides (0 = greedy). A row that produced ``eos_token_id`` holds ``pad_token_id``
+    (else its eos) afterwards; the stream ends after ``max_new_tokens`` steps or when every row is done. The model
+    runs in eval mode until the stream is exhausted or closed (``close()`` it when stopping early)."""
     was_training = model.training
     model.eval()
     try:
@@ -70,6 +62,7 @@ def generate(model, input_ids: torch.LongTensor, max_new_tokens: int,
                 fill = torch.where(hit, nxt if pad_token_id is None else torch.full_like(nxt, pad_token_id), fill)
                 done = done | hit
             tokens.append(nxt[:, None])
+            yield nxt
             if step == max_new_tokens - 1 or (eos is not None and bool(done.all())):
                 break
             if mask is not None:
@@ -79,6 +72,33 @@ def generate(model, input_ids: torch.LongTensor, max_new_tokens: int,
             else:
                 out = model(torch.cat(tokens, dim=1), attention_mask=mask)
             cache, logits = out.past_key_values, out.logits[:, -1]
-        return torch.cat(tokens, dim=1)
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.LongTensor, max_new_tokens: int,
+             attention_mask: Optional[torch.Tensor] = None, temperature: float = 0.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None,
+             eos_token_id: Union[int, Sequence[int], None] = None,
+             generator: Optional[torch.Generator] = None, *, do_sample: Optional[bool] = None,
+             use_cache: bool = True, pad_token_id: Optional[int] = None) -> torch.LongTensor:
+    """Prompt plus up to ``max_new_tokens`` new tokens, ``(B, S + n)``.
+
+    Left-pad batched prompts and pass ``attention_mask`` (0 = padding). A row that produced ``eos_token_id``
+    (an id or a list of ids) is filled afterwards with ``pad_token_id`` if given, else with that row's eos;
+    decoding stops when every row is done. The model runs in eval mode (restored afterwards). ``stream`` yields
+    the same tokens one step at a time.
+
+    transformers' keywords mean what they mean there: ``do_sample=False`` decodes greedily whatever the
+    temperature; ``do_sample=True`` samples, at temperature 1.0 unless one above 0 is given; ``do_sample`` left
+    out samples when ``temperature > 0``. ``use_cache=False`` runs the whole sequence at every step (same tokens,
+    slower).
+    """
+    if do_sample is False:
+        temperature = 0.0
+    elif do_sample and temperature <= 0:
+        temperature = 1.0
+    new = stream(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p, eos_token_id,
+                 generator, use_cache=use_cache, pad_token_id=pad_token_id)
+    return torch.cat([input_ids] + [t[:, None] for t in new], dim=1)
