@@ -213,7 +213,8 @@ def test_evaluate_tiny_yaml_end_to_end(ckpt, tmp_path, capsys):
     assert saved["perplexity"]["val"]["tokens"] == 2 * 16 * 127
     assert {(r["task"], r["num_fewshot"]) for r in saved["icl"]} == {
         ("lambada_tiny", 0), ("lambada_tiny", 3), ("python_tiny", 0), ("python_tiny", 3), ("hellaswag_tiny", 0),
-        ("hellaswag_tiny", 2), ("piqa_tiny", 0), ("arc_tiny", 0), ("arc_tiny", 3)}
+        ("hellaswag_tiny", 2), ("piqa_tiny", 0), ("arc_tiny", 0), ("arc_tiny", 3), ("schema_tiny", 0),
+        ("schema_tiny", 2), ("qa_tiny", 0), ("qa_tiny", 2)}
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["num_examples"] >= 10 for r in saved["icl"])
     assert results["perplexity"]["val"]["perplexity"] == pytest.approx(math.exp(results["perplexity"]["val"]["loss"]))
 
@@ -325,7 +326,7 @@ def test_eval_override_indexes_icl_tasks():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["icl_tasks.5.path=x"], "config key 'icl_tasks.5.path': the list has 5 items (0..4)"),
+    (["icl_tasks.7.path=x"], "config key 'icl_tasks.7.path': the list has 7 items (0..6)"),
     (["icl_tasks.lambada_tiny.path=x"], "config key 'icl_tasks.lambada_tiny.path': 'icl_tasks' is a list"),
     (["load_path.0=x"], "config key 'load_path.0': 'load_path' is "),
     (["icl_tasks.0.pth=x"], "unknown config key 'icl_tasks[0].pth' in 'icl_tasks[0]' (did you mean 'path'?)"),
@@ -381,7 +382,8 @@ def test_null_means_none_for_eval_loaders_and_icl_tasks(tmp_path):
     assert cfg.eval_loaders == {} and cfg.icl_tasks == base.icl_tasks
     # one entry: indexes are the YAML's, whatever else is left out
     cfg = load_eval_config(str(EVAL_TINY), ["eval_loaders.val=null", "icl_tasks.1=null", "icl_tasks.3=null"])
-    assert cfg.eval_loaders == {} and [t.label for t in cfg.icl_tasks] == ["lambada_tiny", "hellaswag_tiny", "arc_tiny"]
+    assert cfg.eval_loaders == {} and [t.label for t in cfg.icl_tasks] == ["lambada_tiny", "hellaswag_tiny", "arc_tiny",
+                                                                           "schema_tiny", "qa_tiny"]
     # a key left empty in the YAML itself is null too
     text = EVAL_TINY.read_text()
     yaml = tmp_path / "no_icl.yaml"

@@ -95,10 +95,44 @@ def test_eval_dialect_refusals_in_one_message():
     from llmfoundry.eval.evaluate import EvalConfig
     from llmfoundry.eval.foundry_dialect import translate_eval
     t = translate_eval({"models": [{"model_name": "a"}, {"model_name": "b"}], "icl_subset_num_batches": 2,
-                        "icl_tasks": [{"label": "x", "dataset_uri": "s3://b/x.jsonl", "icl_task_type": "schema",
+                        "icl_tasks": [{"label": "x", "dataset_uri": "s3://b/x.jsonl",
+                                       "icl_task_type": "code_evaluation",
                                        "num_fewshot": [0]}]}, EvalConfig)
     assert sorted(p.split(":")[0] for p in t.problems) == [
         "icl_subset_num_batches", "icl_tasks.0.dataset_uri", "icl_tasks.0.icl_task_type", "models"]
+
+
+def test_eval_dialect_schema_and_generation_tasks():
+    """llm-foundry's schema and generation_task_with_answers entries become our task types; a generation task's
+    early_stopping_criteria, generation_kwargs.max_new_tokens and cot_delimiter are kept, sampling is refused."""
+    from llmfoundry.eval.evaluate import EvalConfig
+    from llmfoundry.eval.foundry_dialect import translate_eval
+    from llmfoundry.utils.config import from_dict
+    tasks = [{"label": "winogrande", "dataset_uri": "llmfoundry/assets/icl/schema_tiny.jsonl", "num_fewshot": [0, 2],
+              "icl_task_type": "schema", "continuation_delimiter": " ", "example_delimiter": "\n",
+              "fewshot_random_seed": 3},
+             {"label": "gsm8k", "dataset_uri": "llmfoundry/assets/icl/qa_tiny.jsonl", "num_fewshot": 1,
+              "icl_task_type": "generation_task_with_answers", "cot_delimiter": "The answer is ",
+              "early_stopping_criteria": ["\n\n", "Question:"], "do_normalization": False,
+              "generation_kwargs": {"max_new_tokens": 64, "do_sample": False, "temperature": 0.0},
+              "continuation_delimiter": "\n\nA:", "question_prelimiter": ""},
+             {"label": "triviaqa", "dataset_uri": "llmfoundry/assets/icl/qa_tiny.jsonl", "num_fewshot": [0],
+              "icl_task_type": "generation_task_with_answers", "cot_delimiter": None, "early_stopping_criteria": None}]
+    t = translate_eval({"load_path": "x.pt", "icl_tasks": tasks}, EvalConfig)
+    assert t.problems == []
+    assert any("early_stopping_criteria -> stop_sequences" in n for n in t.notes)
+    schema, gsm8k, trivia = from_dict(EvalConfig, t.data).icl_tasks
+    assert (schema.type, schema.num_fewshot, schema.fewshot_seed) == ("schema", [0, 2], 3)
+    assert (gsm8k.type, gsm8k.num_fewshot, gsm8k.max_new_tokens) == ("generation_task_with_answers", [1], 64)
+    assert gsm8k.stop_sequences == ["\n\n", "Question:"] and gsm8k.cot_delimiter == "The answer is "
+    assert gsm8k.continuation_delimiter == "\n\nA:"
+    assert (trivia.stop_sequences, trivia.cot_delimiter, trivia.max_new_tokens) == (["\n"], "", 32)
+    sampled = {**tasks[1], "generation_kwargs": {"do_sample": True, "num_beams": 4, "top_q": 1}}
+    t = translate_eval({"load_path": "x.pt", "icl_tasks": [sampled]}, EvalConfig)
+    assert sorted(p.split(":")[0] for p in t.problems) == [
+        "icl_tasks.0.generation_kwargs.do_sample", "icl_tasks.0.generation_kwargs.num_beams",
+        "icl_tasks.0.generation_kwargs.top_q"]
+    assert "answers are decoded greedily here" in t.problems[0]
 
 
 def test_finetuning_yaml_trains(tmp_path):

@@ -12,13 +12,17 @@ YAML keys (``EvalConfig``):
 ``tokenizer``               default: the run's (recorded in the checkpoint / config.yaml, or the HF directory's)
 ``device``, ``precision``   ``auto`` = GPU + ``bf16`` when CUDA is available, else CPU + ``fp32``; precision is
                             one of ``fp32``, ``bf16``, ``fp16`` (weights cast) or ``amp_bf16`` (fp32 weights, autocast)
-``device_eval_batch_size``  rows per forward (perplexity samples, ICL context + continuation rows)
+``device_eval_batch_size``  rows per forward (perplexity samples, ICL context + continuation rows, prompts
+                            answered together by generation tasks)
 ``eval_loaders``            ``{label: TextLoaderConfig}``: loss and perplexity over MDS streams; samples longer than
                             the model's ``max_seq_len`` are scored on their first ``max_seq_len`` tokens (a warning
                             says so)
 ``eval_subset_num_batches`` score at most this many batches of each loader (null = all)
-``icl_tasks``               list of ``ICLTaskConfig`` (``llmfoundry/eval/icl.py``); prompts longer than
-                            ``max_seq_len`` lose their front (a warning and ``truncated_examples`` count them)
+``icl_tasks``               list of ``ICLTaskConfig`` (``llmfoundry/eval/icl.py``), each of a ``type``:
+                            ``language_modeling``, ``multiple_choice``, ``schema`` or
+                            ``generation_task_with_answers``; prompts longer than ``max_seq_len`` (generation:
+                            minus ``max_new_tokens``) lose their front (a warning and ``truncated_examples`` count
+                            them)
 ``results_path``            JSON file with every number (null = do not write)
 ==========================  =========================================================================================
 

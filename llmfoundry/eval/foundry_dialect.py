@@ -6,8 +6,10 @@ Recognised by keys only that dialect has (``models:``, ``icl_tasks`` entries wit
 translator's rules for ``model:``, ``tokenizer:`` and loaders (``llmfoundry.train.foundry_dialect``): a
 ``mpt_causal_lm`` model section becomes ``model_config`` with llm-foundry's MPT defaults (learned positions,
 biases, no ALiBi), which is how that model was built. One model per run here (``models:`` with several entries is
-refused); the ICL task files of llm-foundry's ``language_modeling`` and ``multiple_choice`` tasks are read as
-they are (same JSONL fields). As for training, every key with no equivalent is listed in one ``ConfigError``.
+refused); the ICL task files of llm-foundry's ``language_modeling``, ``multiple_choice``, ``schema`` and
+``generation_task_with_answers`` tasks are read as they are (same JSONL fields), and a generation task's
+``early_stopping_criteria`` / ``generation_kwargs.max_new_tokens`` become ``stop_sequences`` / ``max_new_tokens``
+(greedy decoding only). As for training, every key with no equivalent is listed in one ``ConfigError``.
 """
 from __future__ import annotations
 
@@ -19,16 +21,13 @@ from llmfoundry.train.foundry_dialect import (BANNER, Translation, _loader, _map
                                               _tokenizer, _unknown)
 from llmfoundry.utils.config import ConfigError
 
-_ICL_TYPES = ("language_modeling", "multiple_choice")
+_ICL_TYPES = ("language_modeling", "multiple_choice", "schema", "generation_task_with_answers")
 _ICL_NEUTRAL = {
     "metric_names": (None, "accuracy is reported here; dropped"),
     "max_seq_len": (None, "the model's max_seq_len cuts the prompts here; dropped"),
     "has_categories": (None, "per-category scores are absent here (the task's accuracy is reported); dropped"),
-    "do_normalization": (None, "dropped (generation tasks only)"),
-    "generation_kwargs": (None, "dropped (generation tasks only)"),
-    "early_stopping_criteria": (None, "dropped (generation tasks only)"),
+    "do_normalization": (None, "generated answers are always normalised here; dropped"),
     "pass_at_k": (None, "dropped (code tasks only)"),
-    "cot_delimiter": (("", None), "chain-of-thought prompting is absent here; remove it"),
     "hf_loading_vars": ((None, {}), "task files are local JSONL here (dataset_uri)"),
     "hf_parsing_map": ((None, {}), "task files are local JSONL with llm-foundry's fields here"),
     "question_prelimiter": (("", None), "absent here; remove it"),
@@ -76,11 +75,20 @@ def _icl_task(t: Translation, task: Any, path: str) -> Any:
             if v in _ICL_TYPES:
                 out["type"] = v
             else:
-                t.problem(p, f"{_short(v)}: only language_modeling and multiple_choice tasks are evaluated here; "
-                             "remove this task")
+                t.problem(p, f"{_short(v)}: only {', '.join(_ICL_TYPES[:-1])} and {_ICL_TYPES[-1]} tasks are "
+                             "evaluated here; remove this task")
         elif k == "fewshot_random_seed":
             t.mark(p)
             out["fewshot_seed"] = v
+        elif k == "early_stopping_criteria":
+            t.mark(p)
+            if v is not None:  # None: our default stop sequence, a newline
+                out["stop_sequences"] = [v] if isinstance(v, str) else v
+        elif k == "generation_kwargs":
+            t.mark(p)
+            out.update(_generation_kwargs(t, v, p))
+        elif k == "cot_delimiter" and v is None:
+            t.mark(p)
         elif k == "num_fewshot" and isinstance(v, int) and not isinstance(v, bool):
             out[k] = [v]
         elif k in ours:
@@ -94,6 +102,28 @@ def _icl_task(t: Translation, task: Any, path: str) -> Any:
                 t.problem(p, f"{_short(v)}: {what}")
         else:
             _unknown(t, path, k, ours + ["dataset_uri", "icl_task_type", *_ICL_NEUTRAL])
+    return out
+
+
+# generation_kwargs of a generation task: greedy decoding only; these keys change nothing under it
+_GREEDY_NEUTRAL = {"do_sample": (False, None), "num_beams": (1, None), "temperature": None, "top_p": None,
+                   "top_k": None, "use_cache": None, "eos_token_id": None, "pad_token_id": None}
+
+
+def _generation_kwargs(t: Translation, kwargs: Any, path: str) -> dict:
+    """``generation_kwargs`` -> ``{max_new_tokens: N}`` (or nothing); sampling and beam search are refused."""
+    if kwargs is None:
+        return {}
+    out = {}
+    for k, v in _mapping(t, kwargs, path).items():
+        if k == "max_new_tokens":
+            out[k] = v
+        elif k in _GREEDY_NEUTRAL:
+            ok = _GREEDY_NEUTRAL[k]
+            if ok is not None and v not in ok:
+                t.problem(f"{path}.{k}", f"{_short(v)}: answers are decoded greedily here; remove it")
+        else:
+            _unknown(t, path, k, ["max_new_tokens", *_GREEDY_NEUTRAL])
     return out
 
 
@@ -119,6 +149,10 @@ def _icl_tasks(t: Translation, tasks: Any, yaml_dir: str | None) -> Any:
     if any(isinstance(x, Mapping) and "dataset_uri" in x for x in tasks):
         t.note("icl_tasks", "dataset_uri -> path, icl_task_type -> type; metric_names, max_seq_len and "
                             "has_categories dropped (accuracy per task and shot count is reported)")
+    if any(isinstance(x, Mapping) and x.get("icl_task_type") == "generation_task_with_answers" for x in tasks):
+        t.note("icl_tasks", "generation_task_with_answers: early_stopping_criteria -> stop_sequences (default: a "
+                            "newline), generation_kwargs.max_new_tokens -> max_new_tokens (default 32); greedy "
+                            "answers, exact match after normalisation (do_normalization dropped)")
     return out
 
 

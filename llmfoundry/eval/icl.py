@@ -1,16 +1,25 @@
 """In-context-learning (ICL) tasks from local JSONL files.
 
-Two task types, in the usual forms:
+Four task types, in llm-foundry's JSONL forms (extra keys on a line are ignored):
 
 * ``language_modeling`` (LAMBADA-style): each line ``{"context": str, "continuation": str}``. An example is
   correct when the greedy (argmax) prediction at every continuation position equals the continuation token.
 * ``multiple_choice`` (HellaSwag / PIQA / ARC-style): each line ``{"query": str, "choices": [str, ...],
   "gold": int}``. The model picks the choice whose continuation has the highest log-likelihood, optionally
   normalized by its length in tokens or characters (``length_normalization``).
+* ``schema`` (Winograd / Winogrande-style): each line ``{"context_options": [str, ...], "continuation": str,
+  "gold": int}``. The same continuation is scored after each context option (its tokens only); the model picks
+  the option under which the continuation is most likely (summed log-probs). Shots show the gold option.
+* ``generation_task_with_answers`` (TriviaQA / GSM8K-style): each line ``{"context": str, "answer": str,
+  "aliases": [str, ...]}`` (``aliases`` optional). The model answers greedily (up to ``max_new_tokens``, until
+  EOS or one of ``stop_sequences``); correct when the answer, cut at the first stop sequence (and, with
+  ``cot_delimiter``, taken after its last occurrence) matches ``answer`` or an alias after normalisation
+  (lowercase, no punctuation, no a/an/the, single spaces). Scoring lives in ``llmfoundry.eval.icl_generation``.
 
 Few-shot prompts: ``prompt_string`` + ``num_fewshot`` solved examples, each followed by ``example_delimiter``,
 + the query context + ``continuation_delimiter``. Shots are sampled with a fixed seed per (task, query), never
-include the query itself, and are the same whatever the batch size or device.
+include the query itself, and are the same whatever the batch size or device. A task file in the wrong form is
+refused with one message naming the file, the line, what is wrong and the fix (``load_task_examples``).
 """
 from __future__ import annotations
 
@@ -35,7 +44,7 @@ class ICLTaskConfig:
     """One ICL task (YAML: an entry of ``icl_tasks:``)."""
     label: str
     path: str  # local JSONL; relative paths are tried from the working directory, then the repository root
-    type: Literal["language_modeling", "multiple_choice"]
+    type: Literal["language_modeling", "multiple_choice", "schema", "generation_task_with_answers"]
     num_fewshot: list[int] = field(default_factory=lambda: [0])
     example_delimiter: str = "\n"
     continuation_delimiter: str = " "
@@ -44,6 +53,10 @@ class ICLTaskConfig:
     length_normalization: Literal["none", "tokens", "chars"] = "tokens"  # multiple_choice only
     max_examples: Optional[int] = None  # evaluate only the first N examples (shots still come from the whole file)
     batch_size: Optional[int] = None  # rows (context + one continuation) per forward; default: EvalConfig's
+    # generation_task_with_answers only:
+    max_new_tokens: int = 32  # tokens generated per answer at most
+    stop_sequences: list[str] = field(default_factory=lambda: ["\n"])  # the answer ends at the first of these
+    cot_delimiter: str = ""  # chain of thought: compare only the text after its last occurrence ("" = all of it)
 
     def __post_init__(self):
         if not self.num_fewshot or any(k < 0 for k in self.num_fewshot):
@@ -51,12 +64,28 @@ class ICLTaskConfig:
                              f"got {self.num_fewshot}")
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"icl task '{self.label}': max_examples must be >= 1 or null")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"icl task '{self.label}': max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not s for s in self.stop_sequences):
+            raise ValueError(f"icl task '{self.label}': stop_sequences holds an empty string, which would cut every "
+                             "answer to nothing; remove it (an empty list stops at EOS / max_new_tokens only)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Task files
 
-_REQUIRED = {"language_modeling": ("context", "continuation"), "multiple_choice": ("query", "choices", "gold")}
+# The keys each task type needs on every line (generation_task_with_answers may also have "aliases": [str, ...]).
+_REQUIRED = {
+    "language_modeling": ("context", "continuation"),
+    "multiple_choice": ("query", "choices", "gold"),
+    "schema": ("context_options", "continuation", "gold"),
+    "generation_task_with_answers": ("context", "answer"),
+}
+TASK_TYPES = tuple(_REQUIRED)
+_TELLTALE = {  # keys that give a task type away, most specific first
+    "schema": ("context_options",), "multiple_choice": ("query", "choices"),
+    "generation_task_with_answers": ("answer", "aliases"), "language_modeling": ("context", "continuation"),
+}
 
 
 def resolve_task_path(path: str) -> Path:
@@ -70,10 +99,65 @@ def resolve_task_path(path: str) -> Path:
                             f"{BUNDLED_ICL_DIR}); fix the task's 'path' (bundled task files: {', '.join(bundled)})")
 
 
+def guess_task_type(ex: dict) -> Optional[str]:
+    """The task type whose keys ``ex`` has (None when no type's keys are all there)."""
+    for task_type, telltale in _TELLTALE.items():
+        if any(k in ex for k in telltale) and all(k in ex for k in _REQUIRED[task_type]):
+            return task_type
+    return None
+
+
+def _string_list(value: Any, min_len: int) -> bool:
+    return isinstance(value, list) and len(value) >= min_len and all(isinstance(v, str) for v in value)
+
+
+def _index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def example_problem(ex: Any, task_type: str) -> Optional[str]:
+    """What is wrong with one parsed line for ``task_type``, with the fix; None when it is fine."""
+    keys = list(_REQUIRED[task_type])
+    if not isinstance(ex, dict):
+        return (f"expected a JSON object, got a {type(ex).__name__}; write one object per line with keys {keys}")
+    missing = [k for k in keys if k not in ex]
+    if missing:
+        other = guess_task_type(ex)
+        if other is not None and other != task_type:
+            found = "/".join(f"'{k}'" for k in _REQUIRED[other] if k in ex)
+            return (f"the line has {found}: this is a {other} file, not {task_type}; set type: {other} (or point the "
+                    f"task's path at a {task_type} file, whose lines have keys {keys})")
+        return f"a {task_type} example needs keys {keys}, missing {missing}; add them or check the task's type"
+    for k in keys:
+        if k in ("choices", "context_options", "gold"):
+            continue
+        if not isinstance(ex[k], str):
+            return f"'{k}' must be a string, got {type(ex[k]).__name__} {json.dumps(ex[k])[:60]}; quote it"
+    if task_type in ("multiple_choice", "schema"):
+        options = "choices" if task_type == "multiple_choice" else "context_options"
+        if not _string_list(ex[options], 2):
+            got = "an empty list" if ex[options] == [] else json.dumps(ex[options])[:60]
+            return f"'{options}' must be a list of at least 2 strings, got {got}; give every option as a string"
+        gold = ex["gold"]
+        if not _index(gold) or not 0 <= gold < len(ex[options]):
+            return (f"'gold' must be an index into '{options}' (0..{len(ex[options]) - 1}), got {gold!r}; "
+                    f"give the 0-based position of the correct option")
+    if task_type == "generation_task_with_answers":
+        aliases = ex.get("aliases", [])
+        if not _string_list(aliases, 0):
+            return (f"'aliases' must be a list of strings, got {json.dumps(aliases)[:60]}; write e.g. "
+                    '"aliases": ["one answer", "another"] (or leave it out)')
+        from llmfoundry.eval.icl_generation import normalize_answer
+        if not normalize_answer(ex["answer"]):
+            return (f"'answer' {ex['answer']!r} is empty once normalised (lowercase, no punctuation, no a/an/the), so "
+                    "nothing could match it; give the answer's words")
+    return None
+
+
 def load_task_examples(path: str, task_type: str) -> list[dict[str, Any]]:
-    """Read and validate a task file; every error names the file and line."""
+    """Read and validate a task file: one message naming the file, the line, what is wrong and the fix."""
     if task_type not in _REQUIRED:
-        raise ValueError(f"unknown ICL task type '{task_type}'; use one of {sorted(_REQUIRED)}")
+        raise ValueError(f"unknown ICL task type '{task_type}'; use one of {list(TASK_TYPES)}")
     file = resolve_task_path(path)
     examples = []
     with open(file, encoding="utf-8") as f:
@@ -84,17 +168,9 @@ def load_task_examples(path: str, task_type: str) -> list[dict[str, Any]]:
                 ex = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{file}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object")
-            missing = [k for k in _REQUIRED[task_type] if k not in ex]
-            if missing:
-                raise ValueError(f"{file}:{lineno}: a {task_type} example needs keys {list(_REQUIRED[task_type])}, "
-                                 f"missing {missing}")
-            if task_type == "multiple_choice":
-                choices, gold = ex["choices"], ex["gold"]
-                if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-                    raise ValueError(f"{file}:{lineno}: 'choices' must be a list of at least 2 strings")
-                if not isinstance(gold, int) or not 0 <= gold < len(choices):
-                    raise ValueError(f"{file}:{lineno}: 'gold' must be an index into 'choices' "
-                                     f"(0..{len(choices) - 1}), got {gold!r}")
+            problem = example_problem(ex, task_type)
+            if problem is not None:
+                raise ValueError(f"{file}:{lineno}: {problem}")
             examples.append(ex)
     if not examples:
         raise ValueError(f"ICL task file {file} is empty: it has no examples; "
@@ -105,10 +181,24 @@ def load_task_examples(path: str, task_type: str) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts
 
+def _context(ex: dict, task_type: str, option: Optional[int] = None) -> str:
+    """The text a task's answer follows: the query, the context, or (schema) context option ``option``."""
+    if task_type == "multiple_choice":
+        return ex["query"]
+    if task_type == "schema":
+        return ex["context_options"][ex["gold"] if option is None else option]
+    return ex["context"]
+
+
+def _answer(ex: dict, task_type: str) -> str:
+    """The gold answer text, as shown in a solved few-shot example."""
+    if task_type == "multiple_choice":
+        return ex["choices"][ex["gold"]]
+    return ex["answer"] if task_type == "generation_task_with_answers" else ex["continuation"]
+
+
 def _solved(ex: dict, task_type: str, cont_delim: str) -> str:
-    if task_type == "language_modeling":
-        return ex["context"] + cont_delim + ex["continuation"]
-    return ex["query"] + cont_delim + ex["choices"][ex["gold"]]
+    return _context(ex, task_type) + cont_delim + _answer(ex, task_type)
 
 
 def fewshot_indices(num_examples: int, query_index: int, num_fewshot: int, seed: int) -> list[int]:
@@ -123,14 +213,15 @@ def fewshot_indices(num_examples: int, query_index: int, num_fewshot: int, seed:
     return rng.sample(pool, num_fewshot)
 
 
-def build_prompt(cfg: ICLTaskConfig, examples: Sequence[dict], query_index: int, num_fewshot: int) -> str:
-    """The context string for query ``query_index``: prompt string, solved shots, the query, the delimiter."""
+def build_prompt(cfg: ICLTaskConfig, examples: Sequence[dict], query_index: int, num_fewshot: int,
+                 option: Optional[int] = None) -> str:
+    """The context string for query ``query_index``: prompt string, solved shots, the query, the delimiter.
+    For ``schema`` tasks ``option`` picks the context option that ends the prompt (default: the gold one)."""
     shots = fewshot_indices(len(examples), query_index, num_fewshot, cfg.fewshot_seed)
     parts = [cfg.prompt_string]
     for i in shots:
         parts.append(_solved(examples[i], cfg.type, cfg.continuation_delimiter) + cfg.example_delimiter)
-    ex = examples[query_index]
-    parts.append((ex["context"] if cfg.type == "language_modeling" else ex["query"]) + cfg.continuation_delimiter)
+    parts.append(_context(examples[query_index], cfg.type, option) + cfg.continuation_delimiter)
     return "".join(parts)
 
 
@@ -142,6 +233,11 @@ def split_trailing_space(context: str, continuation: str) -> tuple[str, str]:
 
 def _encode(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def num_evaluated(cfg: ICLTaskConfig, examples: Sequence[dict]) -> int:
+    """How many examples (from the front of the file) are evaluated: all, or ``max_examples``."""
+    return len(examples) if cfg.max_examples is None else min(cfg.max_examples, len(examples))
 
 
 @dataclass
@@ -157,14 +253,20 @@ class Request:
 
 def build_requests(cfg: ICLTaskConfig, examples: Sequence[dict], tokenizer, num_fewshot: int,
                    max_seq_len: int) -> list[Request]:
-    """Tokenized rows for every evaluated example (one per choice for multiple choice)."""
-    n_eval = len(examples) if cfg.max_examples is None else min(cfg.max_examples, len(examples))
+    """Tokenized rows for every evaluated example: one for language modeling, one per choice for multiple choice,
+    one per context option (each followed by the same continuation) for schema."""
+    n_eval = num_evaluated(cfg, examples)
     requests = []
     for i in range(n_eval):
-        prompt = build_prompt(cfg, examples, i, num_fewshot)
         ex = examples[i]
-        conts = [ex["continuation"]] if cfg.type == "language_modeling" else ex["choices"]
-        for c, cont in enumerate(conts):
+        if cfg.type == "schema":
+            rows = [(build_prompt(cfg, examples, i, num_fewshot, option=c), ex["continuation"])
+                    for c in range(len(ex["context_options"]))]
+        else:
+            prompt = build_prompt(cfg, examples, i, num_fewshot)
+            conts = ex["choices"] if cfg.type == "multiple_choice" else [ex["continuation"]]
+            rows = [(prompt, cont) for cont in conts]
+        for c, (prompt, cont) in enumerate(rows):
             ctx_text, cont_text = split_trailing_space(prompt, cont)
             ctx = _encode(tokenizer, ctx_text, special=True)
             cont_ids = _encode(tokenizer, cont_text, special=False)
@@ -244,13 +346,15 @@ def _normalize(ll: float, req: Request, how: str) -> float:
 
 def accuracy_from_scores(cfg: ICLTaskConfig, examples: Sequence[dict], requests: Sequence[Request],
                          scores: Sequence[tuple[float, bool]]) -> tuple[float, list[int]]:
-    """Task accuracy and per-example predictions (LM: 1/0 correct; MC: chosen index)."""
+    """Task accuracy and per-example predictions (LM: 1/0 correct; MC: chosen choice; schema: chosen option).
+    Schema options share one continuation, so they are compared on its summed log-probs (no normalization)."""
     if cfg.type == "language_modeling":
         preds = [int(greedy) for _, greedy in scores]
         return sum(preds) / len(preds), preds
+    how = cfg.length_normalization if cfg.type == "multiple_choice" else "none"
     by_example: dict[int, list[tuple[int, float]]] = {}
     for req, (ll, _) in zip(requests, scores):
-        by_example.setdefault(req.example, []).append((req.choice, _normalize(ll, req, cfg.length_normalization)))
+        by_example.setdefault(req.example, []).append((req.choice, _normalize(ll, req, how)))
     preds, correct = [], 0
     for i in sorted(by_example):
         choice = max(by_example[i], key=lambda t: t[1])[0]  # ties: the first choice
@@ -261,9 +365,14 @@ def accuracy_from_scores(cfg: ICLTaskConfig, examples: Sequence[dict], requests:
 
 def evaluate_icl_task(model, tokenizer, cfg: ICLTaskConfig, *, max_seq_len: int, batch_size: int = 8,
                       device: torch.device | str = "cpu") -> list[dict[str, Any]]:
-    """Evaluate one task at every ``num_fewshot``; one result row per shot count."""
+    """Evaluate one task at every ``num_fewshot``; one result row per shot count (task, type, num_fewshot,
+    num_examples, accuracy, predictions, truncated_examples)."""
     examples = load_task_examples(cfg.path, cfg.type)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    if cfg.type == "generation_task_with_answers":
+        from llmfoundry.eval.icl_generation import evaluate_generation_task
+        return evaluate_generation_task(model, tokenizer, cfg, examples, max_seq_len=max_seq_len,
+                                        batch_size=cfg.batch_size or batch_size, device=device, pad_token_id=pad)
     rows = []
     for k in cfg.num_fewshot:
         requests = build_requests(cfg, examples, tokenizer, k, max_seq_len)
@@ -280,13 +389,15 @@ def evaluate_icl_task(model, tokenizer, cfg: ICLTaskConfig, *, max_seq_len: int,
 
 
 def random_baseline(cfg: ICLTaskConfig) -> float:
-    """Expected accuracy of uniform guessing (0 for language modeling)."""
-    if cfg.type == "language_modeling":
+    """Expected accuracy of uniform guessing (0 for language modeling and generation)."""
+    if cfg.type in ("language_modeling", "generation_task_with_answers"):
         return 0.0
     ex = load_task_examples(cfg.path, cfg.type)
-    n = len(ex) if cfg.max_examples is None else min(cfg.max_examples, len(ex))
-    return sum(1 / len(e["choices"]) for e in ex[:n]) / n
+    options = "choices" if cfg.type == "multiple_choice" else "context_options"
+    n = num_evaluated(cfg, ex)
+    return sum(1 / len(e[options]) for e in ex[:n]) / n
 
 
-__all__ = ["ICLTaskConfig", "load_task_examples", "build_prompt", "fewshot_indices", "build_requests",
-           "score_requests", "accuracy_from_scores", "evaluate_icl_task", "random_baseline"]
+__all__ = ["ICLTaskConfig", "TASK_TYPES", "load_task_examples", "guess_task_type", "build_prompt",
+           "fewshot_indices", "build_requests", "score_requests", "accuracy_from_scores", "evaluate_icl_task",
+           "random_baseline"]
