@@ -153,7 +153,7 @@ def test_pretraining_model_keeps_llm_foundry_defaults(tmp_path):
     assert {"model.transformer.blocks.0.attn.Wqkv.bias", "model.transformer.blocks.0.ffn.up_proj.bias"} <= names
     assert cfg.optimizer.name == "adamw" and cfg.optimizer.lr == 6e-4 and cfg.max_grad_norm == 1.0
     assert cfg.scheduler.name == "cosine" and cfg.scheduler.alpha_f == 0.1
-    assert cfg.train_loader.local.endswith("mds/tiny") and cfg.train_loader.split == "train"
+    assert cfg.train_loader.local.endswith("/mds") and cfg.train_loader.split == "train"
     assert cfg.fsdp is not None and cfg.fsdp.sharding_strategy == "FULL_SHARD"
     # without the override, llm-foundry's attn_impl default (flash) is kept, not swapped silently
     assert translate({"model": {"name": "mpt_causal_lm"}}).data["model"]["attn_config"]["attn_impl"] == "flash"
@@ -322,8 +322,16 @@ def test_callbacks_loggers_and_fsdp_families():
     assert t.data["loggers"] == {"wandb": {"project": "p"}}
     assert t.data["fsdp"] == {"sharding_strategy": "HYBRID_SHARD", "shard_degree": 8, "mixed_precision": "DEFAULT"}
     assert translate({"fsdp_config": {"sharding_strategy": "NO_SHARD"}}).data["fsdp"] is None
-    t = translate({"loggers": {"mlflow": {}}, "callbacks": {"kill_loss_spike": {}}})
-    assert sorted(p.split(":")[0] for p in t.problems) == ["callbacks.kill_loss_spike", "loggers.mlflow"]
+    t = translate({"loggers": {"mlflow": {"experiment_name": "e", "tracking_uri": "http://mlflow:5000",
+                                          "resume": True, "model_registry_prefix": "a.b"},
+                               "tensorboard": {"log_dir": "tb", "flush_interval": 10, "rank_zero_only": True}}})
+    assert t.problems == []
+    assert t.data["loggers"] == {"mlflow": {"experiment_name": "e", "tracking_uri": "http://mlflow:5000"},
+                                 "tensorboard": {"log_dir": "tb", "flush_interval": 10}}
+    t = translate({"loggers": {"comet_ml": {}, "mlflow": {"tracking_url": "x"}},
+                   "callbacks": {"kill_loss_spike": {}}})
+    assert sorted(p.split(":")[0] for p in t.problems) == ["callbacks.kill_loss_spike", "loggers.comet_ml",
+                                                           "loggers.mlflow.tracking_url"]
 
 
 def test_attention_types():

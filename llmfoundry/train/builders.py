@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 
-from llmfoundry.train.config import (CallbacksConfig, FSDPConfig, LoggersConfig, OptimizerConfig,
+from llmfoundry.train.config import (CallbacksConfig, FSDPConfig, LoggersConfig, MLflowConfig, OptimizerConfig,
                                      SchedulerConfig)
 from llmfoundry.utils.config import ConfigError
 
@@ -236,8 +236,10 @@ def _wandb_compat() -> None:
         Run.get_url = lambda self: self.url
 
 
-def build_loggers(cfg: LoggersConfig, run_name: str | None, hparams: dict | None = None) -> list:
-    """composer ``LoggerDestination`` objects. Console/progress output is configured on ``Trainer`` itself."""
+def build_loggers(cfg: LoggersConfig, run_name: str | None, hparams: dict | None = None,
+                  resume: bool = False) -> list:
+    """composer ``LoggerDestination`` objects. Console/progress output is configured on ``Trainer`` itself.
+    Everything a logger needs (its package, a reachable tracking server) is checked here, before training."""
     loggers = []
     if cfg.wandb is not None:
         from composer.loggers import WandBLogger
@@ -247,4 +249,83 @@ def build_loggers(cfg: LoggersConfig, run_name: str | None, hparams: dict | None
                                    tags=list(w.tags) or None, init_kwargs={"config": hparams or {}}))
         if os.environ.get("WANDB_MODE") == "offline":
             log.info("wandb: offline mode, the run is written under ./wandb (sync later with `wandb sync`)")
+    if cfg.mlflow is not None:
+        loggers.append(_mlflow_logger(cfg.mlflow, run_name or "run", resume))
+    if cfg.tensorboard is not None:
+        _require("tensorboard", "loggers.tensorboard")
+        from composer.loggers import TensorboardLogger
+        loggers.append(TensorboardLogger(log_dir=cfg.tensorboard.log_dir, flush_interval=cfg.tensorboard.flush_interval))
     return loggers
+
+
+def _require(package: str, key: str) -> None:
+    import importlib.util
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(f"{key} needs the {package} package, which is not installed; "
+                          f"pip install 'mpt-forge[loggers]' (or remove {key})")
+
+
+def mlflow_tracking_uri(cfg: MLflowConfig, run_name: str) -> str:
+    """``cfg.tracking_uri`` with ``{run_name}`` filled in; a local path made absolute (every rank, any cwd)."""
+    uri = cfg.tracking_uri.replace("{run_name}", run_name)
+    if "://" in uri or uri.startswith(("file:", "databricks")):
+        return uri
+    return os.path.abspath(uri)
+
+
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """An ``http(s)://`` MLflow server must answer now: MLflow's own client would retry for minutes, then fail
+    in the middle of the Trainer's setup."""
+    import urllib.error
+    import urllib.request
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy or an older server without /health): reachable
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConfigError(f"loggers.mlflow.tracking_uri {uri} is unreachable ({reason}); start the tracking "
+                          f"server (mlflow server --port ...), fix the URI, or leave tracking_uri out to log to "
+                          f"the local store runs/mlruns") from None
+
+
+def _mlflow_logger(cfg: MLflowConfig, run_name: str, resume: bool):
+    _require("mlflow", "loggers.mlflow")
+    uri = mlflow_tracking_uri(cfg, run_name)
+    check_tracking_server(uri)
+    from composer.loggers import MLFlowLogger
+    tags = {**cfg.tags, "run_name": run_name}  # composer finds the run to continue by this tag
+    return MLFlowLogger(experiment_name=cfg.experiment_name, run_name=cfg.run_name or run_name, tags=tags,
+                        tracking_uri=uri, log_system_metrics=cfg.log_system_metrics, resume=resume,
+                        synchronous=False)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}`` (lists stay values)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def log_config(loggers: list, hparams: dict) -> None:
+    """The resolved config as MLflow parameters and TensorBoard hparams (``model.d_model`` ...; wandb has it as its
+    run config already). MLflow refuses to change a parameter of a resumed run: a changed key is logged as a
+    warning, not an error."""
+    from composer.loggers import MLFlowLogger, TensorboardLogger
+    from composer.utils import dist
+    flat = {k: ("null" if v is None else str(v)[:500]) for k, v in flatten(hparams).items()}
+    for lg in loggers:
+        if isinstance(lg, TensorboardLogger):
+            lg.log_hyperparameters(flat)
+        elif isinstance(lg, MLFlowLogger) and dist.get_global_rank() == 0:
+            import mlflow
+            try:
+                mlflow.log_params(flat, synchronous=True)
+            except mlflow.exceptions.MlflowException as e:
+                log.warning("mlflow: the config was not logged as parameters (%s)", str(e).splitlines()[0])

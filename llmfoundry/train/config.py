@@ -67,6 +67,9 @@ YAML key                       used by
                                transformers ``MptForCausalLM`` folder ``{save_folder}/ba{N}`` (local or s3://;
                                ``precision`` fp32/bf16, ``overwrite``); unexportable models refused at Trainer init
 ``loggers.wandb``              composer ``WandBLogger`` (``WANDB_MODE=offline`` works)
+``loggers.mlflow``             composer ``MLFlowLogger`` (builders.build_loggers); ``tracking_uri`` default: the local
+                               store ``runs/mlruns``; an http(s) server is checked before training
+``loggers.tensorboard``        composer ``TensorboardLogger``; event files under ``<log_dir>/<run_name>`` (``runs/tb``)
 ``progress_bar``               ``auto`` (default): composer's progress bar when stderr is a terminal, else the console
                                log every ``console_log_interval`` (train.console_output); ``true`` / ``false``: as given
 ``log_to_console``, ``console_log_interval``, ``python_log_level``, ``dist_timeout``,
@@ -400,9 +403,34 @@ class WandBConfig:
 
 
 @dataclass
+class MLflowConfig:
+    """``loggers.mlflow``: composer's ``MLFlowLogger`` (``pip install 'mpt-forge[loggers]'``). Metrics, the resolved
+    config as parameters, and a ``run_name`` tag; a resumed run (autoresume) continues the same MLflow run.
+    ``tracking_uri``: a local folder or ``file:`` URI (default ``runs/mlruns``; ``mlflow ui --backend-store-uri
+    runs/mlruns`` shows it), an ``http(s)://`` tracking server (checked before training), or ``databricks``.
+    ``{run_name}`` in it is filled in."""
+    tracking_uri: str = "runs/mlruns"
+    experiment_name: str = "mpt-forge"
+    run_name: str | None = None  # default: run_name
+    tags: dict[str, str] = field(default_factory=dict)
+    log_system_metrics: bool = False  # MLflow's CPU/GPU/memory sampling every 30 s (needs psutil; pynvml for GPUs)
+
+
+@dataclass
+class TensorBoardConfig:
+    """``loggers.tensorboard``: composer's ``TensorboardLogger`` (``pip install 'mpt-forge[loggers]'``): event files
+    under ``<log_dir>/<run_name>/`` (the config as hparams at each evaluation, in a folder below); view with
+    ``tensorboard --logdir runs/tb``."""
+    log_dir: str = "runs/tb"
+    flush_interval: int = 100  # batches between flushes to disk (and at every eval and the end)
+
+
+@dataclass
 class LoggersConfig:
     """``loggers:``. Console output is controlled by the top-level ``log_to_console`` / ``progress_bar``."""
     wandb: WandBConfig | None = None
+    mlflow: MLflowConfig | None = None
+    tensorboard: TensorBoardConfig | None = None
 
 
 @dataclass

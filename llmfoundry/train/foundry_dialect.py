@@ -76,6 +76,9 @@ def _dataclass_of(tp: Any) -> Any:
     return next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), None)
 
 
+_LOGGER_CLASSES = {"wandb": "WandBConfig", "mlflow": "MLflowConfig", "tensorboard": "TensorBoardConfig"}
+
+
 def config_classes(config_cls) -> dict[str, type]:
     """Our config dataclasses by name, read from ``TrainConfig``'s annotations (passed in by ``load_config``, so
     that this module does not import ``llmfoundry.train.config``, which imports it)."""
@@ -85,7 +88,9 @@ def config_classes(config_cls) -> dict[str, type]:
                       ("callbacks", "CallbacksConfig"), ("loggers", "LoggersConfig")):
         classes[name] = _dataclass_of(hints[key])
     classes["SpeedMonitorConfig"] = _dataclass_of(typing.get_type_hints(classes["CallbacksConfig"])["speed_monitor"])
-    classes["WandBConfig"] = _dataclass_of(typing.get_type_hints(classes["LoggersConfig"])["wandb"])
+    logger_hints = typing.get_type_hints(classes["LoggersConfig"])
+    for key, name in _LOGGER_CLASSES.items():
+        classes[name] = _dataclass_of(logger_hints[key])
     return classes
 
 
@@ -771,26 +776,36 @@ def _callbacks(t: Translation, cbs: Any) -> Any:
     return out
 
 
+# llm-foundry logger keys that have no use here: dropped with a note (the rest of an unknown key is a problem)
+_LOGGER_DROPPED = {
+    "wandb": ("log_artifacts", "rank_zero_only", "init_kwargs"),
+    "mlflow": ("synchronous", "resume", "rank_zero_only", "flush_interval", "ignore_metrics", "rename_metrics",
+               "ignore_hyperparameters", "run_group", "logging_buffer_seconds", "log_duplicated_metric_every_n_steps",
+               "model_registry_prefix", "model_registry_uri"),
+    "tensorboard": ("rank_zero_only",),
+}
+
+
 def _loggers(t: Translation, loggers: Any) -> Any:
-    WandBConfig = t.schema["WandBConfig"]
     if not isinstance(loggers, Mapping):
         return loggers
     out = {}
     for name, v in loggers.items():
         p = f"loggers.{name}"
-        if name == "wandb":
-            v = _mapping(t, v, p)
-            for k in [k for k in v if k not in _fields(WandBConfig)]:
-                t.mark(f"{p}.{k}")
-                if k in ("log_artifacts", "rank_zero_only", "init_kwargs"):
-                    t.note(f"{p}.{k}", "dropped")
-                else:
-                    _unknown(t, p, k, _fields(WandBConfig))
-                v.pop(k)
-            out[name] = v
-        else:
+        if name not in _LOGGER_DROPPED:
             t.mark(p)
-            t.problem(p, "only wandb logging here (loggers.wandb; the console log is log_to_console)")
+            t.problem(p, "the loggers here are wandb, mlflow and tensorboard (the console log is log_to_console)")
+            continue
+        v = _mapping(t, v, p)
+        fields = _fields(t.schema[_LOGGER_CLASSES[name]])
+        for k in [k for k in v if k not in fields]:
+            t.mark(f"{p}.{k}")
+            if k in _LOGGER_DROPPED[name]:
+                t.note(f"{p}.{k}", "dropped" + (" (autoresume continues the MLflow run by itself)" * (k == "resume")))
+            else:
+                _unknown(t, p, k, fields)
+            v.pop(k)
+        out[name] = v
     return out
 
 

@@ -349,7 +349,7 @@ def _build_trainer(cfg: TrainConfig):
     shape_recorder = resume.BatchShapeRecorder(cfg)
     callbacks.append(shape_recorder)
     hparams = to_dict(cfg)
-    loggers = builders.build_loggers(cfg.loggers, run_name_of(cfg), hparams)
+    loggers = builders.build_loggers(cfg.loggers, run_name_of(cfg), hparams, resume=bool(cfg.autoresume))
     parallelism = builders.build_parallelism(cfg.fsdp, world_size, dist.get_local_world_size())
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # before FSDP shards them
     sharded = cfg.fsdp is not None and cfg.fsdp.state_dict_type == "sharded"
@@ -407,6 +407,7 @@ def _build_trainer(cfg: TrainConfig):
             _check_loaded_shapes(cfg, model_shapes, checkpoint, error=e)
         raise
     uploads.install(trainer)  # s3:// checkpoints: retried uploads, 'latest' only for complete objects
+    builders.log_config(loggers, hparams)  # the resolved config as MLflow parameters / TensorBoard hparams
     if autoresume and dist.get_global_rank() == 0:
         _log_autoresume(cfg, trainer.state.load_path, load_path)
     if trainer.state.load_path is not None:  # composer may load some mismatches non-strictly: check them all
