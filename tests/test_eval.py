@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from llmfoundry.checkpoint import save_composer_weights
 from llmfoundry.data.tokenizer import load_tokenizer
 from llmfoundry.eval.evaluate import EvalConfig, evaluate, load_eval_config, main
-from llmfoundry.eval.icl import (ICLTaskConfig, build_prompt, build_requests, evaluate_icl_task, fewshot_indices,
-                                 load_task_examples)
+from llmfoundry.eval.icl import build_requests, evaluate_icl_task
+from llmfoundry.eval.icl_tasks import ICLTaskConfig, build_prompt, fewshot_indices, load_task_examples
 from llmfoundry.eval.perplexity import evaluate_perplexity
 from llmfoundry.models.mpt import MPTConfig, MPTForCausalLM
 from llmfoundry.utils.config import ConfigError, from_dict

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from llmfoundry.checkpoint import save_composer_weights
 from llmfoundry.eval.evaluate import main
-from llmfoundry.eval.icl import (ICLTaskConfig, build_prompt, build_requests, evaluate_icl_task, fewshot_indices,
-                                 load_task_examples, random_baseline)
-from llmfoundry.eval.icl_generation import (extract_answer, generation_prompts, greedy_generate, is_correct,
-                                            normalize_answer)
+from llmfoundry.eval.icl import build_requests, evaluate_icl_task
+from llmfoundry.eval.icl_generation import extract_answer, generation_prompts, greedy_generate, is_correct
+from llmfoundry.eval.icl_tasks import (ICLTaskConfig, build_prompt, fewshot_indices, load_task_examples,
+                                       normalize_answer, random_baseline)
 from llmfoundry.models.mpt import MPTConfig, MPTForCausalLM
 from llmfoundry.utils.config import ConfigError, from_dict
 

@@ -44,7 +44,8 @@ from typing import Any, Literal, Optional
 import torch
 
 from llmfoundry.data.text_loader import TextLoaderConfig
-from llmfoundry.eval.icl import ICLTaskConfig, evaluate_icl_task, load_task_examples, random_baseline
+from llmfoundry.eval.icl import evaluate_icl_task
+from llmfoundry.eval.icl_tasks import ICLTaskConfig, load_task_examples, random_baseline
 from llmfoundry.eval.perplexity import build_eval_batches, evaluate_perplexity
 from llmfoundry.utils.config import ConfigError, from_dict
 

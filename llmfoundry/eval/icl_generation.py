@@ -3,34 +3,23 @@
 For each question the model writes an answer greedily, batched with a KV cache: at most ``max_new_tokens`` tokens,
 stopping early at EOS or once one of ``stop_sequences`` has been written. The answer is the generated text cut at
 the first stop sequence (with ``cot_delimiter``: only the text after its last occurrence, for chain-of-thought
-prompts). It is correct when ``normalize_answer`` makes it equal to the line's ``answer`` or one of its
-``aliases``.
+prompts). It is correct when ``normalize_answer`` (``llmfoundry.eval.icl_tasks``) makes it equal to the line's
+``answer`` or one of its ``aliases``.
 
-The prompt is built as for the other task types (``icl.build_prompt``: shots show ``context`` +
+The prompt is built as for the other task types (``icl_tasks.build_prompt``: shots show ``context`` +
 ``continuation_delimiter`` + ``answer``) with trailing spaces removed, so that the model writes the space before
 its answer itself (BPE tokenizers encode ' word' as one token).
 """
 from __future__ import annotations
 
 import logging
-import string
-import unicodedata
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from llmfoundry.eval.icl import ICLTaskConfig, build_prompt, num_evaluated, splits_head
+from llmfoundry.eval.icl_tasks import ICLTaskConfig, build_prompt, normalize_answer, num_evaluated, splits_head
 
 log = logging.getLogger(__name__)
-
-_ARTICLES = {"a", "an", "the"}
-
-
-def normalize_answer(text: str) -> str:
-    """Lowercase, drop punctuation, drop the articles a/an/the, collapse whitespace: ``'The Def.'`` -> ``'def'``."""
-    text = "".join(ch for ch in text.lower()
-                   if ch not in string.punctuation and not unicodedata.category(ch).startswith("P"))
-    return " ".join(w for w in text.split() if w not in _ARTICLES)
 
 
 def extract_answer(generated: str, stop_sequences: Sequence[str] = ("\n",), cot_delimiter: str = "") -> str:
@@ -154,5 +143,5 @@ def evaluate_generation_task(model, tokenizer, cfg: ICLTaskConfig, examples: Seq
     return results
 
 
-__all__ = ["normalize_answer", "extract_answer", "accepted_answers", "is_correct", "greedy_generate",
-           "generation_prompts", "generate_answers", "evaluate_generation_task"]
+__all__ = ["extract_answer", "accepted_answers", "is_correct", "greedy_generate", "generation_prompts",
+           "generate_answers", "evaluate_generation_task"]
