@@ -1,4 +1,5 @@
-r"""Convert a Hugging Face dataset (hub name or local path), split by split, into MDS shards of packed tokens.
+r"""Convert a Hugging Face dataset (hub name or local path), split by split, into MDS shards of packed tokens
+(or, with --no_tokenize, of raw text: one sample per record, column 'text', tokenized by the training loader).
 
 Data is read in streaming mode; each split goes to <out_root>/<split>. Examples:
 
@@ -7,6 +8,8 @@ Data is read in streaming mode; each split goes to <out_root>/<split>. Examples:
     python data_prep/convert_dataset_hf.py --dataset json --data_files data/*.jsonl --splits train \
         --out_root /data/mds/mydata
     python data_prep/convert_dataset_hf.py --dataset ./saved_with_save_to_disk --splits train test --out_root out
+    python data_prep/convert_dataset_hf.py --dataset json --data_files data/*.jsonl --splits train \
+        --out_root /data/mds/mytext --no_tokenize
 """
 import argparse
 from dataclasses import replace

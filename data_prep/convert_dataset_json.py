@@ -1,9 +1,14 @@
-r"""Convert JSON Lines files (or files holding a JSON list of records) into MDS shards of packed tokens.
+r"""Convert JSON Lines files (or files holding a JSON list of records) into MDS shards of packed tokens
+(or, with --no_tokenize, of raw text: one sample per record, column 'text', tokenized by the training loader).
 
 Each record is one document; its text is in --text_field. .gz files are read too. Example:
 
     python data_prep/convert_dataset_json.py data/*.jsonl --text_field text \
         --out_root s3://bucket/mds/mydata --tokenizer EleutherAI/gpt-neox-20b --concat_tokens 2048
+    python data_prep/convert_dataset_json.py data/*.jsonl --out_root /data/mds/mytext --no_tokenize
+
+Without --concat_tokens, samples of 2048 tokens are packed (llm-foundry's converters write raw text then: pass
+--no_tokenize for that).
 """
 import argparse
 

@@ -1,4 +1,5 @@
-"""Convert parquet files with a text column into MDS shards of packed tokens.
+"""Convert parquet files with a text column into MDS shards of packed tokens (or, with
+--no_tokenize, of raw text: one sample per row, column 'text', tokenized by the training loader).
 
 Each row is one document. Example:
 

@@ -1,4 +1,5 @@
-r"""Convert text or source files (files, folders, glob patterns) into MDS shards of packed tokens.
+r"""Convert text or source files (files, folders, glob patterns) into MDS shards of packed tokens
+(or, with --no_tokenize, of raw text: one sample per file, column 'text', tokenized by the training loader).
 
 Each file is one document. The documents are packed back to back in input order (the files as given, each
 folder's files sorted by path), each followed by EOS; only the final partial sample is dropped. Example:

@@ -14,6 +14,11 @@ work runs in two phases: (1) each process tokenizes a contiguous range of the in
 samples, cut from those files read as one stream, to ``part-NNNNN/``; one ``index.json`` at ``out_root``
 lists the parts in order. So no partial sample is lost where one process's range ends and the next begins.
 
+Raw text instead (``tokenize=False``, CLI ``--no_tokenize``): each document, as it is, becomes one sample in an
+MDS column ``text`` (``str``), in input order (empty documents skipped), and nothing is tokenized here: the
+training loader tokenizes each sample with the run's tokenizer (llmfoundry/data/text_loader.py). With more
+processes, each writes the documents of a contiguous range of slices to its ``part-NNNNN/``.
+
 Processes tokenize whole slices, so ``processes`` is capped at the number of slices; when that cap lowers it,
 one line on stderr says so (e.g. one small JSON Lines file is one slice). ``out_root`` may be an ``s3://`` URL
 (the endpoint comes from ``S3_ENDPOINT_URL``); shards upload as they are written.
@@ -40,7 +45,8 @@ from llmfoundry.data import DataError
 from llmfoundry.data.readers import BLOCK_BYTES, Source, Unit
 from llmfoundry.utils.errors import storage_cause, unreached_fix
 
-COLUMNS = {"tokens": "ndarray:int32"}
+COLUMNS = {"tokens": "ndarray:int32"}  # packed token samples
+TEXT_COLUMNS = {"text": "str"}        # one document per sample, tokenized by the loader
 
 
 @dataclass
@@ -48,6 +54,7 @@ class ConvertConfig:
     out_root: str                     # local folder or s3://bucket/prefix
     tokenizer: str = "bundled"        # 'bundled', a local folder, or a hub name
     concat_tokens: int = 2048         # tokens per sample
+    tokenize: bool = True             # False: each document as raw text (column 'text'); tokenizer, eos/bos unused
     eos_text: str | None = None       # after each document; None: the tokenizer's EOS token, '': none
     bos_text: str | None = None       # before each document; None or '': none
     compression: str | None = "zstd"  # any mosaicml-streaming compression, or None / 'none'
@@ -69,6 +76,8 @@ class ConvertSummary:
     seconds: float
     processes: int
     cpu_seconds: float = 0.0  # CPU time of reading, tokenizing, packing and writing, summed over processes
+    column: str = "tokens"    # the column(s) written; other than 'tokens': nothing tokenized (token counts are 0)
+    what: str = "documents"   # what the input records are, for the summary
 
     @property
     def tokens_per_second(self) -> float:
@@ -79,6 +88,11 @@ class ConvertSummary:
         return (self.tokens + self.dropped_tokens) / max(self.cpu_seconds, 1e-9)
 
     def __str__(self) -> str:
+        if self.column != "tokens":
+            return (f"converted {self.documents:,} {self.what} into {self.samples:,} samples of raw text (columns "
+                    f"{self.column}; the training loader tokenizes them)\n"
+                    f"  shards {self.shards}  processes {self.processes}  {self.seconds:.1f} s  "
+                    f"({self.cpu_seconds:.1f} CPU s)\n  output {self.out_root}")
         return (f"converted {self.documents:,} documents into {self.samples:,} samples "
                 f"({self.tokens:,} tokens; {self.dropped_tokens:,} dropped in the final partial sample)\n"
                 f"  shards {self.shards}  processes {self.processes}  {self.seconds:.1f} s  "
@@ -279,15 +293,17 @@ def _compression(cfg: ConvertConfig) -> str | None:
 
 
 @contextlib.contextmanager
-def _writer(out: str, cfg: ConvertConfig):
+def _writer(out: str, cfg: ConvertConfig, columns: dict[str, str] | None = None):
     """An ``MDSWriter`` at ``out``, as a context manager; a failed upload to a remote ``out`` raises a
-    ``StorageError`` naming the error, where streaming would only say "One of the threads failed"."""
+    ``StorageError`` naming the error, where streaming would only say "One of the threads failed".
+    ``columns``: default ``tokens`` (or ``text`` when ``cfg.tokenize`` is off)."""
     from streaming import MDSWriter
 
     failed: list[BaseException] = []
     with _storage_errors(out, "upload to"):
         try:
-            writer = MDSWriter(out=out, columns=COLUMNS, compression=_compression(cfg),
+            columns = columns or (COLUMNS if cfg.tokenize else TEXT_COLUMNS)
+            writer = MDSWriter(out=out, columns=columns, compression=_compression(cfg),
                                size_limit=cfg.shard_size_limit,
                                exist_ok=False)  # out_root was checked empty; True would log a warning and rmtree it
             uploader = getattr(writer, "cloud_writer", None)
@@ -380,6 +396,48 @@ def _convert_here(source: Source, units: Sequence[Unit], cfg: ConvertConfig, tok
         _check_counts(part, units, cfg)
     part.shards = len(writer.shards)
     part.cpu_seconds = time.process_time() - cpu0
+    return part
+
+
+def _write_texts(source: Source, units: Sequence[Unit], cfg: ConvertConfig, out: str, report) -> _Part:
+    """Raw text: each non-empty document of ``units`` (in order) as one sample of a writer at ``out``."""
+    cpu0 = time.process_time()
+    part = _Part()
+    with _writer(out, cfg) as writer:
+        for unit in units:
+            for batch in _batches(source.read(unit), cfg.batch_docs):
+                for text in batch:
+                    writer.write({"text": text})
+                part.documents += len(batch)
+                report(0, len(batch))
+            report(unit.size)
+    part.samples = part.documents
+    part.shards = len(writer.shards)
+    part.cpu_seconds = time.process_time() - cpu0
+    return part
+
+
+def _texts_in_processes(source: Source, units: Sequence[Unit], cfg: ConvertConfig, processes: int) -> _Part:
+    """Raw text, one process per contiguous range of units, each to part-NNNNN/; one merged index in order."""
+    ranges = contiguous_ranges([u.size for u in units], processes)
+    names = [f"part-{r:05d}" for r in range(processes)]
+    with _progress(cfg.progress, "converting", sum(u.size for u in units), _size_unit(source)) as report:
+        parts = _run_processes([(_write_texts, (source, units[a:b], cfg, join_out(cfg.out_root, name)))
+                                for (a, b), name in zip(ranges, names)], report)
+    _merge_index(cfg.out_root, names)
+    return _Part(documents=sum(p.documents for p in parts), samples=sum(p.samples for p in parts),
+                 shards=sum(p.shards for p in parts), cpu_seconds=sum(p.cpu_seconds for p in parts))
+
+
+def _convert_texts(source: Source, units: Sequence[Unit], cfg: ConvertConfig, processes: int) -> _Part:
+    if processes == 1:
+        with _progress(cfg.progress, "converting", sum(u.size for u in units), _size_unit(source)) as report:
+            part = _write_texts(source, units, cfg, cfg.out_root, report)
+    else:
+        part = _texts_in_processes(source, units, cfg, processes)
+    if part.documents == 0:
+        raise DataError(f"the inputs hold no documents ({len(units)} input slices read, e.g. {units[0]}); check "
+                        f"the input paths and --text_field")
     return part
 
 
@@ -578,7 +636,8 @@ def _progress(enabled: bool, desc: str, total: int, unit: str):
         if docs or tokens:
             counts[0] += docs
             counts[1] += tokens
-            bar.set_postfix_str(f"{counts[0]:,} docs, {counts[1]:,} tokens", refresh=False)
+            bar.set_postfix_str(f"{counts[0]:,} docs" + (f", {counts[1]:,} tokens" if counts[1] else ""),
+                                refresh=False)
         bar.update(amount)
 
     try:
@@ -605,8 +664,8 @@ def convert(source: Source, cfg: ConvertConfig) -> ConvertSummary:
 
     The samples, in index order, are the documents' token stream in input order cut every ``concat_tokens``
     tokens; only the final partial sample (fewer than ``concat_tokens`` tokens) is dropped, whatever
-    ``processes`` is. A conversion that fails (bad input, interrupted) removes what it wrote, so it can simply
-    be run again. With ``processes > 1`` the workers are fresh processes (forkserver/spawn): a script that calls
+    ``processes`` is. With ``cfg.tokenize`` off, they are the documents themselves (column ``text``). A conversion
+    that fails (bad input, interrupted) removes what it wrote, so it can simply be run again. With ``processes > 1`` the workers are fresh processes (forkserver/spawn): a script that calls
     this must do so under ``if __name__ == "__main__":``.
     """
     from llmfoundry.data.tokenizer import load_tokenizer
@@ -617,8 +676,10 @@ def convert(source: Source, cfg: ConvertConfig) -> ConvertSummary:
         raise DataError(f"--processes must be at least 1, got {cfg.processes}")
     if cfg.concat_tokens < 1:
         raise DataError(f"--concat_tokens must be at least 1, got {cfg.concat_tokens}")
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    separator_ids(tokenizer, cfg)  # fail early, before anything is written
+    tokenizer = None
+    if cfg.tokenize:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        separator_ids(tokenizer, cfg)  # fail early, before anything is written
     units = source.units()
     if not units:
         paths = list(getattr(source, "paths", ()))
@@ -628,24 +689,57 @@ def convert(source: Source, cfg: ConvertConfig) -> ConvertSummary:
     processes = max(1, min(cfg.processes, len(units)))
     if processes < cfg.processes:
         print(processes_note(units, cfg.processes, processes), file=sys.stderr)
-    try:
-        if processes == 1:
+    with _cleared_on_failure(cfg.out_root):
+        if not cfg.tokenize:
+            part = _convert_texts(source, units, cfg, processes)
+        elif processes == 1:
             with _progress(cfg.progress, "converting", sum(u.size for u in units), _size_unit(source)) as report:
                 part = _convert_here(source, units, cfg, tokenizer, report)
         else:
             part = _convert_in_processes(source, units, cfg, processes)
+    tokens = part.samples * cfg.concat_tokens if cfg.tokenize else 0
+    summary = ConvertSummary(out_root=cfg.out_root, documents=part.documents, tokens=tokens,
+                             dropped_tokens=part.tokens - tokens, samples=part.samples, shards=part.shards,
+                             seconds=time.perf_counter() - t0, processes=processes, cpu_seconds=part.cpu_seconds,
+                             column="tokens" if cfg.tokenize else "text")
+    if cfg.progress:
+        print(summary, file=sys.stderr)
+    return summary
+
+
+@contextlib.contextmanager
+def _cleared_on_failure(out_root: str):
+    """Remove what was written under ``out_root`` when the block fails (so the conversion can simply run again)."""
+    try:
+        yield
     except BaseException as e:
         try:
-            clear_output(cfg.out_root)
+            clear_output(out_root)
         except StorageError:
             if not isinstance(e, StorageError):
                 raise
             # the store already failed; its error (the one to show) is the first, not this one
         raise
-    tokens = part.samples * cfg.concat_tokens
-    summary = ConvertSummary(out_root=cfg.out_root, documents=part.documents, tokens=tokens,
-                             dropped_tokens=part.tokens - tokens, samples=part.samples, shards=part.shards,
-                             seconds=time.perf_counter() - t0, processes=processes, cpu_seconds=part.cpu_seconds)
+
+
+def write_samples(samples: Iterable[dict], columns: dict[str, str], cfg: ConvertConfig, inputs: Sequence[str] = (),
+                  what: str = "examples") -> ConvertSummary:
+    """Write ``samples`` (dicts with ``columns``, MDS encodings), in order, into one MDS dataset at ``cfg.out_root``,
+    with ``convert``'s output checks (``inputs``: files that must not lie inside a local out_root), compression and
+    removal on failure. Nothing is tokenized; ``what`` names the samples in the progress bar and summary."""
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    _compression(cfg)
+    _prepare_output(cfg, [Unit(p) for p in inputs])
+    count = 0
+    with _cleared_on_failure(cfg.out_root), _progress(cfg.progress, "writing", None, f" {what}") as report:
+        with _writer(cfg.out_root, cfg, columns) as writer:
+            for sample in samples:
+                writer.write(sample)
+                count += 1
+                report(1)
+    summary = ConvertSummary(out_root=cfg.out_root, documents=count, tokens=0, dropped_tokens=0, samples=count,
+                             shards=len(writer.shards), seconds=time.perf_counter() - t0, processes=1,
+                             cpu_seconds=time.process_time() - cpu0, column=", ".join(columns), what=what)
     if cfg.progress:
         print(summary, file=sys.stderr)
     return summary
@@ -661,10 +755,14 @@ def add_convert_args(parser) -> None:
                         help="'bundled' (default: the tiny byte-level BPE tokenizer built at first use, "
                              "llmfoundry/data/bundled.py), a local tokenizer folder, or a hub name "
                              "(e.g. EleutherAI/gpt-neox-20b)")
-    parser.add_argument("--concat_tokens", type=int, default=2048,
+    parser.add_argument("--concat_tokens", type=int, default=None,
                         help="tokens per sample (default 2048): the documents, each followed by --eos_text, are "
                              "packed back to back in input order; only the final partial sample (fewer than "
                              "concat_tokens tokens, the end of the last document) is dropped")
+    parser.add_argument("--no_tokenize", action="store_true",
+                        help="write each document as it is, one sample per document (MDS column 'text') instead "
+                             "of packed tokens; the training loader tokenizes it with the run's tokenizer, cuts it "
+                             "at max_seq_len and pads it (as llm-foundry's converters do without --concat_tokens)")
     parser.add_argument("--eos_text", default=None,
                         help="text after each document (default: the tokenizer's EOS token; '' for none)")
     parser.add_argument("--bos_text", default=None, help="text before each document (default: none)")
@@ -679,6 +777,8 @@ def add_convert_args(parser) -> None:
 
 
 def config_from_args(args) -> ConvertConfig:
+    if args.no_tokenize:
+        return _text_config_from_args(args)
     bos_text = args.bos_text
     if args.add_bos:
         if bos_text:
@@ -688,8 +788,26 @@ def config_from_args(args) -> ConvertConfig:
         bos_text = load_tokenizer(args.tokenizer).bos_token
         if not bos_text:
             raise DataError(f"tokenizer '{args.tokenizer}' has no BOS token; pass --bos_text instead of --add_bos")
-    return ConvertConfig(out_root=args.out_root, tokenizer=args.tokenizer, concat_tokens=args.concat_tokens,
+    concat_tokens = 2048 if args.concat_tokens is None else args.concat_tokens
+    return ConvertConfig(out_root=args.out_root, tokenizer=args.tokenizer, concat_tokens=concat_tokens,
                          eos_text=args.eos_text, bos_text=bos_text, compression=args.compression,
+                         processes=args.processes, overwrite=args.overwrite, progress=not args.no_progress)
+
+
+def _text_config_from_args(args) -> ConvertConfig:
+    """--no_tokenize: the flags that only apply to tokenizing are refused, each with the reason."""
+    if args.concat_tokens is not None:
+        raise DataError("pass either --concat_tokens N (packed token samples, column 'tokens') or --no_tokenize "
+                        "(one raw-text sample per document, column 'text'), not both")
+    given = [flag for flag, value in (("--eos_text", args.eos_text), ("--bos_text", args.bos_text),
+                                      ("--add_bos", args.add_bos or None)) if value is not None]
+    if args.tokenizer != "bundled":
+        given.insert(0, "--tokenizer")
+    if given:
+        raise DataError(f"{', '.join(given)} only apply when tokenizing; with --no_tokenize the text is stored as "
+                        f"it is and the training run's tokenizer (YAML tokenizer:) tokenizes it while loading. "
+                        f"Remove {'them' if len(given) > 1 else 'it'}, or drop --no_tokenize to write packed tokens")
+    return ConvertConfig(out_root=args.out_root, tokenize=False, compression=args.compression,
                          processes=args.processes, overwrite=args.overwrite, progress=not args.no_progress)
 
 

@@ -25,7 +25,8 @@ YAML key                       used by
 ``model.*``                    ``MPTConfig`` -> ``MPTForCausalLM`` inside ``ComposerMPT`` (composer_model.py)
 ``model.init_device``          where the weights are created: ``cpu``, or ``meta`` with FSDP (materialized shard by
                                shard on the GPUs through the model's ``param_init_fn``)
-``tokenizer``                  ``load_tokenizer(name)``: EOS id for the loader, vocab-size check against the model
+``tokenizer``                  ``load_tokenizer(name)``: EOS id for the loader, vocab-size check against the model;
+                               tokenizes the samples of MDS streams of raw text (column ``text``) and finetuning data
 ``train_loader.*``             by ``train_loader.name``: ``text`` (default) ``TextLoaderConfig`` ->
                                ``build_text_dataloader`` (data/text_loader.py); ``finetune``
                                ``FinetuneLoaderConfig`` -> ``build_finetune_dataloader`` (data/finetune.py)

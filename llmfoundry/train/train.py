@@ -277,7 +277,8 @@ def _build_loader(cfg: TrainConfig, loader_cfg, batch_size: int, tokenizer, eos_
     if isinstance(loader_cfg, FinetuneLoaderConfig):
         return build_finetune_dataloader(loader_cfg, tokenizer, batch_size,
                                          attn_uses_sequence_id=cfg.model.attn_config.attn_uses_sequence_id)
-    return build_text_dataloader(loader_cfg, batch_size, eos_for_sequence_id, vocab_size=cfg.model.vocab_size)
+    return build_text_dataloader(loader_cfg, batch_size, eos_for_sequence_id, vocab_size=cfg.model.vocab_size,
+                                 tokenizer=tokenizer)  # for streams of raw text
 
 
 def build_trainer(cfg: TrainConfig):
@@ -532,4 +533,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preempted: {e}", file=sys.stderr)
         return preemption.PREEMPTED_EXIT_CODE
     return 0
-
