@@ -99,7 +99,8 @@ def test_eval_dialect_refusals_in_one_message():
                                        "icl_task_type": "code_evaluation",
                                        "num_fewshot": [0]}]}, EvalConfig)
     assert sorted(p.split(":")[0] for p in t.problems) == [
-        "icl_subset_num_batches", "icl_tasks.0.dataset_uri", "icl_tasks.0.icl_task_type", "models"]
+        "icl_subset_num_batches", "icl_tasks.0.dataset_uri", "icl_tasks.0.icl_task_type"]
+    assert translate_eval({"models": []}, EvalConfig).problems[0].startswith("models:")
 
 
 def test_eval_dialect_schema_and_generation_tasks():
@@ -456,3 +457,39 @@ def test_every_llm_foundry_key_at_its_default_is_known():
     cfg = config_from_dict(t.data)
     assert cfg.model.learned_pos_emb and not cfg.model.no_bias and cfg.model.kv_n_heads == 16
     assert cfg.train_metrics and cfg.eval_interval == "1ep" and cfg.fsdp.state_dict_type == "full"
+
+
+def test_eval_yaml_with_two_models_evaluates_each(pretrained, tmp_path):
+    """llm-foundry's ``models:`` with two entries: each model is evaluated on the same tasks, in turn; the table has
+    a model column and the results file a ``models`` list (same checkpoint twice here: same numbers)."""
+    import json
+
+    import yaml
+
+    from llmfoundry.eval.evaluate import main
+    folder, r = pretrained
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    data = yaml.safe_load((DATA / "mpt-eval.yaml").read_text())
+    second = dict(data["models"][0], model_name="mpt_tiny_again")
+    data["models"].append(second)
+    data["icl_tasks"] = data["icl_tasks"][:1]
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "eval.json"
+    assert main([str(path), f"variables.checkpoint={folder}/mpt-pretrain/latest-rank0.pt",
+                 "variables.tokenizer_name=bundled", f"results_path={out}"]) == 0
+    results = json.loads(out.read_text())
+    assert [m["label"] for m in results["models"]] == ["mpt_tiny", "mpt_tiny_again"]
+    a, b = ([(x["task"], x["num_fewshot"], x["accuracy"]) for x in m["icl"]] for m in results["models"])
+    assert a == b and len(a) == 2
+
+
+def test_our_models_list_refuses_top_level_model_keys():
+    from llmfoundry.eval.evaluate import EvalConfig
+    from llmfoundry.utils.config import ConfigError, from_dict
+    with pytest.raises(ConfigError, match="the top-level load_path would be ignored: move it into a models entry"):
+        from_dict(EvalConfig, {"load_path": "x.pt", "models": [{"label": "a", "load_path": "a.pt"}],
+                               "icl_tasks": [{"label": "t", "path": "p.jsonl", "type": "language_modeling"}]})
+    with pytest.raises(ConfigError, match="models entry 'b': set exactly one of load_path"):
+        from_dict(EvalConfig, {"models": [{"label": "b"}],
+                               "icl_tasks": [{"label": "t", "path": "p.jsonl", "type": "language_modeling"}]})

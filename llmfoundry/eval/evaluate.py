@@ -3,6 +3,10 @@
 YAML keys (``EvalConfig``):
 
 ==========================  =========================================================================================
+``models``                  several models in one run: a list of ``{label, load_path | hf_path, model_config,
+                            model_overrides, tokenizer}`` (the keys below, per model); each is evaluated on the same
+                            loaders and tasks in turn, the table has a ``model`` column and ``results_path`` a
+                            ``models`` list. Without it, one model from the keys below:
 ``load_path``               composer checkpoint: a ``.pt`` file, a sharded checkpoint folder, or ``s3://...``
 ``hf_path``                 or: a Hugging Face MPT directory (``config.json`` + weights [+ tokenizer files])
 ``model_config``            the model config when the checkpoint records none and has no ``config.yaml`` beside it:
@@ -18,7 +22,7 @@ YAML keys (``EvalConfig``):
                             the model's ``max_seq_len`` are scored on their first ``max_seq_len`` tokens (a warning
                             says so)
 ``eval_subset_num_batches`` score at most this many batches of each loader (null = all)
-``icl_tasks``               list of ``ICLTaskConfig`` (``llmfoundry/eval/icl.py``), each of a ``type``:
+``icl_tasks``               list of ``ICLTaskConfig`` (``llmfoundry/eval/icl_tasks.py``), each of a ``type``:
                             ``language_modeling``, ``multiple_choice``, ``schema`` or
                             ``generation_task_with_answers``; prompts longer than ``max_seq_len`` (generation:
                             minus ``max_new_tokens``) lose their front (a warning and ``truncated_examples`` count
@@ -55,7 +59,27 @@ USAGE = "usage: python scripts/eval.py yamls/eval/CONFIG.yaml [key=value ...]"
 
 
 @dataclass
+class ModelEntry:
+    """One entry of ``models:``: a model to evaluate and how to load it (as the top-level keys of one model)."""
+    label: str
+    load_path: Optional[str] = None
+    hf_path: Optional[str] = None
+    model_config: Optional[Any] = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Optional[str] = None
+
+    def __post_init__(self):
+        if (self.load_path is None) == (self.hf_path is None):
+            raise ValueError(f"models entry '{self.label}': set exactly one of load_path (a composer checkpoint) "
+                             f"and hf_path (a Hugging Face MPT directory)")
+
+
+MODEL_KEYS = ("load_path", "hf_path", "model_config", "model_overrides", "tokenizer")
+
+
+@dataclass
 class EvalConfig:
+    models: list[ModelEntry] = field(default_factory=list)
     load_path: Optional[str] = None
     hf_path: Optional[str] = None
     model_config: Optional[Any] = None
@@ -72,6 +96,17 @@ class EvalConfig:
     seed: int = 17
 
     def __post_init__(self):
+        if self.models:
+            given = [k for k in MODEL_KEYS if getattr(self, k) not in (None, {})]
+            if given:
+                raise ValueError(f"'models' lists the models to evaluate; the top-level {', '.join(given)} would be "
+                                 f"ignored: move {'them' if len(given) > 1 else 'it'} into a models entry")
+            labels = [m.label for m in self.models]
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"models labels must be unique; repeated: "
+                                 f"{sorted({x for x in labels if labels.count(x) > 1})}")
+            self._check_evals()
+            return
         if self.load_path is not None and self.hf_path is not None:
             raise ValueError(f"both load_path ({self.load_path}) and hf_path ({self.hf_path}) are set; keep one: "
                              "add load_path=null to evaluate the Hugging Face directory, or hf_path=null for the "
@@ -82,6 +117,14 @@ class EvalConfig:
         if self.hf_path is not None and self.model_config is not None:
             raise ValueError("'model_config' is only for composer checkpoints; an hf_path directory has its own "
                              "config.json")
+        self._check_evals()
+
+    def one_model(self, entry: ModelEntry) -> "EvalConfig":
+        """This config for one ``models`` entry (its keys at the top level, ``models`` empty)."""
+        import dataclasses
+        return dataclasses.replace(self, models=[], **{k: getattr(entry, k) for k in MODEL_KEYS})
+
+    def _check_evals(self):
         if self.device_eval_batch_size < 1:
             raise ValueError(f"'device_eval_batch_size' = {self.device_eval_batch_size} must be >= 1")
         if self.eval_subset_num_batches is not None and self.eval_subset_num_batches < 1:
@@ -103,7 +146,7 @@ def _register_resolvers() -> None:
         pass
 
 
-NULL_IS_EMPTY = ("eval_loaders", "icl_tasks", "model_overrides", "variables")  # null means none
+NULL_IS_EMPTY = ("eval_loaders", "icl_tasks", "model_overrides", "variables", "models")  # null means none
 NULL_ENTRY_LEFT_OUT = ("eval_loaders", "icl_tasks")  # eval_loaders.val=null, icl_tasks.0=null: leave that one out
 
 
@@ -112,7 +155,7 @@ def null_as_empty(data: dict[str, Any]) -> dict[str, Any]:
     data = dict(data)
     for key in NULL_IS_EMPTY:
         if key in data and data[key] is None:
-            data[key] = [] if key == "icl_tasks" else {}
+            data[key] = [] if key in ("icl_tasks", "models") else {}
     for key in NULL_ENTRY_LEFT_OUT:
         value = data.get(key)
         if isinstance(value, list):
@@ -165,15 +208,19 @@ def load_eval_model(cfg: EvalConfig, device: str, precision: str):
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """A markdown table: one row per perplexity stream and per (ICL task, shots)."""
-    lines = ["| eval | shots | metric | value | n |", "|---|---|---|---|---|"]
-    for label, r in results.get("perplexity", {}).items():
-        lines.append(f"| {label} | - | loss | {r['loss']:.4f} | {r['tokens']} tok |")
-        lines.append(f"| {label} | - | perplexity | {r['perplexity']:.3f} | {r['tokens']} tok |")
-    for r in results.get("icl", []):
-        cut = f", {r['truncated_examples']} truncated" if r.get("truncated_examples") else ""
-        lines.append(f"| {r['task']} | {r['num_fewshot']} | accuracy | {r['accuracy']:.4f} "
-                     f"(chance {r['random_baseline']:.2f}) | {r['num_examples']}{cut} |")
+    """A markdown table: one row per perplexity stream and per (ICL task, shots); with ``models``, per model too."""
+    per_model = results["models"] if "models" in results else [results]
+    first = "| model " if "models" in results else ""
+    lines = [first + "| eval | shots | metric | value | n |", "|---" * (5 + bool(first)) + "|"]
+    for res in per_model:
+        m = f"| {res['label']} " if first else ""
+        for label, r in res.get("perplexity", {}).items():
+            lines.append(f"{m}| {label} | - | loss | {r['loss']:.4f} | {r['tokens']} tok |")
+            lines.append(f"{m}| {label} | - | perplexity | {r['perplexity']:.3f} | {r['tokens']} tok |")
+        for r in res.get("icl", []):
+            cut = f", {r['truncated_examples']} truncated" if r.get("truncated_examples") else ""
+            lines.append(f"{m}| {r['task']} | {r['num_fewshot']} | accuracy | {r['accuracy']:.4f} "
+                         f"(chance {r['random_baseline']:.2f}) | {r['num_examples']}{cut} |")
     return "\n".join(lines)
 
 
@@ -214,15 +261,40 @@ def warn_truncation(label: str, loader_len: int, mcfg) -> None:
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Run every eval in ``cfg``; returns the results (also printed as a table and written to results_path)."""
+    """Run every eval in ``cfg`` (for each of ``models`` in turn, when given); returns the results (also printed as
+    a table and written to results_path)."""
     check_results_path(cfg.results_path)
-    torch.manual_seed(cfg.seed)
     device, precision = resolve_device_precision(cfg.device, cfg.precision)
-    for task in cfg.icl_tasks:  # fail on a bad task file before loading the model
+    for task in cfg.icl_tasks:  # fail on a bad task file before loading a model
         n = len(load_task_examples(task.path, task.type))
         if max(task.num_fewshot) > n - 1:
             raise ConfigError(f"icl task '{task.label}': num_fewshot={max(task.num_fewshot)} needs at least "
                               f"{max(task.num_fewshot) + 1} examples in {task.path}, it has {n}")
+    if cfg.models:
+        results: dict[str, Any] = {"models": []}
+        for entry in cfg.models:
+            log.info("model %s (%s)", entry.label, entry.load_path or entry.hf_path)
+            results["models"].append({"label": entry.label,
+                                      **evaluate_one(cfg.one_model(entry), device, precision)})
+    else:
+        results = evaluate_one(cfg, device, precision)
+    print(format_table(results))
+    if cfg.results_path:
+        replaced = os.path.exists(cfg.results_path)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.results_path)), exist_ok=True)
+            with open(cfg.results_path, "w") as f:
+                json.dump(results, f, indent=2)
+        except OSError as e:  # changed since the check at the start; the table above has the numbers
+            raise ConfigError(f"results_path {cfg.results_path!r} cannot be written ({e.strerror or e}); "
+                              "the results are in the table above") from None
+        print(f"results written to {cfg.results_path}" + (" (replacing the earlier file)" if replaced else ""))
+    return results
+
+
+def evaluate_one(cfg: EvalConfig, device: str, precision: str) -> dict[str, Any]:
+    """Every loader and task of ``cfg`` on its one model."""
+    torch.manual_seed(cfg.seed)
     t0 = time.time()
     model, tokenizer = load_eval_model(cfg, device, precision)
     mcfg = model.config
@@ -246,17 +318,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 log.info("%s %d-shot: accuracy %.4f", row["task"], row["num_fewshot"], row["accuracy"])
                 results["icl"].append(row)
     results["time_s"] = time.time() - t0
-    print(format_table(results))
-    if cfg.results_path:
-        replaced = os.path.exists(cfg.results_path)
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(cfg.results_path)), exist_ok=True)
-            with open(cfg.results_path, "w") as f:
-                json.dump(results, f, indent=2)
-        except OSError as e:  # changed since the check at the start; the table above has the numbers
-            raise ConfigError(f"results_path {cfg.results_path!r} cannot be written ({e.strerror or e}); "
-                              "the results are in the table above") from None
-        print(f"results written to {cfg.results_path}" + (" (replacing the earlier file)" if replaced else ""))
+    del model
     return results
 
 
@@ -284,4 +346,4 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-__all__ = ["EvalConfig", "load_eval_config", "evaluate", "format_table", "main"]
+__all__ = ["EvalConfig", "ModelEntry", "load_eval_config", "evaluate", "format_table", "main"]

@@ -5,8 +5,8 @@ Recognised by keys only that dialect has (``models:``, ``icl_tasks`` entries wit
 ``max_seq_len``, ...) and translated into ``EvalConfig`` keys by ``translate_eval`` (pure), with the training
 translator's rules for ``model:``, ``tokenizer:`` and loaders (``llmfoundry.train.foundry_dialect``): a
 ``mpt_causal_lm`` model section becomes ``model_config`` with llm-foundry's MPT defaults (learned positions,
-biases, no ALiBi), which is how that model was built. One model per run here (``models:`` with several entries is
-refused); the ICL task files of llm-foundry's ``language_modeling``, ``multiple_choice``, ``schema`` and
+biases, no ALiBi), which is how that model was built. ``models:`` with several entries becomes our ``models`` list
+(evaluated in turn); the ICL task files of llm-foundry's ``language_modeling``, ``multiple_choice``, ``schema`` and
 ``generation_task_with_answers`` tasks are read as they are (same JSONL fields), and a generation task's
 ``early_stopping_criteria`` / ``generation_kwargs.max_new_tokens`` become ``stop_sequences`` / ``max_new_tokens``
 (greedy decoding only). As for training, every key with no equivalent is listed in one ``ConfigError``.
@@ -57,7 +57,7 @@ _PRECISIONS = {"amp_bf16": "amp_bf16", "fp32": "fp32", "amp_fp16": "fp16", "bf16
 
 
 def _icl_task(t: Translation, task: Any, path: str) -> Any:
-    from llmfoundry.eval.icl import ICLTaskConfig
+    from llmfoundry.eval.icl_tasks import ICLTaskConfig
     from llmfoundry.train.foundry_dialect import _fields
     if not isinstance(task, Mapping):
         return task
@@ -157,16 +157,30 @@ def _icl_tasks(t: Translation, tasks: Any, yaml_dir: str | None) -> Any:
 
 
 def _models(t: Translation, models: Any, out: dict) -> None:
+    """``models:`` -> one model's keys at the top level (one entry) or our ``models`` list (several)."""
     t.mark("models")
-    if not isinstance(models, list) or len(models) != 1:
-        n = len(models) if isinstance(models, list) else 0
-        t.problem("models", f"{n} models: one model per run here; run scripts/eval.py once per model "
-                            "(keep one entry, or give load_path / model_config directly)")
+    if not isinstance(models, list) or not models:
+        t.problem("models", "give a list of models (each with model_name, model, tokenizer, load_path)")
         return
-    entry = _mapping(t, models[0], "models.0")
+    entries = [_model_entry(t, _mapping(t, m, f"models.{i}"), f"models.{i}") for i, m in enumerate(models)]
+    if len(entries) == 1:
+        entries[0].pop("label")
+        out.update(entries[0])
+        return
+    for i, e in enumerate(entries):
+        e.setdefault("label", f"model{i}")
+    out["models"] = entries
+    t.note("models", f"{len(entries)} models, evaluated in turn (labels: their model_name)")
+
+
+def _model_entry(t: Translation, entry: dict, p: str) -> dict:
+    """One llm-foundry ``models`` entry -> our keys (``label``, ``load_path`` | ``hf_path``, ``tokenizer``,
+    ``model_config``, ``model_overrides``)."""
+    out: dict = {}
     name = entry.pop("model_name", None)
     if name is not None:
-        t.note("models.0.model_name", f"{name!r}: dropped (results name the checkpoint)")
+        out["label"] = str(name)
+        t.note(f"{p}.model_name", f"{name!r} -> label (names the model in the results)")
     if "load_path" in entry:
         out["load_path"] = entry.pop("load_path")
     if "tokenizer" in entry:
@@ -176,27 +190,28 @@ def _models(t: Translation, models: Any, out: dict) -> None:
         src = model.get("pretrained_model_name_or_path")
         if src and os.path.isdir(str(src)) and out.get("load_path") is None:
             out["hf_path"] = src
-            t.note("models.0.model", f"hf_causal_lm -> hf_path: {src!r} (a Hugging Face MPT directory)")
+            t.note(f"{p}.model", f"hf_causal_lm -> hf_path: {src!r} (a Hugging Face MPT directory)")
             for k in set(model) - {"name", "pretrained_model_name_or_path", "pretrained", "init_device",
                                    "use_auth_token", "config_overrides"}:
-                _unknown(t, "models.0.model", k, ["pretrained_model_name_or_path", "config_overrides"])
+                _unknown(t, f"{p}.model", k, ["pretrained_model_name_or_path", "config_overrides"])
             if model.get("config_overrides"):
                 out["model_overrides"] = dict(model["config_overrides"])
         else:
-            t.problem("models.0.model", "hf_causal_lm: only local Hugging Face MPT directories are read here "
+            t.problem(f"{p}.model", "hf_causal_lm: only local Hugging Face MPT directories are read here "
                       "(pretrained_model_name_or_path: a folder with config.json); download the model first")
     elif model is not None:
         sub = Translation(data={})  # the training translator's model rules, under this entry's path
         cfg = _model(sub, model, {})
-        t.notes += [f"models.0.{n}" for n in sub.notes]
-        t.problems += [f"models.0.{p}" for p in sub.problems]
-        t.dialect_keys += [f"models.0.{k}" for k in sub.dialect_keys]
+        t.notes += [f"{p}.{n}" for n in sub.notes]
+        t.problems += [f"{p}.{q}" for q in sub.problems]
+        t.dialect_keys += [f"{p}.{k}" for k in sub.dialect_keys]
         if isinstance(cfg, dict):
             cfg.pop("init_device", None)
         out["model_config"] = cfg
-        t.note("models.0.model", "-> model_config (the checkpoint's weights are read with it)")
+        t.note(f"{p}.model", "-> model_config (the checkpoint's weights are read with it)")
     for k in entry:
-        _unknown(t, "models.0", k, ["model_name", "model", "tokenizer", "load_path"])
+        _unknown(t, p, k, ["model_name", "model", "tokenizer", "load_path"])
+    return out
 
 
 def translate_eval(data: Mapping, eval_cls, yaml_dir: str | None = None) -> Translation:

@@ -27,7 +27,7 @@ def _accepts_sequence_id(model) -> bool:
 def token_losses(model, input_ids: torch.Tensor, labels: torch.Tensor,
                  sequence_id: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropies, number of predicted tokens) for one batch, in fp32."""
-    from llmfoundry.eval.icl import splits_head
+    from llmfoundry.eval.icl_tasks import splits_head
     kwargs = {"sequence_id": sequence_id} if sequence_id is not None and _accepts_sequence_id(model) else {}
     targets = labels[:, 1:]
     if splits_head(model):  # logits one row at a time: (S, vocab) fp32 instead of (B, S, vocab)
