@@ -132,7 +132,7 @@ def _keys(s3_server, bucket: str) -> dict[str, int]:
     return {o["Key"]: o["Size"] for o in got}
 
 
-FAST_RETRY = {"LLMFOUNDRY_UPLOAD_ATTEMPTS": "4", "LLMFOUNDRY_UPLOAD_BACKOFF_S": "0.2"}
+FAST_RETRY = ["checkpoint_upload.attempts=4", "checkpoint_upload.backoff_s=0.2"]
 
 
 def test_uploads_that_fail_then_succeed_are_retried_and_resumed(s3_server, s3_bucket, tmp_path):
@@ -140,10 +140,10 @@ def test_uploads_that_fail_then_succeed_are_retried_and_resumed(s3_server, s3_bu
     (with its marker), 'latest' names it, and the same command continues from it."""
     bucket = s3_bucket[5:]
     proxy = FlakyProxy(s3_server.port, fail_puts=2).start()
-    args = [TINY, *fast(f"{s3_bucket}/runs/{{run_name}}", "eval_loader=null", "save_interval=100ba",
+    args = [TINY, *fast(f"{s3_bucket}/runs/{{run_name}}", "eval_loader=null", "save_interval=100ba", *FAST_RETRY,
                         "max_duration=2ba", "scheduler.t_max=4ba")]
     try:
-        r, out = _run(proxy, args, tmp_path, **FAST_RETRY)
+        r, out = _run(proxy, args, tmp_path)
         assert r.returncode == 0, out[-4000:]
         assert proxy.refused == 2
         uri = f"{s3_bucket}/runs/tiny-cpu/ep0-ba2-rank0.pt"
@@ -156,7 +156,7 @@ def test_uploads_that_fail_then_succeed_are_retried_and_resumed(s3_server, s3_bu
         body = s3_server.client().get_object(Bucket=bucket, Key="runs/tiny-cpu/latest-rank0.pt.symlink")["Body"]
         assert body.read().decode().strip() == "runs/tiny-cpu/ep0-ba2-rank0.pt"
         proxy.refused = 0  # the second launch's first 2 PUTs fail too
-        r, out = _run(proxy, args[:-2] + ["max_duration=4ba", "scheduler.t_max=4ba"], tmp_path, **FAST_RETRY)
+        r, out = _run(proxy, args[:-2] + ["max_duration=4ba", "scheduler.t_max=4ba"], tmp_path)
         assert r.returncode == 0, out[-4000:]
         assert f"autoresume: continuing from {uri}" in out
         assert "[batch=4/4]" in out and "[batch=2/4]" not in out
@@ -171,15 +171,15 @@ def test_store_gone_mid_run_stops_and_the_same_command_resumes_from_newest_compl
     with the store back the same command skips it, says so, and continues from the newest complete one."""
     bucket = s3_bucket[5:]
     proxy = FlakyProxy(s3_server.port, stop_after=r"ep0-ba2-rank0\.pt\.complete$").start()
-    args = [TINY, *fast(f"{s3_bucket}/runs/{{run_name}}", "eval_loader=null", "save_interval=2ba",
+    args = [TINY, *fast(f"{s3_bucket}/runs/{{run_name}}", "eval_loader=null", "save_interval=2ba", *FAST_RETRY,
                         "max_duration=12ba", "scheduler.t_max=12ba")]
     try:
-        r, out = _run(proxy, args, tmp_path, **FAST_RETRY)
+        r, out = _run(proxy, args, tmp_path)
         assert r.returncode == 1, out[-4000:]
         assert not proxy.is_up()
         good = f"{s3_bucket}/runs/tiny-cpu/ep0-ba2-rank0.pt"
         m = re.search(r"error: checkpoint upload to (s3://\S+) \(bucket '(\S+)', key '(\S+)'\) failed 4 times "
-                      r"\(LLMFOUNDRY_UPLOAD_ATTEMPTS\), last error [^\n]*The run stops here: the newest checkpoint "
+                      r"\(checkpoint_upload\.attempts\), last error [^\n]*The run stops here: the newest checkpoint "
                       r"known complete in the bucket is (\S+)\. Fix: bring the object store back", out)
         assert m, out[-4000:]
         assert m.group(2) == bucket and m.group(1) == f"s3://{bucket}/{m.group(3)}"
@@ -196,7 +196,7 @@ def test_store_gone_mid_run_stops_and_the_same_command_resumes_from_newest_compl
         # a newer object cut short (e.g. a copy that did not finish): no marker, a fraction of the size
         s3_server.client().put_object(Bucket=bucket, Key="runs/tiny-cpu/ep0-ba10-rank0.pt", Body=b"PK\x03\x04")
         proxy.start()  # the store is back, on the same address
-        r, out = _run(proxy, args, tmp_path, **FAST_RETRY)
+        r, out = _run(proxy, args, tmp_path)
         assert r.returncode == 0, out[-4000:]
         assert (f"autoresume: skipping {s3_bucket}/runs/tiny-cpu/ep0-ba10-rank0.pt: no ep0-ba10-rank0.pt.complete "
                 "marker") in out

@@ -50,6 +50,8 @@ YAML key                       used by
 ``check_free_disk``            the disk for room for one checkpoint before training (train.py ``_preflight``);
                                a Hugging Face MPT folder as ``load_path``: its weights start the run, after the
                                model: keys are checked against its config.json (pretrained.py)
+``checkpoint_upload.*``        uploads.install: each checkpoint file to an ``s3://`` save_folder is tried ``attempts``
+                               times (6), waiting ``backoff_s`` (2 s) doubling between tries; then the run stops
 ``preemption.grace_period_s``  preemption.py: SIGTERM (to a rank, or to the launcher) finishes the batch, saves a
                                checkpoint on every rank and exits with status 75; a second SIGTERM (2 s or more
                                later), or this many seconds without a save, exits with 143 (docs/FAULTS.md).
@@ -377,6 +379,21 @@ class CallbacksConfig:
 
 
 @dataclass
+class UploadConfig:
+    """``checkpoint_upload:`` (train/uploads.py): how an upload of a checkpoint file to an ``s3://`` save_folder that
+    fails is retried: ``attempts`` tries in all, the first wait ``backoff_s`` seconds, doubling (2, 4, 8, 16, 32 s by
+    default: about a minute of store outage survived per file). Out of attempts, the run stops naming the key and the
+    newest complete checkpoint; the same command resumes once the store is back."""
+    attempts: int = 6
+    backoff_s: float = 2.0
+
+    def __post_init__(self):
+        if self.attempts < 1 or self.backoff_s < 0:
+            raise ValueError(f"checkpoint_upload: attempts must be >= 1 and backoff_s >= 0 (got {self.attempts}, "
+                             f"{self.backoff_s})")
+
+
+@dataclass
 class PreemptionConfig:
     """``preemption:`` (train/preemption.py; needs a ``save_folder``). SIGTERM, what schedulers send before they
     kill a job, makes every rank finish its batch, save a checkpoint and exit with status 75 (``EX_TEMPFAIL``); the
@@ -473,6 +490,7 @@ class TrainConfig:
     autoresume: bool = False
     check_free_disk: bool = True
     preemption: PreemptionConfig | None = field(default_factory=PreemptionConfig)
+    checkpoint_upload: UploadConfig = field(default_factory=UploadConfig)
 
     train_metrics: bool = False  # loss/perplexity/accuracy of each training batch from full logits (slower)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)

@@ -407,7 +407,8 @@ def _build_trainer(cfg: TrainConfig):
                 raise TrainError(checks.unreadable_checkpoint_message(checkpoint, e)) from e
             _check_loaded_shapes(cfg, model_shapes, checkpoint, error=e)
         raise
-    uploads.install(trainer)  # s3:// checkpoints: retried uploads, 'latest' only for complete objects
+    # s3:// checkpoints: retried uploads, 'latest' only for complete objects
+    uploads.install(trainer, cfg.checkpoint_upload.attempts, cfg.checkpoint_upload.backoff_s)
     builders.log_config(loggers, hparams)  # the resolved config as MLflow parameters / TensorBoard hparams
     if autoresume and dist.get_global_rank() == 0:
         _log_autoresume(cfg, trainer.state.load_path, load_path)

@@ -6,7 +6,7 @@ composer 0.32.1 uploads each checkpoint in a worker process (``RemoteUploader``)
 the run dies at the next batch with a traceback. Here the same uploader, executor and ``S3ObjectStore`` are kept and
 only the per-file upload and the 'latest' gate are replaced:
 
-- every upload is tried ``LLMFOUNDRY_UPLOAD_ATTEMPTS`` times (default 6), waiting ``LLMFOUNDRY_UPLOAD_BACKOFF_S`` *
+- every upload is tried ``checkpoint_upload.attempts`` times (default 6), waiting ``checkpoint_upload.backoff_s`` *
   2**k seconds between attempts (default 2 s: 2, 4, 8, 16, 32), one warning line per retry; each attempt is one
   HTTP request (botocore's own retries off, so the waits are ours and logged);
 - after the PUT, a HEAD of the object must give the local file's size; then ``<key>.complete`` (the size, as text)
@@ -29,21 +29,11 @@ from llmfoundry.train.checks import TrainError
 
 log = logging.getLogger(__name__)
 
-ATTEMPTS_ENV, BACKOFF_ENV = "LLMFOUNDRY_UPLOAD_ATTEMPTS", "LLMFOUNDRY_UPLOAD_BACKOFF_S"
 MARKER = ".complete"
 
 
 class UploadFailed(TrainError):
     """A checkpoint (or 'latest') upload that failed every attempt."""
-
-
-def upload_settings() -> tuple[int, float]:
-    """(attempts, first backoff in seconds) from the environment."""
-    attempts = int(os.environ.get(ATTEMPTS_ENV, "6"))
-    backoff = float(os.environ.get(BACKOFF_ENV, "2.0"))
-    if attempts < 1 or backoff < 0:
-        raise TrainError(f"{ATTEMPTS_ENV} must be >= 1 and {BACKOFF_ENV} >= 0 (got {attempts}, {backoff})")
-    return attempts, backoff
 
 
 def _worker_logging() -> None:
@@ -127,7 +117,7 @@ def upload_with_retries(backend_name: str, backend_kwargs: dict, remote_file_nam
                 log.error("upload of %s failed %d times, giving up: %s", uri, attempts, _why(e))
                 raise UploadFailed(f"checkpoint upload to {uri} (bucket '{getattr(store, 'bucket', '?')}', key "
                                    f"'{store.get_key(remote_file_name)}') failed {attempts} times "
-                                   f"({ATTEMPTS_ENV}), last error {_why(e)}") from None
+                                   f"(checkpoint_upload.attempts), last error {_why(e)}") from None
             wait = backoff * 2 ** (attempt - 1) * (1 + 0.1 * random.random())
             log.warning("upload of %s: attempt %d/%d failed (%s); retrying in %.1f s", uri, attempt, attempts,
                         _why(e), wait)
@@ -221,12 +211,13 @@ class CheckedUploader(RemoteUploader):
             self._stop(e)
 
 
-def install(trainer) -> None:
-    """Make the Trainer's checkpoint uploads retried and checked (a no-op for local save folders)."""
+def install(trainer, attempts: int = 6, backoff_s: float = 2.0) -> None:
+    """Make the Trainer's checkpoint uploads retried (``attempts`` tries, waits from ``backoff_s`` doubling) and
+    checked (a no-op for local save folders)."""
     saver = getattr(trainer, "_checkpoint_saver", None)
     uploader = getattr(saver, "remote_uploader", None)
     if uploader is None or type(uploader) is not RemoteUploader:
         return
     uploader.__class__ = CheckedUploader
-    uploader.attempts, uploader.backoff = upload_settings()
+    uploader.attempts, uploader.backoff = attempts, backoff_s
     uploader.expected_sizes, uploader.uploads = {}, []
