@@ -241,7 +241,8 @@ def _import_flash():
         from flash_attn import flash_attn_func, flash_attn_varlen_func
     except ImportError as e:
         raise ImportError("attn_config.attn_impl 'flash' needs the flash-attn package: "
-                          "pip install 'mpt-forge[flash]' (or use attn_impl 'torch' / 'flex')") from e
+                          "pip install 'mpt-forge[flash]', or model.attn_config.attn_impl=triton (the same exact "
+                          "attention, ALiBi or not, with this project's Triton kernel: no extra package)") from e
     return flash_attn_func, flash_attn_varlen_func
 
 
