@@ -355,6 +355,28 @@ def test_finetuning_sources():
         "remote": "s3://b/mds", "max_seq_len": 128}}})
     assert sorted(p.split(":")[0] for p in bad.problems) == ["train_loader.dataset.preprocessing_fn",
                                                              "train_loader.dataset.remote"]
+    assert "set either hf_name (a hub dataset or local files) or remote/local/streams" in bad.problems[-1]
+
+
+def test_finetuning_from_mds_remote_local_split():
+    """llm-foundry's streaming finetuning source (dataset.remote/local/split, or streams) is our finetune MDS
+    source; its streaming knobs are dropped with a note; epoch_size is refused."""
+    from llmfoundry.data.finetune import FinetuneLoaderConfig
+    from llmfoundry.utils.config import from_dict
+    t = translate({"train_loader": {"name": "finetuning", "dataset": {
+        "remote": "s3://bucket/sft", "local": "/tmp/sft", "split": "train", "max_seq_len": 128, "shuffle": True,
+        "shuffle_algo": "py1e", "predownload": 8, "num_canonical_nodes": 2, "download_timeout": 30},
+        "drop_last": True}})
+    assert t.problems == []
+    assert t.data["train_loader"] == {"name": "finetune", "remote": "s3://bucket/sft", "local": "/tmp/sft",
+                                      "split": "train", "max_seq_len": 128, "shuffle": True, "download_timeout": 30,
+                                      "drop_last": True}
+    assert any(n.startswith("train_loader.dataset.remote: read as is: MDS shards") for n in t.notes)
+    assert from_dict(FinetuneLoaderConfig, t.data["train_loader"]).is_mds()
+    streams = translate({"train_loader": {"name": "finetuning", "dataset": {
+        "streams": {"a": {"remote": "s3://b/a", "local": "/tmp/a"}}, "max_seq_len": 128, "epoch_size": 100}}})
+    assert streams.data["train_loader"]["streams"] == {"a": {"remote": "s3://b/a", "local": "/tmp/a"}}
+    assert [p.split(":")[0] for p in streams.problems] == ["train_loader.dataset.epoch_size"]
 
 
 # ------------------------------------------------------------------------------- recognition and hints

@@ -14,6 +14,13 @@ Sources (exactly one)
   inside, sorted). ``${bundled:finetune}`` names ``llmfoundry/assets/finetune`` (tiny examples shipped here).
 * ``hf_dataset``: a Hugging Face dataset: a folder written by ``Dataset(Dict).save_to_disk``, a local folder of
   data files, or a hub name (``hf_subset`` = its config name), and ``split``.
+* ``remote`` and/or ``local`` (or ``streams``: name -> {remote, local, split}, read one after the other): MDS
+  shards, as for pretraining (``s3://`` or a folder; ``llmfoundry/data/streams.py`` downloads, caches and names
+  errors; ``s3_endpoint_url``, ``download_retry``, ``download_timeout`` as in the text loader), under the
+  subfolder ``split`` ('' = none). Samples hold ``prompt`` and ``response`` (str) or ``messages`` (json) columns,
+  e.g. written by ``data_prep/convert_finetune_to_mds.py``; each sample is one example, in index order, so the
+  batches equal those of the JSON Lines it was converted from. Every rank reads every sample (as for the other
+  sources); local ranks share one download cache, a temporary one unless ``local`` is set.
 ``columns`` maps our field names to the source's, e.g. ``{prompt: instruction, response: output}`` or
 ``{messages: conversations, role: from, content: value}``; ``role_names`` maps role values, e.g.
 ``{human: user, gpt: assistant}`` (ShareGPT-style data).
@@ -94,6 +101,7 @@ import torch
 
 from llmfoundry.data import ASSETS, DataError
 from llmfoundry.data.readers import is_saved_dataset
+from llmfoundry.data.streams import StreamConfig
 from llmfoundry.utils.config import ConfigError, closest, from_dict
 
 log = logging.getLogger(__name__)
@@ -106,14 +114,17 @@ FIELDS = ("prompt", "response", "messages", "role", "content")
 MAX_NAMED = 5  # locations named in a warning
 
 __all__ = ["FinetuneLoaderConfig", "build_finetune_dataloader", "build_finetune_dataset", "FinetuneDataset",
-           "FinetuneCollator", "format_chat_prompt", "loader_config_from_dict", "IGNORE_INDEX", "BUNDLED_FINETUNE"]
+           "FinetuneCollator", "format_chat_prompt", "loader_config_from_dict", "canonical_records", "IGNORE_INDEX",
+           "BUNDLED_FINETUNE"]
 
 
 @dataclass
 class FinetuneLoaderConfig:
     """Finetuning loader settings (YAML ``train_loader:`` / ``eval_loader:`` with ``name: finetune``).
 
-    Source: ``data_files`` (JSONL files/folders) or ``hf_dataset`` (+ ``hf_subset``, ``split``); ``columns``,
+    Source: ``data_files`` (JSONL files/folders), ``hf_dataset`` (+ ``hf_subset``, ``split``), or MDS shards:
+    ``remote`` and/or ``local`` (or ``streams``, name -> {remote, local, split}), under ``split`` ('' = none), with
+    ``s3_endpoint_url``, ``download_retry``, ``download_timeout`` (as in ``TextLoaderConfig``); ``columns``,
     ``role_names``: field and role renaming; ``max_examples``: read only the first N examples.
     Format: ``format``, ``prompt_template`` (must contain ``{prompt}``), ``add_eos``; ``malformed``: ``error``
     (stop at the first malformed example) or ``skip`` (leave them out, counted in one warning naming the first).
@@ -127,7 +138,13 @@ class FinetuneLoaderConfig:
     data_files: str | list[str] | None = None
     hf_dataset: str | None = None
     hf_subset: str | None = None
+    remote: str | None = None
+    local: str | None = None
+    streams: dict[str, StreamConfig] | None = None
     split: str = "train"
+    s3_endpoint_url: str | None = None
+    download_retry: int = 2
+    download_timeout: float = 60.0
     columns: dict[str, str] = field(default_factory=dict)
     role_names: dict[str, str] = field(default_factory=dict)
     max_examples: int | None = None
@@ -150,9 +167,22 @@ class FinetuneLoaderConfig:
     def __post_init__(self):
         if isinstance(self.data_files, str):
             self.data_files = [self.data_files]
-        if (self.data_files is None) == (self.hf_dataset is None):
-            raise ValueError("set exactly one data source: 'data_files' (JSONL files or folders) or 'hf_dataset' "
-                             "(a hub name, a save_to_disk folder, or a folder of data files)")
+        given = [k for k in ("data_files", "hf_dataset", "remote", "local", "streams") if getattr(self, k) is not None]
+        if len([k for k in given if k not in ("remote", "local")]) + bool(self.remote or self.local) != 1:
+            raise ValueError(f"set exactly one data source, got {given or 'none'}: 'data_files' (JSONL files or "
+                             f"folders), 'hf_dataset' (a hub name, a save_to_disk folder, or a folder of data files), "
+                             f"or MDS shards: 'remote' and/or 'local' (or 'streams')")
+        for name, stream in (self.streams or {}).items():
+            weights = [k for k in ("proportion", "repeat", "choose") if getattr(stream, k) is not None]
+            if weights:
+                raise ValueError(f"streams.{name}.{weights[0]}: finetuning reads every example of every stream once "
+                                 f"per epoch (rows are packed and shuffled in memory); remove it")
+        if self.streams is not None and not self.streams:
+            raise ValueError("'streams' is empty: give at least one stream")
+        if self.download_retry < 1:
+            raise ValueError(f"download_retry must be >= 1, got {self.download_retry}")
+        if self.download_timeout <= 0:
+            raise ValueError(f"download_timeout must be > 0 seconds, got {self.download_timeout}")
         if self.data_files is not None and not self.data_files:
             raise ValueError("'data_files' is empty: list at least one JSONL file or folder")
         if self.max_seq_len < 2:
@@ -190,6 +220,12 @@ class FinetuneLoaderConfig:
     def column(self, name: str) -> str:
         return self.columns.get(name, name)
 
+    def is_mds(self) -> bool:
+        return bool(self.remote or self.local or self.streams)
+
+    def named_streams(self) -> dict[str, StreamConfig]:
+        return self.streams or {"default": StreamConfig(remote=self.remote, local=self.local)}
+
     def max_per_row(self) -> int | None:
         """Examples per row: 1 (no packing), None (as many as fit), or floor(packing_ratio)."""
         if self.packing_ratio is None:
@@ -226,7 +262,8 @@ class Example:
     chat: bool
 
 
-def _jsonl_files(paths: Sequence[str]) -> list[str]:
+def jsonl_files(paths: Sequence[str]) -> list[str]:
+    """The JSON Lines files of ``data_files``: files as given, folders' ``*.jsonl`` sorted."""
     files = []
     for p in paths:
         p = os.path.expanduser(p)
@@ -245,7 +282,7 @@ def _jsonl_files(paths: Sequence[str]) -> list[str]:
 
 
 def _read_jsonl(paths: Sequence[str]) -> Iterator[tuple[Any, str]]:
-    for path in _jsonl_files(paths):
+    for path in jsonl_files(paths):
         with open(path, encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
@@ -295,10 +332,39 @@ def _open_hf(cfg: FinetuneLoaderConfig):
     return ds, f"{label} split '{cfg.split}'"
 
 
+def _check_mds_columns(cfg: FinetuneLoaderConfig, where: str, columns: dict[str, str]) -> None:
+    """A shard must hold examples: prompt and response, or messages (under their ``columns`` names)."""
+    prompt, response, messages = (cfg.column(k) for k in ("prompt", "response", "messages"))
+    if messages in columns or (prompt in columns and response in columns):
+        return
+    found = ", ".join(f"{n}: {e}" for n, e in columns.items())
+    hint = ""
+    if "tokens" in columns or "text" in columns:
+        hint = " These are pretraining shards: read them with the text loader (leave out name: finetune)."
+    elif "input_ids" in columns or "turns" in columns:
+        hint = (" They look tokenized (e.g. by llm-foundry's convert_finetuning_dataset.py, with its tokenizer and "
+                "template), which is not read here.")
+    raise DataError(f"{where}: its shards hold no finetuning examples: found columns {{{found}}}, need '{prompt}' "
+                    f"and '{response}' (str) or '{messages}' (json list of {{role, content}}).{hint} Fix: convert "
+                    f"the JSON Lines with data_prep/convert_finetune_to_mds.py, or map other column names with "
+                    f"columns: {{prompt: ..., response: ...}}")
+
+
+def _read_mds(cfg: FinetuneLoaderConfig) -> Iterator[tuple[Any, str]]:
+    from llmfoundry.data.text_loader import read_mds_samples
+
+    yield from read_mds_samples(cfg.named_streams(), split=cfg.split, download_retry=cfg.download_retry,
+                                download_timeout=cfg.download_timeout, s3_endpoint_url=cfg.s3_endpoint_url,
+                                check_columns=lambda where, columns: _check_mds_columns(cfg, where, columns))
+
+
 def _read_records(cfg: FinetuneLoaderConfig) -> Iterator[tuple[Any, str]]:
     """(record, where) pairs; a record that could not be read is a ``DataError`` instead."""
     if cfg.data_files is not None:
         yield from _read_jsonl(cfg.data_files)
+        return
+    if cfg.is_mds():
+        yield from _read_mds(cfg)
         return
     ds, label = _open_hf(cfg)
     for row, record in enumerate(ds):
@@ -322,16 +388,23 @@ def _string(value: Any, what: str, where: str) -> str:
     return value
 
 
-def parse_prompt_response(record: Mapping, cfg: FinetuneLoaderConfig, where: str) -> Example:
+def prompt_and_response(record: Mapping, cfg: FinetuneLoaderConfig, where: str) -> tuple[str, str]:
+    """The checked (prompt, response) of a prompt/response record (``DataError`` naming ``where`` otherwise)."""
     prompt = _string(_field(record, cfg, "prompt", where), f"'{cfg.column('prompt')}'", where)
     response = _string(_field(record, cfg, "response", where), f"'{cfg.column('response')}'", where)
     if not response.strip():
         raise DataError(f"{where}: '{cfg.column('response')}' is empty; every example needs a response to train "
                         f"on (remove the example or fill it in)")
+    return prompt, response
+
+
+def parse_prompt_response(record: Mapping, cfg: FinetuneLoaderConfig, where: str) -> Example:
+    prompt, response = prompt_and_response(record, cfg, where)
     return Example([(cfg.prompt_template.replace("{prompt}", prompt), False), (response, True)], where, chat=False)
 
 
-def parse_chat(record: Mapping, cfg: FinetuneLoaderConfig, where: str) -> Example:
+def chat_turns(record: Mapping, cfg: FinetuneLoaderConfig, where: str) -> list[tuple[str, str]]:
+    """The checked (role, content) turns of a chat record, roles mapped by ``role_names``."""
     messages = _field(record, cfg, "messages", where)
     key = cfg.column("messages")
     if not isinstance(messages, list) or not messages:
@@ -362,8 +435,12 @@ def parse_chat(record: Mapping, cfg: FinetuneLoaderConfig, where: str) -> Exampl
     if not any(r == "assistant" for r, _ in turns):
         raise DataError(f"{where}: no assistant message; a chat example needs at least one assistant turn to train "
                         f"on")
+    return turns
+
+
+def parse_chat(record: Mapping, cfg: FinetuneLoaderConfig, where: str) -> Example:
     pieces: list[tuple[str, bool]] = []
-    for i, (role, content) in enumerate(turns):
+    for i, (role, content) in enumerate(chat_turns(record, cfg, where)):
         sep = "\n" if i else ""
         if role == "assistant":
             pieces.append((f"{sep}{IM_START}assistant\n", False))
@@ -379,10 +456,11 @@ def format_chat_prompt(messages: Sequence[Mapping[str, str]]) -> str:
     return "\n".join(turns + [f"{IM_START}assistant\n"])
 
 
-def read_examples(cfg: FinetuneLoaderConfig) -> list[Example]:
-    """Every example of the source, parsed and checked (``DataError`` naming file and line otherwise)."""
-    examples: list[Example] = []
-    skipped: list[str] = []
+def _parsed(cfg: FinetuneLoaderConfig, parse) -> Iterator[Any]:
+    """``parse(record, fmt, where)`` of every record of the source, in order (fmt: 'chat' or 'prompt_response';
+    ``auto`` decides by the first record); malformed records stop it or are skipped (``malformed``), and
+    ``max_examples`` ends it."""
+    count, skipped = 0, []
     fmt = None if cfg.format == "auto" else cfg.format
     for record, where in _read_records(cfg):
         try:
@@ -392,24 +470,51 @@ def read_examples(cfg: FinetuneLoaderConfig) -> list[Example]:
                 raise DataError(f"{where}: an example must be a JSON object, got {type(record).__name__}")
             if fmt is None:
                 fmt = "chat" if cfg.column("messages") in record else "prompt_response"
-            examples.append((parse_chat if fmt == "chat" else parse_prompt_response)(record, cfg, where))
+            parsed = parse(record, fmt, where)
         except DataError as e:
             if cfg.malformed == "error":
                 raise
             skipped.append(str(e).split(". Fix")[0])
-        if cfg.max_examples is not None and len(examples) >= cfg.max_examples:
+            continue
+        yield parsed
+        count += 1
+        if cfg.max_examples is not None and count >= cfg.max_examples:
             break
-    _counted_warning("are malformed and were skipped (malformed: skip)", skipped, len(examples) + len(skipped),
+    _counted_warning("are malformed and were skipped (malformed: skip)", skipped, count + len(skipped),
                      "Fix or remove them, or set malformed: error to stop at the first")
-    if not examples:
+    if not count:
         raise DataError(f"no examples in {_source_name(cfg)}" + (f" ({len(skipped)} malformed ones skipped)"
                                                                    if skipped else ""))
-    return examples
+
+
+def read_examples(cfg: FinetuneLoaderConfig) -> list[Example]:
+    """Every example of the source, parsed and checked (``DataError`` naming file and line otherwise)."""
+    return list(_parsed(cfg, lambda record, fmt, where: (parse_chat if fmt == "chat" else parse_prompt_response)(
+        record, cfg, where)))
+
+
+def canonical_records(cfg: FinetuneLoaderConfig) -> Iterator[dict[str, Any]]:
+    """Every example of the source, checked as the loader checks it, with our field and role names:
+    ``{'prompt': str, 'response': str}`` or ``{'messages': [{'role': ..., 'content': ...}, ...]}`` (what
+    ``data_prep/convert_finetune_to_mds.py`` writes; read back with default ``columns`` and ``role_names``, they
+    give the same examples)."""
+    def canonical(record, fmt, where):
+        if fmt == "chat":
+            return {"messages": [{"role": r, "content": c} for r, c in chat_turns(record, cfg, where)]}
+        prompt, response = prompt_and_response(record, cfg, where)
+        return {"prompt": prompt, "response": response}
+
+    yield from _parsed(cfg, canonical)
 
 
 def _source_name(cfg: FinetuneLoaderConfig) -> str:
     if cfg.data_files is not None:
         return "data_files " + ", ".join(cfg.data_files)
+    if cfg.streams:
+        return "MDS streams " + ", ".join(f"{k} ({v.remote or v.local})" for k, v in cfg.streams.items()) + \
+            f" split '{cfg.split}'"
+    if cfg.is_mds():
+        return f"MDS {cfg.remote or cfg.local} split '{cfg.split}'"
     return f"hf_dataset '{cfg.hf_dataset}' split '{cfg.split}'"
 
 

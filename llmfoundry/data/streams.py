@@ -1,7 +1,8 @@
 """Where the training tokens come from: stream configs -> `streaming.Stream` objects.
 
-A stream is one MDS dataset (a directory holding `index.json` and shards written by `streaming.MDSWriter`
-with one column `tokens` of type `ndarray:int32`). It is read from `local` if the shards are there, and
+A stream is one MDS dataset (a directory holding `index.json` and shards written by `streaming.MDSWriter`):
+for pretraining with a column `tokens` (`ndarray:int32`) or `text` (`str`; text_loader.py), for finetuning with
+`prompt`/`response` or `messages` columns (finetune.py). It is read from `local` if the shards are there, and
 otherwise downloaded from `remote` (a directory path, `s3://bucket/prefix`, or any other scheme
 mosaicml-streaming supports) into `local`.
 

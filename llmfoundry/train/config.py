@@ -30,6 +30,11 @@ YAML key                       used by
 ``train_loader.*``             by ``train_loader.name``: ``text`` (default) ``TextLoaderConfig`` ->
                                ``build_text_dataloader`` (data/text_loader.py); ``finetune``
                                ``FinetuneLoaderConfig`` -> ``build_finetune_dataloader`` (data/finetune.py)
+``train_loader.remote``,       MDS shards: with ``name: text``, pretraining streams (column ``tokens``, or ``text``
+``.local``, ``.streams``,      tokenized while loading); with ``name: finetune``, examples (``prompt``/``response``
+``.split``                     or ``messages`` columns, data_prep/convert_finetune_to_mds.py) read whole by
+                               ``finetune._read_mds`` -> ``text_loader.read_mds_samples``; both through
+                               ``streams.build_streams`` (local/s3:// folders, caches, download errors)
 ``eval_loader.*``              same, wrapped in a composer ``Evaluator`` (loss, perplexity, accuracy)
 ``global_train_batch_size``    split over ranks: ``global // world_size`` samples per device per step
 ``device_train_microbatch_size``  ``Trainer(device_train_microbatch_size=...)``: int or ``auto`` (GPU, FSDP1 only)

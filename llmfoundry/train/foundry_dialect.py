@@ -399,6 +399,12 @@ _FINETUNE_NEUTRAL = {
     "pad_to_longest": ((False, None), "rows are padded to max_seq_len here; remove it"),
     "download_folder": (None, "dropped"),
     "eos_token_id": (None, "the tokenizer's EOS is used here; dropped"),
+    # streaming knobs of an MDS source: the whole source is read before training and rows shuffle in memory here
+    **{k: _TEXT_NEUTRAL[k] for k in ("partition_algo", "sampling_method", "sampling_granularity", "batching_method",
+                                     "validate_hash", "keep_zip", "replication", "allow_unsafe_types", "stream_name")},
+    **{k: (None, "every example is read before training and rows are shuffled in memory (shuffle_seed) here; dropped")
+       for k in ("predownload", "cache_limit", "shuffle_algo", "shuffle_block_size", "num_canonical_nodes")},
+    "epoch_size": ((None,), "every example is seen once per epoch here; remove it"),
 }
 # llm-foundry registers a preprocessing function for these hub datasets (tasks.py); we cannot reproduce it
 _PREPROCESSED_DATASETS = ("tatsu-lab/alpaca", "HuggingFaceH4/databricks_dolly_15k", "bigscience/P3",
@@ -474,11 +480,16 @@ def _finetune_dataset(t: Translation, ds: dict, where: dict, path: str, ours: li
         t.problem(f"{p}.hf_name", f"llm-foundry reformats {hf_name} with a preprocessing function it registers; "
                   "here set columns and prompt_template to do the same (llmfoundry/data/finetune.py)")
     ds.pop("preprocessing_fn", None)
-    for k in ("remote", "local", "streams"):
-        if ds.pop(k, None) is not None:
-            t.mark(f"{where[k]}.{k}")
-            t.problem(f"{where[k]}.{k}", "streaming (MDS) finetuning data is not read here; use hf_name (a hub "
-                      "dataset or local folder) or hf_name: json with hf_kwargs.data_files")
+    mds = [k for k in ("remote", "local", "streams") if ds.get(k) is not None]  # streaming finetuning data
+    for k in mds if hf_name is not None else ():
+        ds.pop(k)
+        t.mark(f"{where[k]}.{k}")
+        t.problem(f"{where[k]}.{k}", "set either hf_name (a hub dataset or local files) or remote/local/streams "
+                  "(MDS shards of examples), not both")
+    if mds and hf_name is None:
+        t.note(f"{where[mds[0]]}.{mds[0]}", "read as is: MDS shards with prompt/response (str) or messages (json) "
+               "columns, as data_prep/convert_finetune_to_mds.py writes them (shards tokenized by llm-foundry's "
+               "convert_finetuning_dataset.py are not read)")
     if hf_name is not None:
         if str(hf_name).startswith(("s3://", "oci://", "gs://", "http://", "https://", "dbfs:")):
             t.problem(f"{p}.hf_name", f"{hf_name!r}: remote files are not fetched here; copy them to a local "

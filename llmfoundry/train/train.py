@@ -188,7 +188,8 @@ def _data_sources(loader) -> str:
     from llmfoundry.data.finetune import FinetuneLoaderConfig
     if isinstance(loader, FinetuneLoaderConfig):
         files = loader.data_files if isinstance(loader.data_files, str) else ", ".join(loader.data_files or [])
-        return f"{loader.hf_dataset or files} (split {loader.split})"
+        streams = "; ".join(f"{k}: {v.remote or v.local}" for k, v in (loader.streams or {}).items())
+        return f"{loader.hf_dataset or files or loader.remote or loader.local or streams} (split {loader.split})"
     if loader.streams:
         names = [f"{k}: {v.remote or v.local}" for k, v in loader.streams.items()]
         return f"{len(names)} streams ({'; '.join(names)})" + (f", split {loader.split}" if loader.split else "")
@@ -534,3 +535,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preempted: {e}", file=sys.stderr)
         return preemption.PREEMPTED_EXIT_CODE
     return 0
+
