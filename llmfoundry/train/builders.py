@@ -176,7 +176,7 @@ def build_callbacks(cfg: CallbacksConfig, on_gpu: bool, save_folder: str | None 
     """SpeedMonitor (throughput; MFU from the model's ``flops_per_batch``), LRMonitor, MemoryMonitor (GPU only),
     RuntimeEstimator, TraceProfiler when ``callbacks.profiler`` is set, StopOnNonFiniteLoss (``save_folder``
     goes into its message), and when set: LossSpike, TimeLimit (needs ``save_folder``), OptimizerMonitor,
-    HFCheckpoint (Hugging Face folders while training)."""
+    HFCheckpoint (Hugging Face folders while training), SampleGenerations (``samples.jsonl`` in ``save_folder``)."""
     from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
     callbacks = []
     if cfg.speed_monitor is not None:
@@ -212,6 +212,11 @@ def build_callbacks(cfg: CallbacksConfig, on_gpu: bool, save_folder: str | None 
         from llmfoundry.train.hf_checkpoint import HFCheckpoint
         h = cfg.hf_checkpoint
         callbacks.append(HFCheckpoint(h.save_folder, h.interval_batches, h.precision, h.overwrite))
+    if cfg.sample_generations is not None:
+        from llmfoundry.train.sample_generations import SampleGenerations
+        g = cfg.sample_generations
+        callbacks.append(SampleGenerations(g.prompts, g.interval_batches, g.max_new_tokens, g.temperature, g.top_k,
+                                           g.top_p, g.seed, g.batch_size, save_folder))
     return callbacks
 
 

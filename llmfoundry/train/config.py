@@ -74,6 +74,9 @@ YAML key                       used by
 ``callbacks.hf_checkpoint``    (off) hf_checkpoint.HFCheckpoint: every ``interval`` batches and at the end, a
                                transformers ``MptForCausalLM`` folder ``{save_folder}/ba{N}`` (local or s3://;
                                ``precision`` fp32/bf16, ``overwrite``); unexportable models refused at Trainer init
+``callbacks.sample_generations`` (off) sample_generations.SampleGenerations: every ``interval`` batches and at the
+                               end, the model's continuation of each of ``prompts``: log lines, a wandb/MLflow table,
+                               ``{save_folder}/samples.jsonl``; training unchanged (RNG states restored)
 ``loggers.wandb``              composer ``WandBLogger`` (``WANDB_MODE=offline`` works)
 ``loggers.mlflow``             composer ``MLFlowLogger`` (builders.build_loggers); ``tracking_uri`` default: the local
                                store ``runs/mlruns``; an http(s) server is checked before training
@@ -369,6 +372,49 @@ class HFCheckpointConfig:
 
 
 @dataclass
+class SampleGenerationsConfig:
+    """``callbacks.sample_generations`` (sample_generations.SampleGenerations): every ``interval`` batches (``500ba``
+    or 500) and after the last batch, the model continues each of ``prompts`` by up to ``max_new_tokens`` tokens
+    (KV cache, ``batch_size`` prompts at a time) and you get a log line per prompt (``sample @ba500 | prompt ->
+    completion``), a ``samples`` table in wandb / MLflow, and ``{batch, prompt, completion}`` lines appended to
+    ``{save_folder}/samples.jsonl`` (local save folders). Greedy with ``temperature: 0`` (the default); else sampled
+    with ``top_k`` (0: off) and ``top_p`` (1: off) from a generator seeded with ``seed``. Training is unchanged
+    (random states restored: the same weights, bit for bit). A prompt that leaves no room for ``max_new_tokens``
+    within ``model.max_seq_len`` is refused before training."""
+    prompts: list[str]  # required
+    interval: int | str = "500ba"
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self):
+        from llmfoundry.generate import SamplingConfig
+        if not self.prompts:
+            raise ValueError("'prompts' is empty; give at least one prompt, e.g. prompts: ['def ', 'The meaning of']")
+        empty = [i for i, p in enumerate(self.prompts) if not p]
+        if empty:
+            raise ValueError(f"'prompts[{empty[0]}]' is empty; a prompt needs text for the model to continue")
+        _ = self.interval_batches  # validates
+        if self.batch_size < 1:
+            raise ValueError(f"'batch_size' = {self.batch_size} must be >= 1 (prompts per generation batch)")
+        SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                       top_p=self.top_p, seed=self.seed)  # validates: max_new_tokens >= 1, top_k/top_p need sampling
+
+    @property
+    def interval_batches(self) -> int:
+        v = self.interval
+        if isinstance(v, str) and re.fullmatch(r"\s*\d+\s*ba\s*", v):
+            v = int(v.strip()[:-2])
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"'interval' = {self.interval!r} is not a number of batches: samples are taken every N "
+                             "batches, e.g. 500ba (or 500)")
+        return v
+
+
+@dataclass
 class CallbacksConfig:
     """``callbacks:``; set one to ``null``/``false`` to turn it off."""
     speed_monitor: SpeedMonitorConfig | None = field(default_factory=SpeedMonitorConfig)
@@ -381,6 +427,7 @@ class CallbacksConfig:
     time_limit: TimeLimitConfig | None = None  # off unless set, e.g. callbacks.time_limit.max_time=2h30m
     optimizer_monitor: OptimizerMonitorConfig | None = None  # off unless set: callbacks.optimizer_monitor.interval=10
     hf_checkpoint: HFCheckpointConfig | None = None  # off unless set: callbacks.hf_checkpoint.save_folder=hf
+    sample_generations: SampleGenerationsConfig | None = None  # off unless set: sample_generations.prompts=[...]
 
 
 @dataclass

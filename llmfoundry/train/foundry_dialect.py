@@ -23,6 +23,8 @@ What changes meaning, not only names (and is kept as llm-foundry had it):
 - an integer time (``eval_interval: 1``, ``max_duration: 2``) counts epochs, as in composer.
 - ``callbacks.hf_checkpointer`` becomes ``callbacks.hf_checkpoint`` writing to ``{save_folder}/huggingface/ba{N}``
   as llm-foundry does, with its ``overwrite: true`` default; batch intervals only, no MLflow registration.
+- ``callbacks.generate_callback`` becomes ``callbacks.sample_generations`` (batch intervals only); greedy unless
+  ``do_sample: true``, then transformers' defaults (temperature 1.0, top_k 50) unless given.
 
 Keys that change nothing that is trained (logging, CUDA allocator and loader-speed knobs, ``eval_first``) are
 dropped with a note; everything else without an equivalent is a problem.
@@ -694,7 +696,7 @@ def _algorithms(t: Translation, algs: Any, top: dict) -> None:
             t.problem(p, f"absent here: {hint}")
 
 
-_DIAGNOSTIC_CALLBACKS = ("scheduled_gc", "optimizer_monitor", "activation_monitor", "generate_callback",
+_DIAGNOSTIC_CALLBACKS = ("scheduled_gc", "optimizer_monitor", "activation_monitor",
                          "loss_perp_v_len", "log_mbmoe_tok_per_expert", "env_logging", "memory_snapshot",
                          "oom_observer", "nan_monitor", "mbmoe_tok_per_expert", "run_timeout", "system_metrics_monitor")
 _CALLBACK_HINTS = {
@@ -748,6 +750,53 @@ def _hf_checkpointer(t: Translation, v: Any) -> dict | None:
     return out
 
 
+_GENERATE_KEYS = ("prompts", "interval", "batch_log_interval", "batch_size", "max_new_tokens", "do_sample",
+                  "temperature", "top_k", "top_p", "use_cache")
+
+
+def _generate_callback(t: Translation, v: Any) -> dict:
+    """llm-foundry's ``generate_callback`` (composer's ``Generate``) -> ``callbacks.sample_generations``: the same
+    prompts every ``interval`` (older releases: ``batch_log_interval``) batches and at the end. transformers'
+    meaning of its generate() options is kept: greedy unless ``do_sample: true``, which samples at ``temperature``
+    1.0 with ``top_k`` 50 unless they are given."""
+    p = "callbacks.generate_callback"
+    t.mark(p)
+    v = _mapping(t, v, p)
+    out = {}
+    prompts = v.get("prompts")
+    if isinstance(prompts, (list, tuple)) and prompts:
+        out["prompts"] = [str(x) for x in prompts]
+    else:
+        t.problem(f"{p}.prompts", f"{_short(prompts)}: give a non-empty list of prompts")
+    interval = v.get("interval")
+    if interval is None and _is_int(v.get("batch_log_interval")):
+        interval = f"{v['batch_log_interval']}ba"
+    if isinstance(interval, str) and re.fullmatch(r"\s*\d+\s*ba\s*", interval):
+        out["interval"] = interval.strip()
+    else:
+        t.problem(f"{p}.interval", f"{_short(interval)}: only batch intervals here, e.g. 1000ba (an integer counts "
+                  "epochs in composer)")
+    for k in ("batch_size", "max_new_tokens"):
+        if k in v:
+            out[k] = v[k]
+    if v.get("do_sample"):
+        out.update(temperature=v.get("temperature", 1.0), top_k=v.get("top_k", 50), top_p=v.get("top_p", 1.0))
+    else:
+        ignored = [k for k in ("temperature", "top_k", "top_p") if k in v]
+        if ignored:
+            t.note(p, f"{', '.join(ignored)} dropped: without do_sample: true transformers decodes greedily, as "
+                   "temperature: 0 does here")
+    if "use_cache" in v:
+        t.note(f"{p}.use_cache", "dropped (generation always uses the KV cache here)")
+    for k in v:
+        if k not in _GENERATE_KEYS:
+            t.problem(f"{p}.{k}", "generate() option absent here (greedy, or sampling with temperature/top_k/top_p "
+                      f"only); remove it. Accepted: {', '.join(_GENERATE_KEYS)}")
+    shown = {k: (f"{len(x)} prompt{'s' * (len(x) != 1)}" if k == "prompts" else x) for k, x in out.items()}
+    t.note(p, f"-> callbacks.sample_generations {shown}")
+    return out
+
+
 def _callbacks(t: Translation, cbs: Any) -> Any:
     CallbacksConfig, SpeedMonitorConfig = t.schema["CallbacksConfig"], t.schema["SpeedMonitorConfig"]
     if not isinstance(cbs, Mapping):
@@ -776,6 +825,8 @@ def _callbacks(t: Translation, cbs: Any) -> Any:
             out[name] = v
         elif name == "hf_checkpointer":
             out["hf_checkpoint"] = _hf_checkpointer(t, v)
+        elif name == "generate_callback":
+            out["sample_generations"] = _generate_callback(t, v)
         elif name in _DIAGNOSTIC_CALLBACKS:
             t.mark(p)
             t.note(p, "absent here; dropped (it does not change training)")
