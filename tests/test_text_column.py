@@ -253,3 +253,21 @@ def test_training_on_text_shards_runs_and_resumes_exactly(data, tmp_path, caplog
     assert all(torch.isfinite(w).all() for w in state["model"].values())
     # the text stream alone trains too
     assert main(train_args(tmp_path / "text", f"train_loader.local={data['text']}", "max_duration=2ba")) == 0
+
+
+def test_scripts_eval_scores_a_text_stream_without_its_padding(data, docs, tmp_path, tok):
+    """scripts/eval.py on a stream of raw text: tokenized with the model's tokenizer, padding not scored (the token
+    count equals the documents' tokens, cut to max_seq_len, minus the first of each row which has no prediction)."""
+    from llmfoundry.checkpoint import save_composer_weights
+    from llmfoundry.eval.evaluate import evaluate, load_eval_config
+    from llmfoundry.models.mpt import MPTForCausalLM
+    from llmfoundry.train.config import load_config
+
+    model = MPTForCausalLM(load_config(TINY, ["variables.seq_len=64"]).model)
+    ckpt = save_composer_weights(model.state_dict(), model.config, str(tmp_path / "w.pt"), tokenizer="bundled")
+    cfg = load_eval_config(str(REPO / "yamls" / "eval" / "tiny-cpu.yaml"), [
+        f"load_path={ckpt}", "icl_tasks=null", f"eval_loaders.val.local={data['text']}", "eval_loaders.val.split=train",
+        "eval_loaders.val.max_seq_len=64", "device=cpu", "results_path=null"])
+    r = evaluate(cfg)["perplexity"]["val"]
+    lengths = [min(len(tok(d, add_special_tokens=False)["input_ids"]), 64) for d in docs]
+    assert r["tokens"] == sum(n - 1 for n in lengths) and r["loss"] > 0

@@ -12,8 +12,13 @@ import os
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
+# The hash of every MDS shard our converters write into index.json; loaders check it when they download or
+# decompress a shard (data/streams.py).
+SHARD_HASH = "xxh3_64"
+
+
 class DataError(ValueError):
     """A user-facing data problem. The message names the file (and line) or the option, and the fix."""
 
 
-__all__ = ["ASSETS", "DataError"]
+__all__ = ["ASSETS", "SHARD_HASH", "DataError"]

@@ -32,9 +32,9 @@ import sysconfig
 import time
 from pathlib import Path
 
-from llmfoundry.data import DataError
+from llmfoundry.data import SHARD_HASH, DataError
 
-RECIPE = 1  # bump when the build below changes what it writes
+RECIPE = 2  # bump when the build below changes what it writes
 VOCAB_SIZE = 4096
 CONCAT_TOKENS = 256
 VAL_EVERY, VAL_OFFSET = 20, 6
@@ -105,7 +105,8 @@ def write_samples(folder: Path, docs: list[str], tokenizer) -> int:
     for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
         stream += ids + [tokenizer.eos_token_id]
     n = len(stream) // CONCAT_TOKENS
-    with MDSWriter(out=str(folder), columns={"tokens": "ndarray:int32"}, compression=None) as out:
+    with MDSWriter(out=str(folder), columns={"tokens": "ndarray:int32"}, compression=None,
+                   hashes=[SHARD_HASH]) as out:
         for i in range(n):
             out.write({"tokens": np.asarray(stream[i * CONCAT_TOKENS:(i + 1) * CONCAT_TOKENS], dtype=np.int32)})
     return n

@@ -41,7 +41,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from llmfoundry.data import DataError
+from llmfoundry.data import SHARD_HASH, DataError
 from llmfoundry.data.readers import BLOCK_BYTES, Source, Unit
 from llmfoundry.utils.errors import storage_cause, unreached_fix
 
@@ -304,7 +304,7 @@ def _writer(out: str, cfg: ConvertConfig, columns: dict[str, str] | None = None)
         try:
             columns = columns or (COLUMNS if cfg.tokenize else TEXT_COLUMNS)
             writer = MDSWriter(out=out, columns=columns, compression=_compression(cfg),
-                               size_limit=cfg.shard_size_limit,
+                               size_limit=cfg.shard_size_limit, hashes=[SHARD_HASH],
                                exist_ok=False)  # out_root was checked empty; True would log a warning and rmtree it
             uploader = getattr(writer, "cloud_writer", None)
             if uploader is not None:  # uploads run in threads, which streaming only logs the error of: keep it

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from streaming import Stream
 from streaming.base.storage.download import S3Downloader
 
+from llmfoundry.data import SHARD_HASH
 from llmfoundry.utils.errors import storage_cause, unreached_fix
 
 
@@ -115,6 +116,31 @@ class NamedStream(Stream):
     def describe(self) -> str:
         where = os.path.join(self.remote or self.local, self.split) if self.split else (self.remote or self.local)
         return f"stream '{self.name}' ({where})"
+
+    def get_shards(self, world, allow_unsafe_types: bool):
+        """The shards of the index; when every shard has a hash of ``SHARD_HASH`` (our converters write one), each
+        is checked against it as it is downloaded or decompressed (``_prepare_shard_part``)."""
+        shards = super().get_shards(world, allow_unsafe_types)
+        files = [info for shard in shards for pair in shard.file_pairs for info in pair if info is not None]
+        if self.validate_hash is None and files and all(SHARD_HASH in (f.hashes or {}) for f in files):
+            self.validate_hash = SHARD_HASH
+        return shards
+
+    def _prepare_shard_part(self, raw_info, zip_info=None, compression=None) -> int:
+        try:
+            return super()._prepare_shard_part(raw_info, zip_info, compression)
+        except ValueError as e:
+            if not str(e).startswith("Checksum failure"):
+                raise
+            info = zip_info or raw_info
+            copy = os.path.join(self.local, self.split or "", info.basename)
+            source = os.path.join(self.remote, self.split or "", info.basename) if self.remote else copy
+            if self.remote and os.path.exists(copy):
+                os.remove(copy)  # the damaged copy in the cache: the next run downloads it again
+            raise StreamError(
+                f"{self.describe()}: shard {source} is damaged: its {self.validate_hash} hash differs from the one "
+                f"index.json records (the same size, different bytes: a bad copy or a disk error). Fix: copy the "
+                f"shard again from where the dataset was written, or convert this source again") from None
 
     def _download_file(self, from_basename: str, to_basename: str | None = None) -> str:
         try:

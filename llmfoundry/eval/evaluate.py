@@ -307,7 +307,8 @@ def evaluate_one(cfg: EvalConfig, device: str, precision: str) -> dict[str, Any]
         eos = tokenizer.eos_token_id if mcfg.attn_config.attn_uses_sequence_id else None
         for label, loader_cfg in cfg.eval_loaders.items():
             warn_truncation(label, loader_cfg.max_seq_len, mcfg)
-            loader = build_eval_batches(loader_cfg, cfg.device_eval_batch_size, eos, vocab_size=mcfg.vocab_size)
+            loader = build_eval_batches(loader_cfg, cfg.device_eval_batch_size, eos, vocab_size=mcfg.vocab_size,
+                                        tokenizer=tokenizer)
             r = evaluate_perplexity(model, loader, device, cfg.eval_subset_num_batches, max_seq_len=mcfg.max_seq_len)
             log.info("%s: loss %.4f perplexity %.3f over %d tokens", label, r["loss"], r["perplexity"], r["tokens"])
             results["perplexity"][label] = r

@@ -69,11 +69,12 @@ def evaluate_perplexity(model, batches: Iterable[dict], device: torch.device | s
 
 
 def build_eval_batches(loader_cfg, batch_size: int, eos_token_id: Optional[int] = None,
-                       vocab_size: Optional[int] = None):
+                       vocab_size: Optional[int] = None, tokenizer=None):
     """A dataloader over ``loader_cfg`` (a ``TextLoaderConfig``); ``eos_token_id`` adds ``sequence_id``;
-    ``vocab_size`` makes token ids outside the model's vocabulary an error naming the stream."""
+    ``vocab_size`` makes token ids outside the model's vocabulary an error naming the stream; ``tokenizer``
+    tokenizes streams of raw text (a ``text`` column; padding is not scored)."""
     from llmfoundry.data.text_loader import build_text_dataloader
-    return build_text_dataloader(loader_cfg, batch_size, eos_token_id, vocab_size=vocab_size)
+    return build_text_dataloader(loader_cfg, batch_size, eos_token_id, vocab_size=vocab_size, tokenizer=tokenizer)
 
 
 __all__ = ["evaluate_perplexity", "token_losses", "build_eval_batches"]
