@@ -27,6 +27,9 @@ YAML keys (``EvalConfig``):
                             ``generation_task_with_answers``; prompts longer than ``max_seq_len`` (generation:
                             minus ``max_new_tokens``) lose their front (a warning and ``truncated_examples`` count
                             them)
+``eval_gauntlet``           aggregate scores over groups of the ``icl_tasks`` (``GauntletConfig``,
+                            ``llmfoundry/eval/gauntlet.py``; docs/GAUNTLET.md): a ``gauntlet`` section in
+                            ``results_path`` (per model with ``models``) and ``gauntlet`` rows in the table
 ``results_path``            JSON file with every number (null = do not write)
 ==========================  =========================================================================================
 
@@ -48,6 +51,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from llmfoundry.data.text_loader import TextLoaderConfig
+from llmfoundry.eval.gauntlet import GauntletConfig, check_gauntlet, format_gauntlet_rows, gauntlet_scores
 from llmfoundry.eval.icl import evaluate_icl_task
 from llmfoundry.eval.icl_tasks import ICLTaskConfig, load_task_examples, random_baseline
 from llmfoundry.eval.perplexity import build_eval_batches, evaluate_perplexity
@@ -91,6 +95,7 @@ class EvalConfig:
     eval_loaders: dict[str, TextLoaderConfig] = field(default_factory=dict)
     eval_subset_num_batches: Optional[int] = None
     icl_tasks: list[ICLTaskConfig] = field(default_factory=list)
+    eval_gauntlet: Optional[GauntletConfig] = None
     results_path: Optional[str] = "eval_results.json"
     variables: dict[str, Any] = field(default_factory=dict)
     seed: int = 17
@@ -136,6 +141,8 @@ class EvalConfig:
         dup = {x for x in labels if labels.count(x) > 1}
         if dup:
             raise ValueError(f"icl_tasks labels must be unique; repeated: {sorted(dup)}")
+        if self.eval_gauntlet is not None:
+            check_gauntlet(self.eval_gauntlet, self.icl_tasks)
 
 
 def _register_resolvers() -> None:
@@ -221,6 +228,8 @@ def format_table(results: dict[str, Any]) -> str:
             cut = f", {r['truncated_examples']} truncated" if r.get("truncated_examples") else ""
             lines.append(f"{m}| {r['task']} | {r['num_fewshot']} | accuracy | {r['accuracy']:.4f} "
                          f"(chance {r['random_baseline']:.2f}) | {r['num_examples']}{cut} |")
+        if "gauntlet" in res:
+            lines += format_gauntlet_rows(res["gauntlet"], m)
     return "\n".join(lines)
 
 
@@ -318,6 +327,9 @@ def evaluate_one(cfg: EvalConfig, device: str, precision: str) -> dict[str, Any]
                 row["random_baseline"] = random_baseline(task)
                 log.info("%s %d-shot: accuracy %.4f", row["task"], row["num_fewshot"], row["accuracy"])
                 results["icl"].append(row)
+    if cfg.eval_gauntlet is not None:
+        results["gauntlet"] = gauntlet_scores(cfg.eval_gauntlet, results["icl"])
+        log.info("gauntlet: %s", ", ".join(f"{k} {v:.4f}" for k, v in results["gauntlet"]["averages"].items()))
     results["time_s"] = time.time() - t0
     del model
     return results

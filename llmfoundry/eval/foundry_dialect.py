@@ -1,15 +1,17 @@
 """llm-foundry's eval YAML dialect (``scripts/eval/yamls/*.yaml``), read by ``scripts/eval.py``.
 
 Recognised by keys only that dialect has (``models:``, ``icl_tasks`` entries with ``dataset_uri`` /
-``icl_task_type``, ``icl_tasks: path/to/tasks.yaml``, ``eval_gauntlet``, ``fsdp_config``, a top-level
-``max_seq_len``, ...) and translated into ``EvalConfig`` keys by ``translate_eval`` (pure), with the training
+``icl_task_type``, ``icl_tasks: path/to/tasks.yaml``, ``eval_gauntlet: path/to/gauntlet.yaml``, ``fsdp_config``, a
+top-level ``max_seq_len``, ...) and translated into ``EvalConfig`` keys by ``translate_eval`` (pure), with the training
 translator's rules for ``model:``, ``tokenizer:`` and loaders (``llmfoundry.train.foundry_dialect``): a
 ``mpt_causal_lm`` model section becomes ``model_config`` with llm-foundry's MPT defaults (learned positions,
 biases, no ALiBi), which is how that model was built. ``models:`` with several entries becomes our ``models`` list
 (evaluated in turn); the ICL task files of llm-foundry's ``language_modeling``, ``multiple_choice``, ``schema`` and
 ``generation_task_with_answers`` tasks are read as they are (same JSONL fields), and a generation task's
 ``early_stopping_criteria`` / ``generation_kwargs.max_new_tokens`` become ``stop_sequences`` / ``max_new_tokens``
-(greedy decoding only). As for training, every key with no equivalent is listed in one ``ConfigError``.
+(greedy decoding only). ``eval_gauntlet`` is scored here (``llmfoundry.eval.gauntlet``; ``weighting: EQUAL`` ->
+``equal``). The ICL and gauntlet rules live in the training translator (a training YAML has them too). As for
+training, every key with no equivalent is listed in one ``ConfigError``.
 """
 from __future__ import annotations
 
@@ -17,22 +19,10 @@ import os
 import sys
 from typing import Any, Mapping
 
-from llmfoundry.train.foundry_dialect import (BANNER, Translation, _loader, _mapping, _model, _neutral, _short,
-                                              _tokenizer, _unknown)
+from llmfoundry.train.foundry_dialect import (BANNER, Translation, _gauntlet, _icl_tasks, _loader, _mapping, _model,
+                                              _neutral, _short, _tokenizer, _unknown)
 from llmfoundry.utils.config import ConfigError
 
-_ICL_TYPES = ("language_modeling", "multiple_choice", "schema", "generation_task_with_answers")
-_ICL_NEUTRAL = {
-    "metric_names": (None, "accuracy is reported here; dropped"),
-    "max_seq_len": (None, "the model's max_seq_len cuts the prompts here; dropped"),
-    "has_categories": (None, "per-category scores are absent here (the task's accuracy is reported); dropped"),
-    "do_normalization": (None, "generated answers are always normalised here; dropped"),
-    "pass_at_k": (None, "dropped (code tasks only)"),
-    "hf_loading_vars": ((None, {}), "task files are local JSONL here (dataset_uri)"),
-    "hf_parsing_map": ((None, {}), "task files are local JSONL with llm-foundry's fields here"),
-    "question_prelimiter": (("", None), "absent here; remove it"),
-    "fewshot_random_seed": (None, None),  # renamed below
-}
 _TOP_NEUTRAL = {
     "max_seq_len": (None, "the model's max_seq_len is used here (model_overrides.max_seq_len to change it); "
                           "dropped"),
@@ -45,9 +35,7 @@ _TOP_NEUTRAL = {
     "run_name": (None, "dropped"),
     "metadata": (None, "dropped"),
     "callbacks": (None, "dropped"),
-    "eval_gauntlet": (None, "the gauntlet's aggregate score is not computed here (each task's accuracy is "
-                            "reported); dropped"),
-    "eval_gauntlet_str": (None, "dropped"),
+    "eval_gauntlet_str": (None, "a copy of eval_gauntlet as text; dropped (eval_gauntlet is read)"),
     "icl_tasks_str": (None, "dropped"),
     "code_paths": ((None, []), "no custom code is imported here; remove it"),
     "icl_subset_num_batches": ((None,), "use icl_tasks.N.max_examples (examples evaluated per task)"),
@@ -56,104 +44,11 @@ _PRECISIONS = {"amp_bf16": "amp_bf16", "fp32": "fp32", "amp_fp16": "fp16", "bf16
                "auto": "auto"}
 
 
-def _icl_task(t: Translation, task: Any, path: str) -> Any:
-    from llmfoundry.eval.icl_tasks import ICLTaskConfig
-    from llmfoundry.train.foundry_dialect import _fields
-    if not isinstance(task, Mapping):
-        return task
-    ours = _fields(ICLTaskConfig)
-    out = {}
-    for k, v in task.items():
-        p = f"{path}.{k}"
-        if k == "dataset_uri":
-            t.mark(p)
-            if str(v).startswith(("s3://", "oci://", "gs://", "hf://", "http://", "https://", "dbfs:")):
-                t.problem(p, f"{_short(v)}: task files are read from local paths here; download it and give its path")
-            out["path"] = v
-        elif k == "icl_task_type":
-            t.mark(p)
-            if v in _ICL_TYPES:
-                out["type"] = v
-            else:
-                t.problem(p, f"{_short(v)}: only {', '.join(_ICL_TYPES[:-1])} and {_ICL_TYPES[-1]} tasks are "
-                             "evaluated here; remove this task")
-        elif k == "fewshot_random_seed":
-            t.mark(p)
-            out["fewshot_seed"] = v
-        elif k == "early_stopping_criteria":
-            t.mark(p)
-            if v is not None:  # None: our default stop sequence, a newline
-                out["stop_sequences"] = [v] if isinstance(v, str) else v
-        elif k == "generation_kwargs":
-            t.mark(p)
-            out.update(_generation_kwargs(t, v, p))
-        elif k == "cot_delimiter" and v is None:
-            t.mark(p)
-        elif k == "num_fewshot" and isinstance(v, int) and not isinstance(v, bool):
-            out[k] = [v]
-        elif k in ours:
-            out[k] = v
-        elif k in _ICL_NEUTRAL:
-            ok, what = _ICL_NEUTRAL[k]
-            if what is not None:
-                t.mark(p)
-                if ok is None or v in ok:  # per-task notes would repeat for every task: only problems are kept
-                    continue
-                t.problem(p, f"{_short(v)}: {what}")
-        else:
-            _unknown(t, path, k, ours + ["dataset_uri", "icl_task_type", *_ICL_NEUTRAL])
-    return out
-
-
-# generation_kwargs of a generation task: greedy decoding only; these keys change nothing under it
-_GREEDY_NEUTRAL = {"do_sample": (False, None), "num_beams": (1, None), "temperature": None, "top_p": None,
-                   "top_k": None, "use_cache": None, "eos_token_id": None, "pad_token_id": None}
-
-
-def _generation_kwargs(t: Translation, kwargs: Any, path: str) -> dict:
-    """``generation_kwargs`` -> ``{max_new_tokens: N}`` (or nothing); sampling and beam search are refused."""
-    if kwargs is None:
-        return {}
-    out = {}
-    for k, v in _mapping(t, kwargs, path).items():
-        if k == "max_new_tokens":
-            out[k] = v
-        elif k in _GREEDY_NEUTRAL:
-            ok = _GREEDY_NEUTRAL[k]
-            if ok is not None and v not in ok:
-                t.problem(f"{path}.{k}", f"{_short(v)}: answers are decoded greedily here; remove it")
-        else:
-            _unknown(t, path, k, ["max_new_tokens", *_GREEDY_NEUTRAL])
-    return out
-
-
-def _icl_tasks(t: Translation, tasks: Any, yaml_dir: str | None) -> Any:
-    if isinstance(tasks, str):  # llm-foundry: a YAML file holding `icl_tasks:`
-        t.mark("icl_tasks")
-        from omegaconf import OmegaConf
-        candidates = [tasks] + ([os.path.join(yaml_dir, tasks)] if yaml_dir else [])
-        found = next((c for c in candidates if os.path.isfile(c)), None)
-        if found is None:
-            t.problem("icl_tasks", f"{tasks!r}: no such task list file (looked in the working directory"
-                                   + (f" and {yaml_dir}" if yaml_dir else "") + ")")
-            return []
-        loaded = OmegaConf.to_container(OmegaConf.load(found), resolve=True)
-        tasks = loaded.get("icl_tasks") if isinstance(loaded, Mapping) else None
-        if not isinstance(tasks, list):
-            t.problem("icl_tasks", f"{found} has no 'icl_tasks:' list")
-            return []
-        t.note("icl_tasks", f"read {len(tasks)} tasks from {found}")
-    if not isinstance(tasks, list):
-        return tasks
-    out = [_icl_task(t, task, f"icl_tasks.{i}") for i, task in enumerate(tasks)]
-    if any(isinstance(x, Mapping) and "dataset_uri" in x for x in tasks):
-        t.note("icl_tasks", "dataset_uri -> path, icl_task_type -> type; metric_names, max_seq_len and "
-                            "has_categories dropped (accuracy per task and shot count is reported)")
-    if any(isinstance(x, Mapping) and x.get("icl_task_type") == "generation_task_with_answers" for x in tasks):
-        t.note("icl_tasks", "generation_task_with_answers: early_stopping_criteria -> stop_sequences (default: a "
-                            "newline), generation_kwargs.max_new_tokens -> max_new_tokens (default 32); greedy "
-                            "answers, exact match after normalisation (do_normalization dropped)")
-    return out
+def _ours(models: Any) -> bool:
+    """Whether ``models:`` is our list (entries with ``label``, ``load_path`` / ``hf_path``, ...): no entry has
+    llm-foundry's ``model_name`` or ``model``."""
+    return isinstance(models, list) and bool(models) and all(
+        isinstance(m, Mapping) and not {"model_name", "model"} & set(m) for m in models)
 
 
 def _models(t: Translation, models: Any, out: dict) -> None:
@@ -227,10 +122,14 @@ def translate_eval(data: Mapping, eval_cls, yaml_dir: str | None = None) -> Tran
     out = t.data
     ours = _fields(EvalConfig)
     for k, v in src.items():
-        if k == "models":
+        if k == "models" and _ours(v):
+            out[k] = v
+        elif k == "models":
             _models(t, v, out)
         elif k == "icl_tasks":
             out[k] = _icl_tasks(t, v, yaml_dir)
+        elif k == "eval_gauntlet":
+            out[k] = _gauntlet(t, v, yaml_dir)
         elif k == "eval_loader":
             t.mark(k)
             if v is not None:

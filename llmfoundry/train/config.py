@@ -41,6 +41,13 @@ YAML key                       used by
 ``device_eval_batch_size``     batch size of the eval loader
 ``max_duration``               ``Trainer(max_duration=...)``: ``'1000ba'``, ``'2000000tok'``, ``'1ep'``
 ``eval_interval``              ``Trainer(eval_interval=...)``; ``eval_subset_num_batches`` likewise
+``icl_tasks``                  list of ``ICLTaskConfig`` (as in an eval YAML, eval/icl_tasks.py): scored during training
+                               by icl_eval.InRunICL at the eval points, logged as ``icl/<label>/<k>shot``
+``icl_subset_num_batches``     in-run ICL: each task's first ``N x batch size`` examples only (null = all, or the
+                               task's ``max_examples``); ``icl_seq_len``: where prompts are cut (default
+                               ``model.max_seq_len``)
+``eval_gauntlet``              ``GauntletConfig`` (eval/gauntlet.py, docs/GAUNTLET.md): aggregate scores over the
+                               ``icl_tasks``, logged as ``icl/gauntlet/<category>`` and ``icl/gauntlet/average``
 ``optimizer.*``                builders.build_optimizer: ``lion`` (train/lion.py, decoupled wd) or ``adamw``
 ``scheduler.*``                builders.build_scheduler: ``cosine`` / ``linear`` / ``constant`` with warmup
 ``max_grad_norm``              composer ``GradientClipping(clipping_type='norm')``; ``null`` disables
@@ -97,6 +104,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmfoundry.data.finetune import loader_config_from_dict
+from llmfoundry.eval.gauntlet import GauntletConfig, check_gauntlet
+from llmfoundry.eval.icl_tasks import ICLTaskConfig
 from llmfoundry.models.mpt import MPTConfig
 from llmfoundry.utils.config import ConfigError, closest, from_dict, to_dict
 
@@ -521,6 +530,10 @@ class TrainConfig:
     eval_subset_num_batches: int = -1
     device_eval_batch_size: int | None = None
     device_train_microbatch_size: int | Literal["auto"] | None = None
+    icl_tasks: list[ICLTaskConfig] | None = None  # scored at the eval points (train/icl_eval.py); null = none
+    icl_subset_num_batches: int | None = None  # in-run ICL: each task's first N x batch size examples (null: all)
+    icl_seq_len: int | None = None  # in-run ICL prompts are cut to this many tokens (null: model.max_seq_len)
+    eval_gauntlet: GauntletConfig | None = None  # aggregate ICL scores (eval/gauntlet.py)
 
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -585,10 +598,31 @@ class TrainConfig:
             raise ValueError(f"'python_log_level' = {self.python_log_level!r} must be one of debug, info, warning, "
                              f"error, critical{closest(self.python_log_level.lower(), ['debug', 'info', 'warning'])}")
         _check_schedule_units(self.scheduler, max_duration)
+        self._check_icl()
         n = self.fsdp.activation_checkpointing_blocks if self.fsdp else None
         if n is not None and n > self.model.n_layers:
             raise ValueError(f"'fsdp.activation_checkpointing_blocks' = {n} is more than the model's n_layers = "
                              f"{self.model.n_layers}; use at most {self.model.n_layers} (or null for every block)")
+
+
+    def _check_icl(self):
+        self.icl_tasks = self.icl_tasks or []  # null: none
+        labels = [t.label for t in self.icl_tasks]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"icl_tasks labels must be unique; repeated: {dup}")
+        if self.icl_subset_num_batches is not None and self.icl_subset_num_batches < 1:
+            raise ValueError(f"'icl_subset_num_batches' = {self.icl_subset_num_batches} must be >= 1 (or null: all "
+                             "examples)")
+        n = self.icl_seq_len
+        if n is not None and not 1 <= n <= self.model.max_seq_len:
+            raise ValueError(f"'icl_seq_len' = {n} must be between 1 and model.max_seq_len = "
+                             f"{self.model.max_seq_len} (null: model.max_seq_len)")
+        if self.eval_gauntlet is not None:
+            if not self.icl_tasks:
+                raise ValueError("'eval_gauntlet' scores the icl_tasks, and icl_tasks is empty; add the tasks its "
+                                 "benchmarks name, or set eval_gauntlet: null")
+            check_gauntlet(self.eval_gauntlet, self.icl_tasks)
 
 
 def _check_schedule_units(sched: SchedulerConfig, max_duration) -> None:

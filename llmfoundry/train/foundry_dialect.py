@@ -23,6 +23,10 @@ What changes meaning, not only names (and is kept as llm-foundry had it):
 - an integer time (``eval_interval: 1``, ``max_duration: 2``) counts epochs, as in composer.
 - ``callbacks.hf_checkpointer`` becomes ``callbacks.hf_checkpoint`` writing to ``{save_folder}/huggingface/ba{N}``
   as llm-foundry does, with its ``overwrite: true`` default; batch intervals only, no MLflow registration.
+- ``icl_tasks`` (a list, or a YAML file holding one) and ``eval_gauntlet`` (likewise) are evaluated during the run
+  at ``eval_interval`` (train/icl_eval.py); their entries are translated as for scripts/eval.py (``dataset_uri``
+  -> ``path``, ``icl_task_type`` -> ``type``, ``weighting: EQUAL`` -> ``equal``, ...); ``icl_subset_num_batches``
+  and ``icl_seq_len`` keep their meaning.
 - ``callbacks.generate_callback`` becomes ``callbacks.sample_generations`` (batch intervals only); greedy unless
   ``do_sample: true``, then transformers' defaults (temperature 1.0, top_k 50) unless given.
 
@@ -890,6 +894,162 @@ def _tokenizer(t: Translation, tok: Any) -> Any:
     return name
 
 
+# ---------------------------------------------------------------------------------------- ICL tasks, gauntlet
+# llm-foundry's icl_tasks and eval_gauntlet, in a training YAML (evaluated during the run: train/icl_eval.py) or an
+# eval YAML (llmfoundry/eval/foundry_dialect.py uses these too)
+_ICL_TYPES = ("language_modeling", "multiple_choice", "schema", "generation_task_with_answers")
+_ICL_NEUTRAL = {
+    "metric_names": (None, "accuracy is reported here; dropped"),
+    "max_seq_len": (None, "the model's max_seq_len cuts the prompts here; dropped"),
+    "has_categories": (None, "per-category scores are absent here (the task's accuracy is reported); dropped"),
+    "do_normalization": (None, "generated answers are always normalised here; dropped"),
+    "pass_at_k": (None, "dropped (code tasks only)"),
+    "hf_loading_vars": ((None, {}), "task files are local JSONL here (dataset_uri)"),
+    "hf_parsing_map": ((None, {}), "task files are local JSONL with llm-foundry's fields here"),
+    "question_prelimiter": (("", None), "absent here; remove it"),
+    "fewshot_random_seed": (None, None),  # renamed below
+}
+
+
+def _section_of_file(t: Translation, key: str, value: str, yaml_dir: str | None) -> tuple[Any, str | None]:
+    """llm-foundry's ``key: path/to/file.yaml``: (that file's ``key:`` section, the file); (None, None) with a
+    problem when there is no such file (looked for in the working directory, then next to the YAML)."""
+    from omegaconf import OmegaConf
+    candidates = [value] + ([os.path.join(yaml_dir, value)] if yaml_dir else [])
+    found = next((c for c in candidates if os.path.isfile(c)), None)
+    if found is None:
+        t.problem(key, f"{value!r}: no such file (looked in the working directory"
+                       + (f" and {yaml_dir}" if yaml_dir else "") + ")")
+        return None, None
+    loaded = OmegaConf.to_container(OmegaConf.load(found), resolve=True)
+    return (loaded.get(key) if isinstance(loaded, Mapping) else None), found
+
+
+def _icl_task(t: Translation, task: Any, path: str) -> Any:
+    """One llm-foundry ``icl_tasks`` entry -> our ``ICLTaskConfig`` keys (ours pass through)."""
+    from llmfoundry.eval.icl_tasks import ICLTaskConfig
+    if not isinstance(task, Mapping):
+        return task
+    ours = _fields(ICLTaskConfig)
+    out = {}
+    for k, v in task.items():
+        p = f"{path}.{k}"
+        if k == "dataset_uri":
+            t.mark(p)
+            if str(v).startswith(("s3://", "oci://", "gs://", "hf://", "http://", "https://", "dbfs:")):
+                t.problem(p, f"{_short(v)}: task files are read from local paths here; download it and give its path")
+            out["path"] = v
+        elif k == "icl_task_type":
+            t.mark(p)
+            if v in _ICL_TYPES:
+                out["type"] = v
+            else:
+                t.problem(p, f"{_short(v)}: only {', '.join(_ICL_TYPES[:-1])} and {_ICL_TYPES[-1]} tasks are "
+                             "evaluated here; remove this task")
+        elif k == "fewshot_random_seed":
+            t.mark(p)
+            out["fewshot_seed"] = v
+        elif k == "early_stopping_criteria":
+            t.mark(p)
+            if v is not None:  # None: our default stop sequence, a newline
+                out["stop_sequences"] = [v] if isinstance(v, str) else v
+        elif k == "generation_kwargs":
+            t.mark(p)
+            out.update(_generation_kwargs(t, v, p))
+        elif k == "cot_delimiter" and v is None:
+            t.mark(p)
+        elif k == "num_fewshot" and isinstance(v, int) and not isinstance(v, bool):
+            out[k] = [v]
+        elif k in ours:
+            out[k] = v
+        elif k in _ICL_NEUTRAL:
+            ok, what = _ICL_NEUTRAL[k]
+            if what is not None:
+                t.mark(p)
+                if ok is None or v in ok:  # per-task notes would repeat for every task: only problems are kept
+                    continue
+                t.problem(p, f"{_short(v)}: {what}")
+        else:
+            _unknown(t, path, k, ours + ["dataset_uri", "icl_task_type", *_ICL_NEUTRAL])
+    return out
+
+
+# generation_kwargs of a generation task: greedy decoding only; these keys change nothing under it
+_GREEDY_NEUTRAL = {"do_sample": (False, None), "num_beams": (1, None), "temperature": None, "top_p": None,
+                   "top_k": None, "use_cache": None, "eos_token_id": None, "pad_token_id": None}
+
+
+def _generation_kwargs(t: Translation, kwargs: Any, path: str) -> dict:
+    """``generation_kwargs`` -> ``{max_new_tokens: N}`` (or nothing); sampling and beam search are refused."""
+    if kwargs is None:
+        return {}
+    out = {}
+    for k, v in _mapping(t, kwargs, path).items():
+        if k == "max_new_tokens":
+            out[k] = v
+        elif k in _GREEDY_NEUTRAL:
+            ok = _GREEDY_NEUTRAL[k]
+            if ok is not None and v not in ok:
+                t.problem(f"{path}.{k}", f"{_short(v)}: answers are decoded greedily here; remove it")
+        else:
+            _unknown(t, path, k, ["max_new_tokens", *_GREEDY_NEUTRAL])
+    return out
+
+
+def _icl_tasks(t: Translation, tasks: Any, yaml_dir: str | None) -> Any:
+    """llm-foundry's ``icl_tasks`` (a list, or a YAML file holding ``icl_tasks:``) -> a list of our task entries."""
+    if isinstance(tasks, str):  # llm-foundry: a YAML file holding `icl_tasks:`
+        t.mark("icl_tasks")
+        tasks, found = _section_of_file(t, "icl_tasks", tasks, yaml_dir)
+        if found is None:
+            return []
+        if not isinstance(tasks, list):
+            t.problem("icl_tasks", f"{found} has no 'icl_tasks:' list")
+            return []
+        t.note("icl_tasks", f"read {len(tasks)} tasks from {found}")
+    if not isinstance(tasks, list):
+        return tasks
+    out = [_icl_task(t, task, f"icl_tasks.{i}") for i, task in enumerate(tasks)]
+    if any(isinstance(x, Mapping) and "dataset_uri" in x for x in tasks):
+        t.note("icl_tasks", "dataset_uri -> path, icl_task_type -> type; metric_names, max_seq_len and "
+                            "has_categories dropped (accuracy per task and shot count is reported)")
+    if any(isinstance(x, Mapping) and x.get("icl_task_type") == "generation_task_with_answers" for x in tasks):
+        t.note("icl_tasks", "generation_task_with_answers: early_stopping_criteria -> stop_sequences (default: a "
+                            "newline), generation_kwargs.max_new_tokens -> max_new_tokens (default 32); greedy "
+                            "answers, exact match after normalisation (do_normalization dropped)")
+    return out
+
+
+_GAUNTLET_WEIGHTINGS = {"EQUAL": "equal", "SAMPLE_SZ": "sample_sz", "LOG_SAMPLE_SZ": "log_sample_sz"}
+
+
+def _gauntlet(t: Translation, gauntlet: Any, yaml_dir: str | None) -> Any:
+    """llm-foundry's ``eval_gauntlet`` (a mapping, or a YAML file holding ``eval_gauntlet:``) -> our
+    ``GauntletConfig`` keys: ``weighting: EQUAL / SAMPLE_SZ / LOG_SAMPLE_SZ`` -> ``equal / sample_sz /
+    log_sample_sz``; ``categories`` (``name``, ``benchmarks``: ``name``, ``num_fewshot``, ``random_baseline``),
+    ``subtract_random_baseline``, ``rescale_accuracy`` and ``averages`` as they are."""
+    if isinstance(gauntlet, str):
+        t.mark("eval_gauntlet")
+        gauntlet, found = _section_of_file(t, "eval_gauntlet", gauntlet, yaml_dir)
+        if found is None:
+            return None
+        if not isinstance(gauntlet, Mapping):
+            t.problem("eval_gauntlet", f"{found} has no 'eval_gauntlet:' mapping")
+            return None
+        t.note("eval_gauntlet", f"read from {found}")
+    if not isinstance(gauntlet, Mapping):
+        return gauntlet
+    out = dict(gauntlet)
+    w = out.get("weighting")
+    if isinstance(w, str) and w in _GAUNTLET_WEIGHTINGS:
+        t.mark("eval_gauntlet.weighting")
+        out["weighting"] = _GAUNTLET_WEIGHTINGS[w]
+        t.note("eval_gauntlet", f"weighting {w} -> {out['weighting']}; scored here as in llm-foundry (benchmark: "
+                                "accuracy minus random_baseline, over 1 - random_baseline; category: weighted mean; "
+                                "'average': the mean over categories, docs/GAUNTLET.md)")
+    return out
+
+
 # top-level keys only llm-foundry has -> what happens to them (None: a custom handler below)
 _TOP_NEUTRAL = {
     "max_seq_len": (None, "dropped; here model.max_seq_len and each loader's max_seq_len say it"),
@@ -902,14 +1062,9 @@ _TOP_NEUTRAL = {
     "cuda_load_lazy": (None, "dropped; set CUDA_MODULE_LOADING=LAZY instead"),
     "accumulate_train_batch_on_tokens": (None, "dropped: each micro-batch's loss is weighted equally here"),
     "eval_loaders": ((None, []), "one eval_loader here; keep one"),
-    "icl_tasks": ((None, []), "in-context-learning evaluation runs after training here: scripts/eval.py "
-                              "(yamls/eval/); remove it from the training YAML"),
-    "icl_tasks_str": ((None,), "see icl_tasks"),
-    "eval_gauntlet": ((None,), "the eval gauntlet is absent here; remove it"),
-    "eval_gauntlet_str": ((None,), "the eval gauntlet is absent here; remove it"),
-    "icl_subset_num_batches": (None, "dropped with the ICL tasks (scripts/eval.py)"),
-    "icl_seq_len": (None, "dropped with the ICL tasks (scripts/eval.py)"),
-    "icl_max_seq_len": (None, "dropped with the ICL tasks (scripts/eval.py)"),
+    "icl_tasks_str": (None, "a copy of icl_tasks as text; dropped (icl_tasks is read)"),
+    "eval_gauntlet_str": (None, "a copy of eval_gauntlet as text; dropped (eval_gauntlet is read)"),
+    "icl_max_seq_len": (None, "dropped (icl_seq_len cuts the ICL prompts here; default model.max_seq_len)"),
     "log_config": (None, "dropped; the resolved config is always logged and saved as config.yaml"),
     "metadata": (None, "dropped"),
     "flatten_metadata": (None, "dropped"),
@@ -930,9 +1085,10 @@ _TOP_NEUTRAL = {
 _TIME_KEYS = ("max_duration", "eval_interval", "save_interval", "console_log_interval")
 
 
-def translate(data: Mapping, config_cls) -> Translation:
+def translate(data: Mapping, config_cls, yaml_dir: str | None = None) -> Translation:
     """llm-foundry's training YAML (as a resolved dict, overrides applied) -> a dict for ``config_cls``
-    (``TrainConfig``).
+    (``TrainConfig``). ``yaml_dir``: where ``icl_tasks: tasks.yaml`` / ``eval_gauntlet: gauntlet.yaml`` are also
+    looked for.
 
     Pure: ``data`` is not changed. Keys already in our format pass through unchanged, so a YAML that mixes both
     (an llm-foundry YAML with our ``key=value`` overrides) works. See the module docstring.
@@ -942,7 +1098,7 @@ def translate(data: Mapping, config_cls) -> Translation:
     out = t.data
     ours = _fields(config_cls)
     handlers = {"model", "tokenizer", "train_loader", "eval_loader", "optimizer", "scheduler", "fsdp_config",
-                "algorithms", "callbacks", "loggers"}
+                "algorithms", "callbacks", "loggers", "icl_tasks", "eval_gauntlet"}
     for k, v in src.items():
         if k in handlers:
             continue
@@ -965,6 +1121,10 @@ def translate(data: Mapping, config_cls) -> Translation:
             out[k] = _loader(t, src[k], k)
     if "scheduler" in src:
         out["scheduler"] = _scheduler(t, src["scheduler"])
+    if "icl_tasks" in src:
+        out["icl_tasks"] = _icl_tasks(t, src["icl_tasks"], yaml_dir)
+    if "eval_gauntlet" in src:
+        out["eval_gauntlet"] = _gauntlet(t, src["eval_gauntlet"], yaml_dir)
     if "fsdp_config" in src:
         fsdp = _fsdp(t, src["fsdp_config"])
         if "fsdp" in src and src["fsdp"] != fsdp:
@@ -1065,7 +1225,7 @@ def load_foundry_config(data: Mapping, yaml_path, config_cls, convert, out=None)
     write the translated YAML."""
     out = out or sys.stderr
     source = str(yaml_path) if yaml_path is not None else None
-    t = translate(data, config_cls)
+    t = translate(data, config_cls, os.path.dirname(os.path.abspath(str(yaml_path))) if yaml_path else None)
     problems = t.problems + value_errors(t.data, config_cls)
     if problems:
         raise ConfigError(problems_message(problems, source))

@@ -41,6 +41,7 @@ from llmfoundry.train import builders, checks, preemption, pretrained, resume, u
 from llmfoundry.train.checks import TrainError
 from llmfoundry.train.composer_model import ComposerMPT
 from llmfoundry.train.config import TrainConfig, config_to_yaml, env_run_name, load_config, run_name_of
+from llmfoundry.train.icl_eval import build_in_run_icl
 from llmfoundry.utils.config import ConfigError, to_dict
 
 log = logging.getLogger(__name__)
@@ -346,6 +347,9 @@ def _build_trainer(cfg: TrainConfig):
 
     callbacks = builders.build_callbacks(cfg.callbacks, on_gpu=device == "gpu", save_folder=resume.save_dir(cfg))
     callbacks += builders.build_grad_sync(cfg.fsdp, precision)
+    # icl_tasks: scored at the eval points (icl_eval.py), rows per forward as the eval loader's batch
+    callbacks += build_in_run_icl(cfg, tokenizer, cfg.device_eval_batch_size or
+                                  (microbatch if isinstance(microbatch, int) else device_batch))
     # the model config and tokenizer travel inside every checkpoint (s3 ones too): eval/export need nothing else
     callbacks.append(ModelConfigRecorder(cfg.model, cfg.tokenizer))
     shape_recorder = resume.BatchShapeRecorder(cfg)
