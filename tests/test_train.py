@@ -436,3 +436,16 @@ def test_readme_default_command(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert glob.glob(str(tmp_path / "ck" / "ep*-ba120-rank0.pt"))
     assert "metrics/eval/LanguagePerplexity" in r.stdout + r.stderr
+
+
+def test_a_resume_with_dropout_is_bit_exact(tmp_path):
+    """Dropout draws from torch's RNG: a run stopped after 2 batches and resumed (mid-epoch, the streaming loader
+    resuming by its own state) ends with the weights of a run that never stopped (resume.RestoreRNG: composer alone
+    restores the saved RNG state only at an epoch's start)."""
+    extra = ["model.resid_pdrop=0.1", "model.emb_pdrop=0.1", "eval_loader=null", "save_interval=2ba",
+             "scheduler.t_max=4ba"]
+    assert run_cli([TINY, *fast(tmp_path / "whole", *extra, "max_duration=4ba")]).returncode == 0
+    assert run_cli([TINY, *fast(tmp_path / "parts", *extra, "max_duration=2ba")]).returncode == 0
+    r = run_cli([TINY, *fast(tmp_path / "parts", *extra, "max_duration=4ba")])
+    assert r.returncode == 0 and "autoresume: continuing from" in r.stdout + r.stderr
+    assert_same_weights(checkpoint_state(tmp_path / "parts", 4), checkpoint_state(tmp_path / "whole", 4))

@@ -742,4 +742,5 @@ def build_finetune_dataloader(cfg: FinetuneLoaderConfig, tokenizer, device_batch
                       num_workers=cfg.num_workers, drop_last=cfg.drop_last,
                       pin_memory=cfg.pin_memory and torch.cuda.is_available(),
                       prefetch_factor=cfg.prefetch_factor if workers else None,
-                      persistent_workers=cfg.persistent_workers and workers)
+                      persistent_workers=cfg.persistent_workers and workers,
+                      generator=torch.Generator().manual_seed(cfg.shuffle_seed))  # not the global RNG: see text_loader

@@ -517,7 +517,10 @@ def build_text_dataloader(cfg: TextLoaderConfig, device_batch_size: int, eos_tok
         dataset, batch_size=device_batch_size, collate_fn=TextCollator(eos_token_id, pad, cfg.max_seq_len),
         num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor if workers else None,
         persistent_workers=cfg.persistent_workers and workers, drop_last=cfg.drop_last,
-        pin_memory=cfg.pin_memory and torch.cuda.is_available())
+        pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+        # its own generator: starting an epoch's iterator draws a seed from it, not from torch's global RNG, which
+        # a resumed run has just restored (dropout masks then match an uninterrupted run's)
+        generator=torch.Generator().manual_seed(cfg.shuffle_seed))
     _own(dataset, auto_dirs, loader)
     return loader
 

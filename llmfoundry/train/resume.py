@@ -252,3 +252,23 @@ class PruneEarlierCheckpoints(Callback):
 
     def iteration_checkpoint(self, state, logger) -> None:
         self._prune()
+
+
+class RestoreRNG(Callback):
+    """A run resumed in the middle of an epoch continues with the random state its checkpoint saved.
+
+    composer 0.32.1 restores a checkpoint's RNG state only at an epoch's first batch or while it skips batches of a
+    dataloader; a streaming loader resumes by its own state (no skipping), so mid-epoch composer never restores it
+    and dropout (and anything else random) diverges from an uninterrupted run. Here the saved state is loaded right
+    after the first batch of the resumed run is fetched: the point at which an uninterrupted run, having just saved
+    that checkpoint, fetched its next batch."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def after_dataloader(self, state, logger) -> None:
+        rng = getattr(self.trainer, "_rng_state", None)  # composer keeps the loaded checkpoint's state here
+        if rng is not None:
+            from composer.utils import reproducibility
+            reproducibility.load_rng_state(rng)
+            self.trainer._rng_state = None

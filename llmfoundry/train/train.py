@@ -430,6 +430,7 @@ def _build_trainer(cfg: TrainConfig):
             keep = cfg.save_num_checkpoints_to_keep
             trainer.state.callbacks.append(resume.PruneEarlierCheckpoints(trainer, earlier, keep, sharded))
     trainer.state.callbacks.append(resume.ConfigCopy(cfg, config_path))  # after the load: it keeps no state
+    trainer.state.callbacks.insert(0, resume.RestoreRNG(trainer))  # mid-epoch resumes continue the saved RNG
 
     peak = builders.peak_flops_used(callbacks)
     if peak:
