@@ -38,11 +38,14 @@ Each stream's column is read from its index.json (`column_names` / `column_encod
   and the same global batch (device batch x ranks) continues the same sequence, sample j of each global
   batch going to rank j % world_size. `num_canonical_nodes` is stored in the state; to also change the
   number of nodes, set it to a multiple of every node count you will use.
+* A curriculum (`curriculum`: the mixture changes at given points of the run) is curriculum.py's: each phase is
+  drawn as one or more of the dataset's epochs, and the position saved as above resumes it exactly.
 """
 from __future__ import annotations
 
 import atexit
 import gc
+import logging
 import os
 import shutil
 import time
@@ -59,12 +62,15 @@ from streaming.base.shared import SharedMemory
 from streaming.base.shared.prefix import _get_path
 from streaming.base.world import World
 
+from llmfoundry.data import curriculum
+from llmfoundry.data.curriculum import CurriculumPoint
 from llmfoundry.data.streams import StreamConfig, StreamError, build_streams
 
 __all__ = ["StreamConfig", "TextLoaderConfig", "StreamError", "MDSDataset", "TextStreamingDataset", "TextCollator",
            "sequence_ids", "build_text_dataloader", "read_mds_samples"]
 
 IGNORE_INDEX = -100  # the label of padding: the loss skips it
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,6 +80,10 @@ class TextLoaderConfig:
     Sources: either `streams` (name -> StreamConfig, a mixture) or one top-level `remote` and/or `local`.
     `split`: subdirectory of every source (e.g. 'train', 'val'), unless a stream sets its own ('' = none).
     `epoch_size`: samples per epoch when streams are weighted by proportion (default: all samples).
+    `curriculum` (training loader): points of the run where the mixture changes, each {at, proportions}:
+        `at` a fraction of max_duration (0 <= at < 1) or 'Nba' / 'Nsp' / 'Ntok'; `proportions` every stream's
+        share from there on (data/curriculum.py). With it, a phase longer than `epoch_size` is drawn as several
+        epochs of that size, and max_duration is in batches, samples or tokens.
     Shuffling (streaming semantics): `shuffle`, `shuffle_algo`, `shuffle_seed`, `shuffle_block_size`.
     `num_canonical_nodes`: fixes the sample order independently of the number of nodes (default: streaming's,
         the initial number of nodes for py1e; a resumed run takes it from the checkpoint).
@@ -90,6 +100,7 @@ class TextLoaderConfig:
     local: str | None = None
     split: str | None = None
     epoch_size: int | None = None
+    curriculum: list[CurriculumPoint] | None = None
     shuffle: bool = True
     shuffle_algo: Literal["py1e", "py1br", "py1b", "py1s", "py2s", "naive"] = "py1e"
     shuffle_seed: int = 9176
@@ -131,6 +142,8 @@ class TextLoaderConfig:
                 raise ValueError(f"{name} must be >= 1 (or null for the default), got {getattr(self, name)}")
         if self.download_timeout <= 0:
             raise ValueError(f"download_timeout must be > 0 seconds, got {self.download_timeout}")
+        if self.curriculum is not None:
+            curriculum.check_points(self.curriculum, list(self.named_streams()))
 
     def named_streams(self) -> dict[str, StreamConfig]:
         if self.streams is not None:
@@ -293,6 +306,7 @@ class TextStreamingDataset(MDSDataset):
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
         self._warned_truncation: set[int] = set()  # streams already warned about
+        self.curriculum_schedule: curriculum.Schedule | None = None  # set by use_curriculum
         try:
             self.text_shards = self._check_columns()
         except BaseException:  # free this dataset's shared memory now (it would keep its local dir registered)
@@ -321,6 +335,43 @@ class TextStreamingDataset(MDSDataset):
     @property
     def has_text(self) -> bool:
         return bool(self.text_shards.any())
+
+    def use_curriculum(self, phases: list[curriculum.Phase]) -> None:
+        """Draw each epoch as the curriculum's phases say (call before the loader is first iterated)."""
+        global_batch = self.batch_size * self._parallel_rank_world.num_ranks
+        self.curriculum_schedule = curriculum.build_schedule(
+            phases, [s.name for s in self.streams], [s.proportion for s in self.streams], self.epoch_size,
+            global_batch)
+
+    def _get_work(self, epoch: int, sample_in_epoch: int) -> np.ndarray:
+        if self.curriculum_schedule is not None:  # this epoch's mixture and size, in every worker
+            curriculum.apply_epoch(self, self.curriculum_schedule, epoch)
+        return super()._get_work(epoch, sample_in_epoch)
+
+    def __len__(self) -> int:
+        if self.curriculum_schedule is not None:  # composer then iterates each epoch to its end
+            raise TypeError("a dataset with a curriculum has no fixed length: its epochs differ in size")
+        return super().__len__()
+
+    def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
+        state = super().state_dict(num_samples, from_beginning)
+        if self.curriculum_schedule is not None:
+            state["curriculum"] = self.curriculum_schedule.signature()
+        return state
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        mine = self.curriculum_schedule.signature() if self.curriculum_schedule is not None else None
+        if obj.get("curriculum") != mine:
+            saved = "with another curriculum plan" if obj.get("curriculum") else "without a curriculum"
+            log.warning("resuming a loader position saved %s (the curriculum's points or proportions, max_duration, "
+                        "global_train_batch_size or max_seq_len changed): the run continues at epoch %s, sample %s "
+                        "of this plan, not the sequence the checkpoint's run would have drawn", saved,
+                        obj.get("epoch"), obj.get("sample_in_epoch"))
+        elif mine and obj.get("sample_in_epoch") == self.curriculum_schedule.at_epoch(obj.get("epoch", 0))[0]:
+            # saved exactly at a change of mixture: composer resumes in the epoch that just ended, gets no batch from
+            # it (and would warn so), then goes on to the next epoch's mixture
+            warnings.filterwarnings("ignore", message="No batches were trained for global rank")
+        super().load_state_dict(obj)
 
     def get_item(self, sample_id: int, retry: int = 7) -> np.ndarray:
         sample = self.read(sample_id, retry)
@@ -480,7 +531,8 @@ def _pad_id(tokenizer) -> int:
 
 
 def build_text_dataloader(cfg: TextLoaderConfig, device_batch_size: int, eos_token_id: int | None = None,
-                          vocab_size: int | None = None, tokenizer=None) -> StreamingDataLoader:
+                          vocab_size: int | None = None, tokenizer=None,
+                          max_duration: str | None = None) -> StreamingDataLoader:
     """Build the loader for one rank. `device_batch_size`: samples per batch on this rank.
 
     `eos_token_id`: when given, batches carry 'sequence_id' (see the module docstring for the convention).
@@ -488,12 +540,20 @@ def build_text_dataloader(cfg: TextLoaderConfig, device_batch_size: int, eos_tok
     stream and shard (an embedding lookup would fail on it with a bare index error, or a device assert on GPU).
     `tokenizer` (a Hugging Face tokenizer, or a name for `load_tokenizer`): tokenizes the streams whose shards
     hold raw text (column 'text'); needed only for those.
+    `max_duration` (composer's, e.g. '10000ba'): the run's length, needed with a `curriculum` (its points).
     """
     if device_batch_size < 1:
         raise ValueError(f"device_batch_size must be >= 1, got {device_batch_size}")
     if isinstance(tokenizer, str):
         from llmfoundry.data.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(tokenizer)
+    phases = None
+    if cfg.curriculum:
+        if max_duration is None:
+            raise ValueError("a loader with a curriculum needs the run's max_duration (its points are placed in it): "
+                             "pass max_duration= to build_text_dataloader")
+        phases = curriculum.plan_phases(cfg.curriculum, max_duration, device_batch_size * World.detect().num_ranks,
+                                        cfg.max_seq_len)
     gc.collect()  # frees loaders of earlier runs in this process, releasing their local-dir registrations
     streams, auto_dirs = build_streams(cfg.named_streams(), default_split=cfg.split,
                                        download_retry=cfg.download_retry, download_timeout=cfg.download_timeout,
@@ -511,6 +571,10 @@ def build_text_dataloader(cfg: TextLoaderConfig, device_batch_size: int, eos_tok
     except BaseException:
         _remove_dirs(auto_dirs)
         raise
+    if phases is not None:
+        dataset.use_curriculum(phases)
+        if World.detect().rank == 0:
+            log.info("curriculum: %s", curriculum.describe(phases))
     workers = cfg.num_workers > 0
     pad = _pad_id(tokenizer) if dataset.has_text else None
     loader = StreamingDataLoader(

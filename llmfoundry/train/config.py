@@ -35,6 +35,10 @@ YAML key                       used by
 ``.split``                     or ``messages`` columns, data_prep/convert_finetune_to_mds.py) read whole by
                                ``finetune._read_mds`` -> ``text_loader.read_mds_samples``; both through
                                ``streams.build_streams`` (local/s3:// folders, caches, download errors)
+``train_loader.curriculum``    (off) data/curriculum.py: points ``{at, proportions}`` where the stream mixture
+                               changes (``at``: a fraction of ``max_duration`` or ``Nba``/``Nsp``/``Ntok``); each
+                               phase is drawn as dataset epochs (composer's epoch counts them) and resumes exactly;
+                               ``max_duration`` in ``ba``/``sp``/``tok``
 ``eval_loader.*``              same, wrapped in a composer ``Evaluator`` (loss, perplexity, accuracy)
 ``global_train_batch_size``    split over ranks: ``global // world_size`` samples per device per step
 ``device_train_microbatch_size``  ``Trainer(device_train_microbatch_size=...)``: int or ``auto`` (GPU, FSDP1 only)

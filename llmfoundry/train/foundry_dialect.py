@@ -707,7 +707,8 @@ _CALLBACK_HINTS = {
     "kill_loss_spike": "callbacks.stop_on_nonfinite_loss stops at a NaN/inf loss; loss-spike detection is absent",
     "mono_checkpoint_saver": "set fsdp.state_dict_type: full for one checkpoint file",
     "early_stopper": "absent here; set max_duration",
-    "curriculum_learning": "absent here; remove it",
+    "curriculum_learning": "absent here (it swaps whole train_loader configs); to change the stream mixture at "
+                           "points of the run use train_loader.curriculum: [{at, proportions}] (data/curriculum.py)",
 }
 
 

@@ -280,7 +280,8 @@ def _build_loader(cfg: TrainConfig, loader_cfg, batch_size: int, tokenizer, eos_
         return build_finetune_dataloader(loader_cfg, tokenizer, batch_size,
                                          attn_uses_sequence_id=cfg.model.attn_config.attn_uses_sequence_id)
     return build_text_dataloader(loader_cfg, batch_size, eos_for_sequence_id, vocab_size=cfg.model.vocab_size,
-                                 tokenizer=tokenizer)  # for streams of raw text
+                                 tokenizer=tokenizer,  # for streams of raw text
+                                 max_duration=cfg.max_duration)  # places the points of a curriculum
 
 
 def build_trainer(cfg: TrainConfig):
@@ -296,6 +297,7 @@ def _build_trainer(cfg: TrainConfig):
     from composer.core import Evaluator
     from composer.utils import dist, reproducibility
 
+    from llmfoundry.data.curriculum import check_run as check_curriculum
     from llmfoundry.data.tokenizer import load_tokenizer
 
     _setup_logging(cfg.python_log_level)
@@ -318,6 +320,7 @@ def _build_trainer(cfg: TrainConfig):
     device_batch = checks.device_batch_size(cfg.global_train_batch_size, world_size)
     microbatch = checks.check_microbatch(cfg.device_train_microbatch_size, device_batch, device == "gpu",
                                          cfg.fsdp.version if cfg.fsdp else None)
+    check_curriculum(cfg.train_loader, cfg.eval_loader, cfg.max_duration, cfg.global_train_batch_size)
     config_path = resume.config_copy_path(cfg)
     if dist.get_global_rank() == 0:
         log.info("%s", run_summary(cfg, device, precision, world_size, device_batch, microbatch, config_path))
