@@ -55,7 +55,11 @@ YAML key                       used by
 ``optimizer.*``                builders.build_optimizer: ``lion`` (train/lion.py, decoupled wd) or ``adamw``
 ``scheduler.*``                builders.build_scheduler: ``cosine`` / ``linear`` / ``constant`` with warmup
 ``max_grad_norm``              composer ``GradientClipping(clipping_type='norm')``; ``null`` disables
-``precision``                  ``Trainer(precision=...)``; ``auto`` = ``amp_bf16`` on GPU, ``fp32`` on CPU
+``precision``                  ``Trainer(precision=...)``; ``auto`` = ``amp_bf16`` on GPU, ``fp32`` on CPU;
+                               ``amp_fp8``: fp8.py, the blocks' linears in FP8 through torchao (GPUs of compute
+                               capability 8.9+), composer in ``amp_bf16`` around them
+``fp8.*``                      ``Fp8Config`` -> fp8.prepare (read with ``precision: amp_fp8`` only): ``recipe``
+                               ``tensorwise``/``rowwise``, ``fsdp_float8_all_gather`` (FSDP2, tensorwise)
 ``device``                     ``Trainer(device=...)``; ``auto`` = ``gpu`` when CUDA is available
 ``fsdp.*``                     builders.build_parallelism -> composer ``FSDP2Config`` (default) or ``FSDPConfig``;
                                ``fsdp: null`` = plain DDP (CPU, or one GPU); FSDP2 also runs on CPU (gloo, tests)
@@ -247,6 +251,30 @@ class FSDPConfig:
             raise ValueError("'reduce_grads_every_microbatch: false' needs 'version: 2' (FSDP2); composer's FSDP1 "
                              "path reduces every micro-batch's gradients. Use fsdp.version: 2, or "
                              "reduce_grads_every_microbatch: true")
+
+
+@dataclass
+class Fp8Config:
+    """``fp8:``, read with ``precision: amp_fp8`` only (train/fp8.py; ``pip install 'mpt-forge[fp8]'``; a GPU of
+    compute capability 8.9 or newer: H100, H200, L4, L40S). torchao's ``Float8Linear`` replaces the ``nn.Linear``
+    layers of the transformer blocks (attention ``Wqkv``/``out_proj``, FFN ``up_proj``/``down_proj``); embeddings,
+    the output head and the norms stay bf16, master weights and optimizer state are as with ``amp_bf16``, and
+    checkpoints are ordinary (same keys and tensors: they resume with ``amp_bf16`` too and export to Hugging Face).
+
+    - ``recipe``: torchao's scaling: ``tensorwise`` (one scale per tensor: the fastest) or ``rowwise`` (one per row
+      of each operand: closer to bf16, slower; torchao 0.13 or newer).
+    - ``fsdp_float8_all_gather``: FSDP2 gathers the sharded weights in FP8 (half of bf16's traffic and memory of
+      the gathered weights; the next step's scales are computed in one all-reduce after each optimizer step).
+      null (default): on with ``recipe: tensorwise`` under ``fsdp.version: 2``, else off; torchao does it for
+      ``tensorwise`` only.
+    """
+    recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
+    fsdp_float8_all_gather: bool | None = None
+
+    def __post_init__(self):
+        if self.fsdp_float8_all_gather and self.recipe != "tensorwise":
+            raise ValueError(f"'fsdp_float8_all_gather: true' needs 'recipe: tensorwise' (torchao gathers FP8 weights "
+                             f"with one scale per tensor only; got recipe: {self.recipe}); set it to false or null")
 
 
 @dataclass
@@ -543,7 +571,8 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     max_grad_norm: float | None = 1.0
 
-    precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16", "amp_fp8"] = "auto"
+    precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16", "amp_fp8"] = "auto"  # amp_fp8: train/fp8.py
+    fp8: Fp8Config = field(default_factory=Fp8Config)  # read with precision: amp_fp8 only
     device: Literal["auto", "cpu", "gpu"] = "auto"
     fsdp: FSDPConfig | None = None
     dist_timeout: float = 600.0

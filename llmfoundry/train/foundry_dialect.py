@@ -129,7 +129,9 @@ FOUNDRY_ATTN_DEFAULTS = {"attn_impl": "flash", "alibi": False}
 _MODEL_NEUTRAL = {
     "ffn_config": ((None, {}, {"ffn_type": "mptmlp"}), "only the GELU MLP ('mptmlp') is implemented here; "
                    "remove ffn_config (GLU, MoE and Transformer Engine FFNs are absent)"),
-    "fc_type": (("torch", {"name": "torch"}, None), "only torch linear layers here; remove fc_type"),
+    "fc_type": (("torch", {"name": "torch"}, None), "only torch linear layers here; remove fc_type (for "
+                "Transformer Engine's FP8 layers, te: precision: amp_fp8 alone trains the blocks' linears "
+                "in FP8 here, through torchao)"),
     "block_overrides": ((None, {}), "per-layer overrides are absent here; remove block_overrides"),
     "final_logit_softcapping": ((None,), "logit soft-capping is absent here; remove it"),
     "use_pad_tok_in_ffn": ((True, None), "the FFN always runs on every token here; remove it"),
@@ -1086,6 +1088,16 @@ _TOP_NEUTRAL = {
 _TIME_KEYS = ("max_duration", "eval_interval", "save_interval", "console_log_interval")
 
 
+def _amp_fp8(t: Translation) -> None:
+    """llm-foundry's ``precision: amp_fp8`` is composer's Transformer Engine FP8 (``te.fp8_autocast``: delayed
+    scaling, HYBRID format, for Transformer Engine layers, ``fc_type: te``); here the same value trains the
+    transformer blocks' ``nn.Linear`` layers in FP8 through torchao (train/fp8.py)."""
+    t.note("precision", "amp_fp8: FP8 through torchao here (train/fp8.py), not Transformer Engine: the transformer "
+                        "blocks' linear layers with dynamic tensorwise scaling (fp8.recipe), e4m3 forward and e5m2 "
+                        "gradients as in Transformer Engine's HYBRID format; needs pip install 'mpt-forge[fp8]' and a "
+                        "GPU of compute capability 8.9 or newer (H100, H200)")
+
+
 def translate(data: Mapping, config_cls, yaml_dir: str | None = None) -> Translation:
     """llm-foundry's training YAML (as a resolved dict, overrides applied) -> a dict for ``config_cls``
     (``TrainConfig``). ``yaml_dir``: where ``icl_tasks: tasks.yaml`` / ``eval_gauntlet: gauntlet.yaml`` are also
@@ -1113,6 +1125,8 @@ def translate(data: Mapping, config_cls, yaml_dir: str | None = None) -> Transla
             _neutral(t, k, v, _TOP_NEUTRAL[k])
         else:
             _unknown(t, "", k, ours + list(_TOP_NEUTRAL) + ["fsdp_config", "algorithms"])
+    if src.get("precision") == "amp_fp8":
+        _amp_fp8(t)
     if "model" in src:
         out["model"] = _model(t, src["model"], out)
     if "tokenizer" in src:

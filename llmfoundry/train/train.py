@@ -37,7 +37,7 @@ import sys
 import torch
 
 from llmfoundry.checkpoint import ModelConfigRecorder
-from llmfoundry.train import builders, checks, preemption, pretrained, resume, uploads
+from llmfoundry.train import builders, checks, fp8, preemption, pretrained, resume, uploads
 from llmfoundry.train.checks import TrainError
 from llmfoundry.train.composer_model import ComposerMPT
 from llmfoundry.train.config import TrainConfig, config_to_yaml, env_run_name, load_config, run_name_of
@@ -302,6 +302,8 @@ def _build_trainer(cfg: TrainConfig):
 
     _setup_logging(cfg.python_log_level)
     device = resolve_device(cfg.device)
+    if cfg.precision == "amp_fp8":  # an FP8 GPU, a working torchao, the recipe: refused before any work
+        fp8.check_fp8(device, cfg.fp8, cfg.fsdp)
     precision = resolve_precision(cfg.precision, device)
     if cfg.fsdp is not None and device != "gpu" and cfg.fsdp.version != 2:
         raise ConfigError("fsdp.version: 1 needs GPUs; on CPU use fsdp: null (several processes then use DDP) or "
@@ -338,6 +340,8 @@ def _build_trainer(cfg: TrainConfig):
     # MPTForCausalLM creates the weights on cfg.model.init_device
     model = ComposerMPT(cfg.model, train_metrics=cfg.train_metrics,
                         checkpoint_blocks=cfg.fsdp.activation_checkpointing_blocks if cfg.fsdp else None)
+    # amp_fp8: the blocks' linears become torchao Float8Linear before the optimizer and FSDP see the weights
+    fp8_callbacks = fp8.prepare(model.model, cfg) if precision == "amp_fp8" else []
     optimizer = builders.build_optimizer(cfg.optimizer, model.parameters())
 
     train_loader = _build_loader(cfg, cfg.train_loader, device_batch, tokenizer, eos_for_sequence_id)
@@ -350,6 +354,7 @@ def _build_trainer(cfg: TrainConfig):
 
     callbacks = builders.build_callbacks(cfg.callbacks, on_gpu=device == "gpu", save_folder=resume.save_dir(cfg))
     callbacks += builders.build_grad_sync(cfg.fsdp, precision)
+    callbacks += fp8_callbacks  # FSDP float8 all-gather: the next step's FP8 scales after each step
     # icl_tasks: scored at the eval points (icl_eval.py), rows per forward as the eval loader's batch
     callbacks += build_in_run_icl(cfg, tokenizer, cfg.device_eval_batch_size or
                                   (microbatch if isinstance(microbatch, int) else device_batch))
@@ -400,7 +405,7 @@ def _build_trainer(cfg: TrainConfig):
             autoresume=autoresume,
             parallelism_config=parallelism,
             device=device,
-            precision=precision,
+            precision=fp8.composer_precision(precision),  # amp_fp8 -> amp_bf16 around the FP8 layers
             seed=cfg.seed,
             dist_timeout=cfg.dist_timeout,
             python_log_level=cfg.python_log_level,
