@@ -214,6 +214,33 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig
     return outputs
 
 
+def load_for_generation(source: str, *, device: str = "auto", dtype: str = "auto", attn_impl: Optional[str] = None,
+                        max_seq_len: Optional[int] = None, tokenizer: Optional[str] = None,
+                        model_config: Optional[str] = None):
+    """``(model, tokenizer, device)`` for a composer checkpoint or HF MPT folder, as scripts/generate.py and
+    scripts/chat.py take them: ``device`` auto|cpu|gpu, ``dtype`` auto (bf16 on a GPU, else fp32)|fp32|bf16|fp16,
+    ``attn_impl`` / ``max_seq_len`` overriding the model's, ``tokenizer`` (default: the model's own) checked
+    against the model's vocabulary. Problems are ``ValueError`` / ``CheckpointError`` naming the flag."""
+    from llmfoundry.checkpoint import load_model, require_tokenizer
+    if device == "gpu" and not torch.cuda.is_available():
+        raise ValueError("--device gpu but no CUDA GPU is visible; use --device auto or cpu")
+    on_gpu = device == "gpu" or (device == "auto" and torch.cuda.is_available())
+    dtype = dtype if dtype != "auto" else ("bf16" if on_gpu else "fp32")
+    device = "cuda" if on_gpu else "cpu"
+    check_attn_impl(attn_impl, device, dtype)  # before loading any weights
+    overrides: dict = {}
+    if max_seq_len:
+        overrides["max_seq_len"] = max_seq_len
+    if attn_impl:
+        overrides["attn_config"] = {"attn_impl": attn_impl}
+    model, recorded_tok = load_model(source, model_config=model_config, overrides=overrides, device=device,
+                                     dtype=dtype)
+    tok = require_tokenizer(tokenizer or recorded_tok)
+    check_tokenizer_fits(tok, model.config.vocab_size, tokenizer or recorded_tok,
+                         flag="--tokenizer" if tokenizer else None)
+    return model, tok, device
+
+
 def read_prompts(prompts: Sequence[str] | None = None, prompts_file: str | None = None) -> list[str]:
     """Prompts from the command line and/or a file (one per line, or JSONL with a 'prompt' key; blank lines
     skipped; ``\\n`` in a plain line is a newline)."""
@@ -246,5 +273,5 @@ def read_prompts(prompts: Sequence[str] | None = None, prompts_file: str | None 
     return out
 
 
-__all__ = ["SamplingConfig", "generate_texts", "generate_ids", "stream_ids", "left_pad", "read_prompts",
+__all__ = ["SamplingConfig", "load_for_generation", "generate_texts", "generate_ids", "stream_ids", "left_pad", "read_prompts",
            "make_generator", "check_length", "check_attn_impl", "check_tokenizer_fits"]

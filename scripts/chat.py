@@ -78,31 +78,13 @@ def check_model_path(path: str) -> None:
 
 
 def load_chat_model(args):
-    """``(model, tokenizer, device)`` for ``args.model``, loaded with ``llmfoundry.checkpoint.load_model`` (the
-    loader scripts/generate.py uses) and checked against its tokenizer."""
-    import torch
-
-    from llmfoundry.checkpoint import load_model, require_tokenizer
-    from llmfoundry.generate import check_attn_impl, check_tokenizer_fits
+    """``(model, tokenizer, device)`` for ``args.model``, loaded as scripts/generate.py loads it."""
+    from llmfoundry.generate import load_for_generation
 
     check_model_path(args.model)
-    if args.device == "gpu" and not torch.cuda.is_available():
-        raise ValueError("--device gpu but no CUDA GPU is visible; use --device auto or cpu")
-    on_gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if on_gpu else "fp32")
-    device = "cuda" if on_gpu else "cpu"
-    check_attn_impl(args.attn_impl, device, dtype)  # before loading any weights
-    overrides = {}
-    if args.max_seq_len:
-        overrides["max_seq_len"] = args.max_seq_len
-    if args.attn_impl:
-        overrides["attn_config"] = {"attn_impl": args.attn_impl}
-    model, recorded_tok = load_model(args.model, model_config=args.model_config, overrides=overrides,
-                                     device=device, dtype=dtype)
-    tokenizer = require_tokenizer(args.tokenizer or recorded_tok)
-    check_tokenizer_fits(tokenizer, model.config.vocab_size, args.tokenizer or recorded_tok,
-                         flag="--tokenizer" if args.tokenizer else None)
-    return model, tokenizer, device
+    return load_for_generation(args.model, device=args.device, dtype=args.dtype, attn_impl=args.attn_impl,
+                               max_seq_len=args.max_seq_len, tokenizer=args.tokenizer,
+                               model_config=args.model_config)
 
 
 # ----------------------------------------------------------------------------------------------------------------

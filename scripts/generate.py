@@ -34,31 +34,17 @@ def main(argv=None) -> int:
 
     import torch
 
-    from llmfoundry.checkpoint import CheckpointError, load_model, require_tokenizer
-    from llmfoundry.generate import (SamplingConfig, check_attn_impl, check_tokenizer_fits, generate_texts,
-                                     read_prompts)
+    from llmfoundry.checkpoint import CheckpointError
+    from llmfoundry.generate import SamplingConfig, generate_texts, load_for_generation, read_prompts
 
     try:
         prompts = read_prompts(args.prompts, args.prompts_file)
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                   stop_at_eos=not args.no_stop_at_eos)
-        if args.device == "gpu" and not torch.cuda.is_available():
-            raise ValueError("--device gpu but no CUDA GPU is visible; use --device auto or cpu")
-        on_gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
-        dtype = args.dtype if args.dtype != "auto" else ("bf16" if on_gpu else "fp32")
-        device = "cuda" if on_gpu else "cpu"
-        check_attn_impl(args.attn_impl, device, dtype)  # before loading any weights
-        overrides = {}
-        if args.max_seq_len:
-            overrides["max_seq_len"] = args.max_seq_len
-        if args.attn_impl:
-            overrides["attn_config"] = {"attn_impl": args.attn_impl}
-        model, recorded_tok = load_model(args.model, model_config=args.model_config, overrides=overrides,
-                                         device=device, dtype=dtype)
-        tokenizer = require_tokenizer(args.tokenizer or recorded_tok)
-        check_tokenizer_fits(tokenizer, model.config.vocab_size, args.tokenizer or recorded_tok,
-                             flag="--tokenizer" if args.tokenizer else None)
+        model, tokenizer, _ = load_for_generation(
+            args.model, device=args.device, dtype=args.dtype, attn_impl=args.attn_impl,
+            max_seq_len=args.max_seq_len, tokenizer=args.tokenizer, model_config=args.model_config)
         t0 = time.perf_counter()
         outputs = generate_texts(model, tokenizer, prompts, sampling, batch_size=args.batch_size)
         elapsed = time.perf_counter() - t0

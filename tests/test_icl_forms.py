@@ -10,13 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from test_eval import model, write_jsonl  # noqa: F401 - test_eval's tiny model fixture and JSONL writer
+
 from llmfoundry.checkpoint import save_composer_weights
 from llmfoundry.eval.evaluate import main
 from llmfoundry.eval.icl import build_requests, evaluate_icl_task
 from llmfoundry.eval.icl_generation import extract_answer, generation_prompts, greedy_generate, is_correct
 from llmfoundry.eval.icl_tasks import (ICLTaskConfig, build_prompt, fewshot_indices, load_task_examples,
                                        normalize_answer, random_baseline)
-from llmfoundry.models.mpt import MPTConfig, MPTForCausalLM
 from llmfoundry.utils.config import ConfigError, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,19 +25,6 @@ ICL = REPO / "llmfoundry" / "assets" / "icl"
 SCHEMA = str(ICL / "schema_tiny.jsonl")
 QA = str(ICL / "qa_tiny.jsonl")
 GEN = "generation_task_with_answers"
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    cfg = MPTConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=128, vocab_size=4096,
-                    init_config={"name": "normal_", "init_std": 0.2})
-    return MPTForCausalLM(cfg).eval()
-
-
-def write_jsonl(path: Path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 # ------------------------------------------------------------------------------------------------------ schema
