@@ -3,7 +3,7 @@
 Complements bench_train.py (which times the real entry): the difference between the two is the trainer's share.
 Parts timed with CUDA events, each the median over ``--steps`` steps after warm-up: forward+backward of one
 micro-batch (bf16 autocast, fp32 weights, as composer's amp_bf16), gradient-norm clipping, the LION step. Then
-the CUDA kernels of two steps are listed by total time, and grouped (``llmfoundry.train.profiler.kernel_group``).
+the CUDA kernels of two steps are listed by total time, and grouped (``llmfoundry.train.callbacks.profiler.kernel_group``).
 The trainer's own step is profiled by ``callbacks.profiler`` (in bench_train.py: ``--variant "prof:
 callbacks.profiler.start_batch=5"``).
 
@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     from llmfoundry.models.mpt import MPTForCausalLM
     from llmfoundry.train.config import load_config
     from llmfoundry.train.lion import Lion
-    from llmfoundry.train.profiler import kernel_group
+    from llmfoundry.train.callbacks.profiler import kernel_group
     cfg = load_config(args.yaml, ["tokenizer=bundled", f"model.attn_config.attn_impl={args.attn}",
                                   "model.init_device=cuda", *args.set]).model
     torch.manual_seed(0)

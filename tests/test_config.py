@@ -298,7 +298,7 @@ def test_fsdp1_selectable():
 def test_callbacks_and_loggers():
     from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
     cfg = load_config(TINY, ["callbacks.speed_monitor.gpu_flops_available=1e12"])
-    from llmfoundry.train.loss_guard import StopOnNonFiniteLoss
+    from llmfoundry.train.callbacks.loss_guard import StopOnNonFiniteLoss
     cpu = builders.build_callbacks(cfg.callbacks, on_gpu=False)
     assert [type(c) for c in cpu] == [SpeedMonitor, LRMonitor, RuntimeEstimator, StopOnNonFiniteLoss]
     assert builders.peak_flops_used(cpu) == 1e12

@@ -1,4 +1,4 @@
-"""ICL evaluation inside a training run (llmfoundry/train/icl_eval.py): the metrics at each eval point, read back from
+"""ICL evaluation inside a training run (llmfoundry/train/callbacks/icl_eval.py): the metrics at each eval point, read back from
 TensorBoard, equal what scripts/eval.py computes on the checkpoint saved at that batch; the run's weights are
 bit-identical to the same run without it; the schedule without an eval loader; the errors before training."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 from llmfoundry.eval.evaluate import EvalConfig, evaluate
 from llmfoundry.train import load_config, train
 from llmfoundry.train import main as train_main
-from llmfoundry.train.icl_eval import InRunICL, limited_tasks
+from llmfoundry.train.callbacks.icl_eval import InRunICL, limited_tasks
 from llmfoundry.utils.config import ConfigError, from_dict
 
 from conftest import assert_same_weights, checkpoint_state

@@ -78,7 +78,7 @@ def test_loss_spike_skip_leaves_weights_and_optimizer_untouched(tmp_path):
 def test_spike_window_rules():
     """Nothing is judged until the window is full; a spiking loss stays out of the window; ratio and threshold must
     both be exceeded when both are set."""
-    from llmfoundry.train.loss_guard import SpikeWindow
+    from llmfoundry.train.callbacks.loss_guard import SpikeWindow
     w = SpikeWindow(size=3, threshold=2.0, ratio=None)
     assert [w.observe(b, x) for b, x in enumerate([9.0, 5.0, 5.0], 1)] == [False, False, False]  # warm-up
     assert w.bound() == pytest.approx(19 / 3 + 2 * math.sqrt(32 / 9))
@@ -92,9 +92,9 @@ def test_spike_window_rules():
 
 def test_callbacks_are_built_when_set(tmp_path):
     from llmfoundry.train import builders
-    from llmfoundry.train.loss_guard import LossSpike
-    from llmfoundry.train.monitors import OptimizerMonitor
-    from llmfoundry.train.time_limit import TimeLimit
+    from llmfoundry.train.callbacks.loss_guard import LossSpike
+    from llmfoundry.train.callbacks.monitors import OptimizerMonitor
+    from llmfoundry.train.callbacks.time_limit import TimeLimit
     cfg = load_config(TINY, ["callbacks.loss_spike.action=stop", "callbacks.time_limit.max_time=2h",
                              "callbacks.optimizer_monitor.per_layer=true"]).callbacks
     built = builders.build_callbacks(cfg, on_gpu=False, save_folder=str(tmp_path))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llmfoundry.train import build_trainer, load_config
-from llmfoundry.train.sample_generations import (SAMPLES_FILE, complete, console_line, drop_samples_after,
+from llmfoundry.train.callbacks.sample_generations import (SAMPLES_FILE, complete, console_line, drop_samples_after,
                                                  eval_mode, log_table, rng_kept)
 from llmfoundry.utils.config import ConfigError
 

@@ -373,7 +373,7 @@ def test_profiler_writes_a_trace_and_logs_a_summary(tmp_path):
 
 
 def test_trace_summary_merges_overlapping_gpu_intervals():
-    from llmfoundry.train.profiler import summarize_trace
+    from llmfoundry.train.callbacks.profiler import summarize_trace
     ev = [{"ph": "X", "cat": "kernel", "name": "nvjet_gemm", "ts": 0, "dur": 10},
           {"ph": "X", "cat": "kernel", "name": "_fwd_kernel", "ts": 5, "dur": 10},  # overlaps the first (streams)
           {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoD", "ts": 40, "dur": 5},
@@ -384,7 +384,7 @@ def test_trace_summary_merges_overlapping_gpu_intervals():
 
 
 def test_kernel_groups_tell_gelu_norm_and_attention_apart():
-    from llmfoundry.train.profiler import kernel_group
+    from llmfoundry.train.callbacks.profiler import kernel_group
     assert kernel_group("_gelu_kernel") == kernel_group("_gelu_grad_kernel") == "gelu"  # kernels/gelu.py
     assert kernel_group("triton_poi_fused_gelu_view_7") == "gelu"  # Inductor's
     assert kernel_group("_fwd_kernel") == kernel_group("_bwd_dkdv_kernel") == "attention"

@@ -1,7 +1,7 @@
 """The gauntlet: one aggregate score over groups (categories) of ICL benchmarks.
 
 Configured as ``eval_gauntlet:`` in a training YAML (logged as ``icl/gauntlet/<name>`` at every in-run ICL
-evaluation, ``llmfoundry/train/icl_eval.py``) or an eval YAML (``scripts/eval.py``: a ``gauntlet`` section in the
+evaluation, ``llmfoundry/train/callbacks/icl_eval.py``) or an eval YAML (``scripts/eval.py``: a ``gauntlet`` section in the
 results file and a few rows in the table). The definition, with a worked example: ``docs/GAUNTLET.md``. In short:
 
 * a **benchmark** is one ICL task (its ``label``) at one ``num_fewshot``. Its score is its accuracy ``a`` against

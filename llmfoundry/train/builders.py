@@ -189,31 +189,31 @@ def build_callbacks(cfg: CallbacksConfig, on_gpu: bool, save_folder: str | None 
     if cfg.runtime_estimator:
         callbacks.append(RuntimeEstimator())
     if cfg.profiler is not None:
-        from llmfoundry.train.profiler import TraceProfiler
+        from llmfoundry.train.callbacks.profiler import TraceProfiler
         p = cfg.profiler
         callbacks.append(TraceProfiler(p.folder, p.start_batch, p.num_batches, p.record_shapes, p.with_stack))
     if cfg.stop_on_nonfinite_loss:
-        from llmfoundry.train.loss_guard import StopOnNonFiniteLoss
+        from llmfoundry.train.callbacks.loss_guard import StopOnNonFiniteLoss
         callbacks.append(StopOnNonFiniteLoss(save_folder))
     if cfg.loss_spike is not None:
-        from llmfoundry.train.loss_guard import LossSpike
+        from llmfoundry.train.callbacks.loss_guard import LossSpike
         s = cfg.loss_spike
         callbacks.append(LossSpike(s.window, s.threshold, s.ratio, s.patience, s.action, save_folder))
     if cfg.time_limit is not None:
         if not save_folder:
             raise ConfigError("callbacks.time_limit saves a checkpoint before the limit and needs save_folder (with "
                               "autoresume: true the same command continues from it); set save_folder")
-        from llmfoundry.train.time_limit import TimeLimit
+        from llmfoundry.train.callbacks.time_limit import TimeLimit
         callbacks.append(TimeLimit(cfg.time_limit.max_time_s, cfg.time_limit.margin_s, save_folder))
     if cfg.optimizer_monitor is not None:
-        from llmfoundry.train.monitors import OptimizerMonitor
+        from llmfoundry.train.callbacks.monitors import OptimizerMonitor
         callbacks.append(OptimizerMonitor(cfg.optimizer_monitor.interval, cfg.optimizer_monitor.per_layer))
     if cfg.hf_checkpoint is not None:
-        from llmfoundry.train.hf_checkpoint import HFCheckpoint
+        from llmfoundry.train.callbacks.hf_checkpoint import HFCheckpoint
         h = cfg.hf_checkpoint
         callbacks.append(HFCheckpoint(h.save_folder, h.interval_batches, h.precision, h.overwrite))
     if cfg.sample_generations is not None:
-        from llmfoundry.train.sample_generations import SampleGenerations
+        from llmfoundry.train.callbacks.sample_generations import SampleGenerations
         g = cfg.sample_generations
         callbacks.append(SampleGenerations(g.prompts, g.interval_batches, g.max_new_tokens, g.temperature, g.top_k,
                                            g.top_p, g.seed, g.batch_size, save_folder))

@@ -78,7 +78,8 @@ YAML key                       used by
                                ``preemption: null``: SIGTERM exits at once, as composer does
 ``train_metrics``              ``ComposerMPT(train_metrics=...)``: composer's train metrics from full logits on every
                                micro-batch; off (default) = the loss is computed in chunks inside the model
-``callbacks.*``                builders.build_callbacks: SpeedMonitor (throughput, MFU), LRMonitor, MemoryMonitor,
+``callbacks.*``                builders.build_callbacks; ours are in train/callbacks/ (one file each, named below)
+                               beside composer's SpeedMonitor (throughput, MFU), LRMonitor, MemoryMonitor,
                                RuntimeEstimator; ``callbacks.profiler`` (off by default): profiler.TraceProfiler;
                                ``callbacks.stop_on_nonfinite_loss`` (on): loss_guard.StopOnNonFiniteLoss
 ``callbacks.loss_spike``        (off) loss_guard.LossSpike: a loss above its running window for ``patience`` batches
@@ -293,7 +294,7 @@ class SpeedMonitorConfig:
 class ProfilerConfig:
     """``callbacks.profiler``: a torch.profiler trace of ``num_batches`` batches from batch ``start_batch`` (after
     compilation and autotuning), one Chrome trace per rank under ``folder`` (``{run_name}`` is filled in), and a
-    summary in the log: wall time, the GPU's busy share, GPU time by kind of kernel (train/profiler.py)."""
+    summary in the log: wall time, the GPU's busy share, GPU time by kind of kernel (train/callbacks/profiler.py)."""
     start_batch: int = 5
     num_batches: int = 2
     folder: str = "traces/{run_name}"
@@ -562,7 +563,7 @@ class TrainConfig:
     eval_subset_num_batches: int = -1
     device_eval_batch_size: int | None = None
     device_train_microbatch_size: int | Literal["auto"] | None = None
-    icl_tasks: list[ICLTaskConfig] | None = None  # scored at the eval points (train/icl_eval.py); null = none
+    icl_tasks: list[ICLTaskConfig] | None = None  # scored at the eval points (train/callbacks/icl_eval.py); null = none
     icl_subset_num_batches: int | None = None  # in-run ICL: each task's first N x batch size examples (null: all)
     icl_seq_len: int | None = None  # in-run ICL prompts are cut to this many tokens (null: model.max_seq_len)
     eval_gauntlet: GauntletConfig | None = None  # aggregate ICL scores (eval/gauntlet.py)

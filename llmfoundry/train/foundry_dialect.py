@@ -24,7 +24,7 @@ What changes meaning, not only names (and is kept as llm-foundry had it):
 - ``callbacks.hf_checkpointer`` becomes ``callbacks.hf_checkpoint`` writing to ``{save_folder}/huggingface/ba{N}``
   as llm-foundry does, with its ``overwrite: true`` default; batch intervals only, no MLflow registration.
 - ``icl_tasks`` (a list, or a YAML file holding one) and ``eval_gauntlet`` (likewise) are evaluated during the run
-  at ``eval_interval`` (train/icl_eval.py); their entries are translated as for scripts/eval.py (``dataset_uri``
+  at ``eval_interval`` (train/callbacks/icl_eval.py); their entries are translated as for scripts/eval.py (``dataset_uri``
   -> ``path``, ``icl_task_type`` -> ``type``, ``weighting: EQUAL`` -> ``equal``, ...); ``icl_subset_num_batches``
   and ``icl_seq_len`` keep their meaning.
 - ``callbacks.generate_callback`` becomes ``callbacks.sample_generations`` (batch intervals only); greedy unless
@@ -898,7 +898,7 @@ def _tokenizer(t: Translation, tok: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- ICL tasks, gauntlet
-# llm-foundry's icl_tasks and eval_gauntlet, in a training YAML (evaluated during the run: train/icl_eval.py) or an
+# llm-foundry's icl_tasks and eval_gauntlet, in a training YAML (evaluated during the run: train/callbacks/icl_eval.py) or an
 # eval YAML (llmfoundry/eval/foundry_dialect.py uses these too)
 _ICL_TYPES = ("language_modeling", "multiple_choice", "schema", "generation_task_with_answers")
 _ICL_NEUTRAL = {

@@ -41,7 +41,7 @@ from llmfoundry.train import builders, checks, fp8, preemption, pretrained, resu
 from llmfoundry.train.checks import TrainError
 from llmfoundry.train.composer_model import ComposerMPT
 from llmfoundry.train.config import TrainConfig, config_to_yaml, env_run_name, load_config, run_name_of
-from llmfoundry.train.icl_eval import build_in_run_icl
+from llmfoundry.train.callbacks.icl_eval import build_in_run_icl
 from llmfoundry.utils.config import ConfigError, to_dict
 
 log = logging.getLogger(__name__)

@@ -229,7 +229,7 @@ class SampleGenerations(Callback):
     def init(self, state: State, logger: Logger) -> None:
         """Load the run's tokenizer, encode the prompts and check they fit (before any batch)."""
         from llmfoundry.data.tokenizer import load_tokenizer
-        from llmfoundry.train.hf_checkpoint import find_network
+        from llmfoundry.train.callbacks.hf_checkpoint import find_network
         name = run_tokenizer_name(state)
         if not name:
             raise ConfigError(f"{KEY} needs the run's tokenizer ('tokenizer:')")
