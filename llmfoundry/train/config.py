@@ -76,6 +76,9 @@ YAML key                       used by
                                checkpoint on every rank and exits with status 75; a second SIGTERM (2 s or more
                                later), or this many seconds without a save, exits with 143 (docs/FAULTS.md).
                                ``preemption: null``: SIGTERM exits at once, as composer does
+``peers.timeout_s``            nodes.py (several processes): ranks silent this long (default 300 s; 4 heartbeats once a
+                               collective failed) stop the others with a message naming them and exit status 69;
+                               independent of ``dist_timeout`` (docs/FAULTS.md). ``peers: null``: no heartbeat
 ``train_metrics``              ``ComposerMPT(train_metrics=...)``: composer's train metrics from full logits on every
                                micro-batch; off (default) = the loss is computed in chunks inside the model
 ``callbacks.*``                builders.build_callbacks; ours are in train/callbacks/ (one file each, named below)
@@ -505,6 +508,22 @@ class PreemptionConfig:
 
 
 @dataclass
+class PeersConfig:
+    """``peers:`` (train/nodes.py; runs of several processes). Every rank beats a heartbeat into the rendezvous
+    store; when ranks are silent for ``timeout_s`` seconds (a node killed, powered off or cut from the network; the
+    store silent: node 0), every other rank prints which ranks and nodes were lost, the last checkpoint and the
+    command that resumes, and exits with status 69. Once a rank's own collective has failed, 4 heartbeats of
+    silence (``timeout_s / 10`` each, at most 5 s) are enough. ``dist_timeout`` still bounds every collective,
+    including legitimate long waits; ``peers: null`` leaves a lost node to it."""
+    timeout_s: float = 300.0
+
+    def __post_init__(self):
+        if not self.timeout_s >= 5:
+            raise ValueError(f"'timeout_s' = {self.timeout_s} must be >= 5 (seconds of silence before a rank counts "
+                             f"as lost), or set peers: null to turn the heartbeat off")
+
+
+@dataclass
 class WandBConfig:
     """``loggers.wandb``: composer's ``WandBLogger``; ``WANDB_MODE=offline`` writes the run under ``./wandb``."""
     project: str | None = None
@@ -589,6 +608,7 @@ class TrainConfig:
     autoresume: bool = False
     check_free_disk: bool = True
     preemption: PreemptionConfig | None = field(default_factory=PreemptionConfig)
+    peers: PeersConfig | None = field(default_factory=PeersConfig)  # nodes.py: lost ranks stop the run
     checkpoint_upload: UploadConfig = field(default_factory=UploadConfig)
 
     train_metrics: bool = False  # loss/perplexity/accuracy of each training batch from full logits (slower)

@@ -37,7 +37,7 @@ import sys
 import torch
 
 from llmfoundry.checkpoint import ModelConfigRecorder
-from llmfoundry.train import builders, checks, fp8, preemption, pretrained, resume, uploads
+from llmfoundry.train import builders, checks, fp8, nodes, preemption, pretrained, resume, uploads
 from llmfoundry.train.checks import TrainError
 from llmfoundry.train.composer_model import ComposerMPT
 from llmfoundry.train.config import TrainConfig, config_to_yaml, env_run_name, load_config, run_name_of
@@ -377,6 +377,7 @@ def _build_trainer(cfg: TrainConfig):
     progress_bar, log_to_console = console_output(cfg.progress_bar, cfg.log_to_console)
 
     _quiet_composer_autoresume()
+    nodes.node_local_signal_files()  # composer names them after node 0 on every node (a shared save folder)
     try:
         trainer = Trainer(
             run_name=run_name_of(cfg),
@@ -505,7 +506,8 @@ def _train(cfg: TrainConfig):
     if _already_complete(trainer, cfg):
         return trainer
     try:
-        with preemption.handling(cfg, trainer):  # SIGTERM: save after this batch, raise Preempted
+        # SIGTERM: save after this batch, raise Preempted; ranks lost for peers.timeout_s: raise LostPeers
+        with preemption.handling(cfg, trainer), nodes.watching(cfg, trainer):
             trainer.fit()
     except FileExistsError as e:  # raised at fit start, before any batch, by composer's checkpoint saver
         raise TrainError(_save_conflict_message(cfg, e)) from e
@@ -547,5 +549,8 @@ def main(argv: list[str] | None = None) -> int:
     except preemption.Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
         return preemption.PREEMPTED_EXIT_CODE
+    except nodes.LostPeers as e:
+        print(f"error: {e}", file=sys.stderr)
+        nodes.exit_lost_peers()  # status 69 without Python's teardown, which can wait long on the dead peers
     return 0
 
