@@ -138,3 +138,13 @@ def tok():
     """The bundled 4096-token byte-level BPE tokenizer."""
     from llmfoundry.data.tokenizer import load_tokenizer
     return load_tokenizer("bundled")
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test():
+    """Free what a test left in reference cycles now, not at some later collection: a streaming loader holds shared
+    memory and its file descriptors until it is collected, and across the whole suite those add up to the
+    process's open-file limit (20,000 here) before Python's own collections get to them."""
+    yield
+    import gc
+    gc.collect()
