@@ -514,6 +514,15 @@ def _own(dataset: MDSDataset, auto_dirs: list[str], loader: StreamingDataLoader 
     dirs = auto_dirs if World.detect().is_local_leader else []
     _owned[id(dataset)] = _Owned(os.getpid(), shms, dirs, weakref.ref(loader) if loader is not None else None)
     weakref.finalize(dataset, _release, id(dataset))
+    if loader is not None:  # a loader dropped mid-epoch: stop the dataset's prefetch threads, which hold it alive
+        weakref.finalize(loader, _stop_iteration, weakref.ref(dataset))
+
+
+def _stop_iteration(dataset_ref) -> None:
+    dataset = dataset_ref()
+    iterator = getattr(dataset, "_iterator", None) if dataset is not None else None
+    if iterator is not None:
+        iterator.non_blocking_exit()
 
 
 def _remove_dirs(auto_dirs: list[str]) -> None:
