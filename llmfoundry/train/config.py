@@ -388,6 +388,15 @@ class OptimizerMonitorConfig:
             raise ValueError(f"'interval' = {self.interval} must be >= 1 (batches)")
 
 
+def batch_count(value) -> int | None:
+    """``1000`` or ``'1000ba'`` as 1000; None for anything that is not a number of batches >= 1."""
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*ba\s*", value):
+        value = int(value.strip()[:-2])
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        return None
+    return value
+
+
 @dataclass
 class HFCheckpointConfig:
     """``callbacks.hf_checkpoint`` (hf_checkpoint.HFCheckpoint): every ``interval`` batches (``1000ba`` or 1000) and
@@ -408,10 +417,8 @@ class HFCheckpointConfig:
 
     @property
     def interval_batches(self) -> int:
-        v = self.interval
-        if isinstance(v, str) and re.fullmatch(r"\s*\d+\s*ba\s*", v):
-            v = int(v.strip()[:-2])
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        v = batch_count(self.interval)
+        if v is None:
             raise ValueError(f"'interval' = {self.interval!r}: use a number of batches >= 1, e.g. 1000ba (or 1000)")
         return v
 
@@ -450,10 +457,8 @@ class SampleGenerationsConfig:
 
     @property
     def interval_batches(self) -> int:
-        v = self.interval
-        if isinstance(v, str) and re.fullmatch(r"\s*\d+\s*ba\s*", v):
-            v = int(v.strip()[:-2])
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        v = batch_count(self.interval)
+        if v is None:
             raise ValueError(f"'interval' = {self.interval!r} is not a number of batches: samples are taken every N "
                              "batches, e.g. 500ba (or 500)")
         return v
