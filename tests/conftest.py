@@ -1,6 +1,7 @@
 """Shared test fixtures: a real S3-compatible server on 127.0.0.1 and small helpers."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
@@ -140,11 +141,70 @@ def tok():
     return load_tokenizer("bundled")
 
 
+class _SharedMemoryHeldUntilUnused:
+    """Stands in for ``atexit`` inside mosaicml-streaming's shared-memory wrapper for this test process.
+
+    streaming registers every block it creates or attaches (a dataset's barrier, epoch counter, shard states, the
+    locals registry, and each probe of another dataset's prefix) with ``atexit``, which holds it, its mapping and
+    its file descriptor until the process ends: a training process builds a few datasets, but this process builds
+    thousands and reached the open-file limit (20,000 here). After each test this releases, with streaming's own
+    ``cleanup``, the blocks that nothing but the registration holds any more (their datasets are gone); blocks
+    still in use (a module fixture's dataset) stay registered, and what is left is cleaned up at exit as before."""
+
+    def __init__(self):
+        self.held = []
+
+    def register(self, fn, *args, **kwargs):
+        owner = getattr(fn, "__self__", None)
+        if owner is None or getattr(fn, "__name__", "") != "cleanup" or args or kwargs:
+            return atexit.register(fn, *args, **kwargs)
+        self.held.append(owner)
+        return fn
+
+    def release_unused(self) -> None:
+        kept = []
+        while self.held:
+            block = self.held.pop()
+            # references: ``block`` here and getrefcount's argument; anything more is a user of the block
+            if sys.getrefcount(block) > 2:
+                kept.append(block)
+                continue
+            try:
+                block.cleanup()
+            except BufferError:  # an array still views the mapping: try again after a later test
+                kept.append(block)
+        self.held = kept
+
+    def cleanup_all(self) -> None:
+        for block in self.held:
+            try:
+                block.cleanup()
+            except BufferError:
+                pass
+        self.held = []
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _streaming_shared_memory():
+    try:
+        from streaming.base.shared import memory
+    except ImportError:
+        yield None
+        return
+    stand_in = _SharedMemoryHeldUntilUnused()
+    memory.atexit = stand_in
+    yield stand_in
+    memory.atexit = atexit
+    stand_in.cleanup_all()
+
+
 @pytest.fixture(autouse=True)
-def _collect_garbage_after_each_test():
+def _collect_garbage_after_each_test(_streaming_shared_memory):
     """Free what a test left in reference cycles now, not at some later collection: a streaming loader holds shared
     memory and its file descriptors until it is collected, and across the whole suite those add up to the
     process's open-file limit (20,000 here) before Python's own collections get to them."""
     yield
     import gc
     gc.collect()
+    if _streaming_shared_memory is not None:
+        _streaming_shared_memory.release_unused()
