@@ -102,6 +102,21 @@ def split_env(items: list[str]) -> tuple[dict[str, str], list[str]]:
     return env, [e for e in items if not e.startswith("env.")]
 
 
+def failure_line(log: str) -> str:
+    """The line of a failed run's log that says why: the first exception line (``SomethingError: ...``, a rank's
+    ``[rank0]: ...`` prefix dropped), else the first line that speaks of an error (a CUDA fault reported by NCCL's
+    watchdog), else the last line; warnings printed at shutdown are never the cause."""
+    lines = [re.sub(r"^\[rank\d+\]:\s*", "", ln.strip()) for ln in log.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if "Warning" not in ln and not ln.startswith("warnings.warn")]
+    for ln in lines:
+        if re.match(r"^[\w.]*(Error|Exception): ", ln):
+            return ln[:300]
+    for ln in lines:
+        if re.search(r"error", ln, re.IGNORECASE):
+            return ln[:300]
+    return lines[-1][:300] if lines else ""
+
+
 def run_recipe(model: str, attn: str, gpus: int, steps: int, data: Path, extra: list[str], log_dir: Path,
                variant: str = "base", accum: int = 1, mb: int | None = None) -> dict:
     env_items, extra = split_env(extra)
@@ -120,7 +135,7 @@ def run_recipe(model: str, attn: str, gpus: int, steps: int, data: Path, extra: 
            "micro_batch": mb or MICRO_BATCH[model], "accum": accum,
            "ok": proc.returncode == 0, "wall_s": round(time.time() - t0, 1)}
     if proc.returncode != 0:
-        row["error"] = text.strip().splitlines()[-1][:300] if text.strip() else f"exit {proc.returncode}"
+        row["error"] = failure_line(text) or f"exit {proc.returncode}"
         return row
     # the last window is the steadiest (compilation and autotuning are behind it)
     for key, vals in metrics.items():

@@ -57,3 +57,14 @@ def test_random_shards_are_rewritten_when_too_few_for_the_runs(tmp_path, capsys)
     assert count() == 12 and "writing them again" not in capsys.readouterr().out
     bench_train.write_random_mds(tmp_path / "d", 40, 16, 100)
     assert count() == 40 and "holds 12 samples, fewer than the 40 these runs read" in capsys.readouterr().out
+
+
+def test_failure_line_is_the_cause_not_the_last_warning():
+    log = ("[rank0]: Traceback (most recent call last):\n[rank0]:   File \"x.py\", line 1\n"
+           "[rank0]: RuntimeError: Triton Error [CUDA]: an illegal memory access was encountered\n"
+           "/usr/lib/python3.12/multiprocessing/resource_tracker.py:254: UserWarning: resource_tracker: leaked\n"
+           "  warnings.warn('resource_tracker: There appear to be %d '\n")
+    assert bench_train.failure_line(log) == "RuntimeError: Triton Error [CUDA]: an illegal memory access was encountered"
+    watchdog = "[E1205] Process group watchdog thread terminated with exception: CUDA error: bad\nterminate called\n"
+    assert bench_train.failure_line(watchdog).endswith("CUDA error: bad")
+    assert bench_train.failure_line("starting\nKilled\n") == "Killed"

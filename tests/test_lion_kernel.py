@@ -319,6 +319,49 @@ def test_lerp_coefficients():
         assert c == (float(w32) if small else -float(np.float32(1) - w32))
 
 
+class _Wrapped(torch.Tensor):
+    """A wrapper tensor subclass with one inner tensor and no storage of its own, the form of torchao's FP8
+    training weights (``WeightWithDynamicFloat8CastTensor``): ops on it run on ``_tensor``."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner):
+        self._tensor = inner
+
+    def __tensor_flatten__(self):
+        return ["_tensor"], None
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_map
+        unwrap = lambda x: x._tensor if isinstance(x, _Wrapped) else x  # noqa: E731
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+
+
+def test_wrapper_subclass_weights_are_updated_through_their_inner_tensor():
+    """FP8 training weights wrap their numbers: the step updates the inner tensor (the fused kernel was handed the
+    storage-less wrapper and faulted on the GPU), and the result equals the step on plain tensors."""
+    pytest.importorskip("triton")
+    from llmfoundry.kernels.lion import takes
+    from llmfoundry.train.lion import Lion, _local
+    g = torch.Generator().manual_seed(0)
+    w, grad = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g)
+    wrapped = _Wrapped(w.clone())
+    assert _local(wrapped) is wrapped._tensor
+    assert not takes(wrapped, grad, grad) and takes(w, grad, grad)
+    plain_p, wrapped_p = w.clone().requires_grad_(), wrapped.requires_grad_()
+    for p in (plain_p, wrapped_p):
+        p.grad = grad.clone()
+        opt = Lion([p], lr=1e-2, weight_decay=0.1)
+        opt.step()
+        p.grad = -grad.clone()
+        opt.step()
+    assert torch.equal(wrapped_p._tensor, plain_p.detach())
+    assert not torch.equal(plain_p.detach(), w)
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

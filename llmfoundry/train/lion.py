@@ -35,8 +35,18 @@ _CHUNK_ELEMENTS = 1 << 27
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (a view: in-place updates land in the DTensor), else the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
+    """The tensor that holds ``t``'s numbers, for in-place updates that land in ``t``: a DTensor's local shard, and
+    inside it the one inner tensor of a wrapper subclass (torchao's FP8 training weights wrap their bf16/fp32
+    weight in ``_tensor``: the wrapper has no storage of its own, so a kernel given its pointer reads and writes
+    outside any allocation); else ``t`` itself."""
+    t = t.to_local() if hasattr(t, "to_local") else t
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        if len(names) == 1:
+            inner = getattr(t, names[0])
+            if inner.shape == t.shape and inner.dtype == t.dtype:
+                return inner
+    return t
 
 
 def _chunks(n_items: list[int], limit: int) -> Iterable[slice]:
