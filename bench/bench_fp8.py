@@ -15,7 +15,7 @@ GPU hosts (torch 2.11): carry torchao 0.18 as a wheel. Here, in the repository r
     ../shared/device/wheels.sh torchao==0.18.0          # fills .whl/ (git-ignored) with composer & co + torchao
 
 then on the device (``carry: [".whl"]``), one model per command (each command <= 10 minutes; 7B: two runs of
-about 3-4 minutes each; 1B: three runs of about 2 minutes each)::
+about 70 s each on one H200, compilation included; 1B: three runs, shorter)::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH || exit; \
