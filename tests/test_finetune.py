@@ -231,6 +231,65 @@ def test_too_long_modes(tmp_path, tok):
     assert len(ds) == 1
 
 
+def _foundry_reference(turns: list[tuple[list[int], list[int]]], eos: int, max_len: int, responses: str,
+                       prompts: str) -> tuple[list[int], list[int]]:
+    """llm-foundry's decoder-only example, written here from its documented rules: each turn is (context, target);
+    the last target gets an EOS unless it ends with one; contexts are labelled per ``prompts`` (none | all |
+    length>=N), targets per ``responses`` (all | last); the whole is cut to its first ``max_len`` tokens."""
+    input_ids, labels = [], []
+    for i, (ctx, tgt) in enumerate(turns):
+        last = i == len(turns) - 1
+        if last and tgt[-1] != eos:
+            tgt = tgt + [eos]
+        ctx_trained = prompts == "all" or (prompts.startswith("length>=") and len(ctx) >= int(prompts[8:]))
+        input_ids += ctx + tgt
+        labels += (ctx if ctx_trained else [IGNORE_INDEX] * len(ctx))
+        labels += (tgt if responses == "all" or last else [IGNORE_INDEX] * len(tgt))
+    return input_ids[:max_len], labels[:max_len]
+
+
+@pytest.mark.parametrize("responses,prompts,max_len", [("last", "none", 128), ("all", "none", 128),
+                                                       ("last", "all", 128), ("all", "length>=12", 128),
+                                                       ("all", "none", 60), ("all", "all", 24)])
+def test_target_settings_and_truncate_end_build_llm_foundry_examples(tmp_path, tok, responses, prompts, max_len):
+    """target_responses / target_prompts / too_long: truncate_end give, token for token, the example llm-foundry
+    builds from the same turns (its labels from the second token on: the first is never a target)."""
+    conv = [{"role": "system", "content": "Be brief and exact."}, {"role": "user", "content": "Hi?"},
+            {"role": "assistant", "content": "Hello there."}, {"role": "user", "content": "Count to five, please."},
+            {"role": "assistant", "content": "One two three four five."}]
+    cfg = make(jsonl(tmp_path / "c.jsonl", [{"messages": conv}]), max_seq_len=max_len, target_responses=responses,
+               target_prompts=prompts, too_long="truncate_end")
+    row = build_finetune_dataset(cfg, tok)[0]
+    turns = [(ids(tok, "<|im_start|>system\nBe brief and exact.<|im_end|>") + ids(tok, "\n<|im_start|>user\nHi?<|im_end|>")
+              + ids(tok, "\n<|im_start|>assistant\n"), ids(tok, "Hello there.<|im_end|>")),
+             (ids(tok, "\n<|im_start|>user\nCount to five, please.<|im_end|>") + ids(tok, "\n<|im_start|>assistant\n"),
+              ids(tok, "One two three four five.<|im_end|>"))]
+    want_ids, want_labels = _foundry_reference(turns, tok.eos_token_id, max_len, responses, prompts)
+    assert row["input_ids"].tolist() == want_ids
+    assert row["labels"][1:].tolist() == want_labels[1:]
+
+
+def test_truncate_end_leaves_out_examples_with_nothing_trained_in_the_window(tmp_path, tok):
+    rows = [{"prompt": " ".join(["value"] * 80), "response": "fine"}, {"prompt": "short", "response": "ok then"}]
+    cfg = make(jsonl(tmp_path / "t.jsonl", rows), max_seq_len=32, too_long="truncate_end")
+    with pytest.warns(UserWarning, match=r"1 of 2 .*no trained token among their first 32.*t\.jsonl, line 1"):
+        ds = build_finetune_dataset(cfg, tok)
+    assert len(ds) == 1 and tok.decode(ds[0]["input_ids"]) == "shortok then<|endoftext|>"
+
+
+def test_a_response_ending_with_eos_gets_no_second_one(tmp_path, tok):
+    rows = [{"prompt": "p", "response": "done<|endoftext|>"}, {"prompt": "p", "response": "done"}]
+    ds = build_finetune_dataset(make(jsonl(tmp_path / "e.jsonl", rows)), tok)
+    assert ds[0]["input_ids"].tolist() == ds[1]["input_ids"].tolist() == ids(tok, "p") + ids(tok, "done") + [
+        tok.eos_token_id]
+
+
+def test_target_prompts_forms_are_checked():
+    with pytest.raises(ValueError, match=r"target_prompts = 'some' must be 'none'.*'all'.*'length>=N'"):
+        make("x.jsonl", target_prompts="some")
+    assert make("x.jsonl", target_prompts="length >= 5").target_prompts == "length >= 5"
+
+
 # ------------------------------------------------------------------------------------------- errors
 GOOD = {"prompt": "p", "response": "r"}
 USER, ASSISTANT = {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}

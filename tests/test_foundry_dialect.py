@@ -370,7 +370,8 @@ def test_finetuning_from_mds_remote_local_split():
     assert t.problems == []
     assert t.data["train_loader"] == {"name": "finetune", "remote": "s3://bucket/sft", "local": "/tmp/sft",
                                       "split": "train", "max_seq_len": 128, "shuffle": True, "download_timeout": 30,
-                                      "drop_last": True}
+                                      "drop_last": True, "target_responses": "last", "target_prompts": "none",
+                                      "too_long": "truncate_end"}
     assert any(n.startswith("train_loader.dataset.remote: read as is: MDS shards") for n in t.notes)
     assert from_dict(FinetuneLoaderConfig, t.data["train_loader"]).is_mds()
     streams = translate({"train_loader": {"name": "finetuning", "dataset": {

@@ -42,6 +42,12 @@ Labels
 ``labels`` equal ``input_ids`` on trained tokens and are -100 everywhere else (prompts, chat headers, user and
 system turns, padding). The model shifts them (position i is trained to predict labels[i + 1]). The first token
 of every example is never trained, so no loss term predicts one packed example from the previous one.
+What is trained can be widened or narrowed (llm-foundry's two settings, same meanings):
+* ``target_responses``: ``all`` (default) trains every response (every assistant turn of a chat); ``last`` only
+  the final one (llm-foundry's default), earlier turns are context.
+* ``target_prompts``: ``none`` (default); ``all`` trains the prompts too (each run of text between responses,
+  chat headers included); ``length>=N`` trains a prompt when it has at least N tokens.
+The EOS is appended only when the example does not already end with it (a response that carries its own EOS).
 
 Too long examples (``too_long``; more than ``max_seq_len`` tokens)
 -----------------------------------------------------------------
@@ -55,6 +61,8 @@ Too long examples (``too_long``; more than ``max_seq_len`` tokens)
   refused: never trained on, never silently: one warning counts them and names the first few (file:line).
   (A prompt/response example is never refused: the config requires min_prompt_tokens + min_response_tokens
   <= max_seq_len. A chat example is when its first answers are too short and its leading context too long.)
+* ``truncate_end``: the first ``max_seq_len`` tokens are kept, whatever they are (llm-foundry's truncation); an
+  example with no trained token among them is left out (counted warning).
 * ``skip``: every too long example is left out (the same counted warning).
 * ``error``: the first too long example stops the build with a ``DataError`` naming its file and line.
 
@@ -92,6 +100,7 @@ import bisect
 import json
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Mapping, Sequence
@@ -128,7 +137,9 @@ class FinetuneLoaderConfig:
     ``role_names``: field and role renaming; ``max_examples``: read only the first N examples.
     Format: ``format``, ``prompt_template`` (must contain ``{prompt}``), ``add_eos``; ``malformed``: ``error``
     (stop at the first malformed example) or ``skip`` (leave them out, counted in one warning naming the first).
-    Length: ``max_seq_len``, ``too_long`` (truncate | skip | error), ``min_prompt_tokens``, ``min_response_tokens``.
+    Trained: ``target_responses`` (all | last), ``target_prompts`` (none | all | length>=N).
+    Length: ``max_seq_len``, ``too_long`` (truncate | truncate_end | skip | error), ``min_prompt_tokens``,
+    ``min_response_tokens``.
     Packing: ``packing_ratio`` (null, a number >= 1, or 'auto').
     Order: ``shuffle``, ``shuffle_seed``. torch DataLoader: ``num_workers``, ``pin_memory`` (CUDA only),
     ``drop_last``, ``prefetch_factor``, ``persistent_workers``. Details: the module docstring.
@@ -152,7 +163,9 @@ class FinetuneLoaderConfig:
     malformed: Literal["error", "skip"] = "error"
     prompt_template: str = "{prompt}"
     add_eos: bool = True
-    too_long: Literal["truncate", "skip", "error"] = "truncate"
+    target_responses: Literal["all", "last"] = "all"
+    target_prompts: str = "none"
+    too_long: Literal["truncate", "truncate_end", "skip", "error"] = "truncate"
     min_prompt_tokens: int = 8
     min_response_tokens: int = 8
     packing_ratio: Any = None  # null, a number >= 1, or 'auto' (checked in __post_init__)
@@ -198,6 +211,7 @@ class FinetuneLoaderConfig:
         if "{prompt}" not in self.prompt_template:
             raise ValueError(f"prompt_template {self.prompt_template!r} must contain '{{prompt}}' (where the "
                              f"prompt goes)")
+        prompt_cutoff(self.target_prompts)  # raises ValueError naming the accepted forms
         if self.min_prompt_tokens < 0:
             raise ValueError(f"min_prompt_tokens must be >= 0, got {self.min_prompt_tokens}")
         if self.min_response_tokens < 1:
@@ -519,10 +533,48 @@ def _source_name(cfg: FinetuneLoaderConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ tokenizing
-def _tokenize(examples: list[Example], tokenizer, add_eos: bool) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(token ids int32, trained mask bool) per example."""
+def prompt_cutoff(target_prompts: str) -> int | None:
+    """``target_prompts`` as a length: 0 (``all``: every prompt trained), None (``none``), or N (``length>=N``:
+    prompts of at least N tokens trained); ValueError for anything else."""
+    if target_prompts == "all":
+        return 0
+    if target_prompts == "none":
+        return None
+    m = re.fullmatch(r"length>=(\d+)", str(target_prompts).replace(" ", ""))
+    if m is None:
+        raise ValueError(f"target_prompts = {target_prompts!r} must be 'none' (prompts are not trained), 'all', or "
+                         f"'length>=N' (prompts of at least N tokens are trained)")
+    return int(m.group(1))
+
+
+def trained_pieces(lengths: Sequence[int], responses: Sequence[bool], target_responses: str,
+                   target_prompts: str) -> list[bool]:
+    """Which pieces of an example are trained. ``responses`` marks the response pieces (an assistant turn's
+    content); each maximal run of other pieces is one prompt (``lengths``: the pieces' token counts).
+    ``target_responses``: ``all`` responses or the ``last`` one; ``target_prompts``: see ``prompt_cutoff``."""
+    last = max((i for i, r in enumerate(responses) if r), default=-1)
+    out = [r and (target_responses == "all" or i == last) for i, r in enumerate(responses)]
+    cutoff = prompt_cutoff(target_prompts)
+    if cutoff is not None:
+        i = 0
+        while i < len(responses):
+            if responses[i]:
+                i += 1
+                continue
+            j = i
+            while j < len(responses) and not responses[j]:
+                j += 1
+            if sum(lengths[i:j]) >= cutoff:
+                out[i:j] = [True] * (j - i)
+            i = j
+    return out
+
+
+def _tokenize(examples: list[Example], tokenizer, cfg: FinetuneLoaderConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(token ids int32, trained mask bool) per example. With ``add_eos`` an example whose tokens do not already
+    end with EOS gets one, trained when the example ends with a trained response."""
     eos = tokenizer.eos_token_id
-    if add_eos and eos is None:
+    if cfg.add_eos and eos is None:
         raise DataError("the tokenizer has no EOS token; set add_eos: false or use a tokenizer with one")
     texts = [t for ex in examples for t, _ in ex.pieces]
     ids: list[list[int]] = []
@@ -530,14 +582,17 @@ def _tokenize(examples: list[Example], tokenizer, add_eos: bool) -> list[tuple[n
         ids.extend(tokenizer(texts[a:a + 2048], add_special_tokens=False)["input_ids"])
     out, k = [], 0
     for ex in examples:
+        piece_ids = ids[k:k + len(ex.pieces)]
+        k += len(ex.pieces)
+        responses = [trained for _, trained in ex.pieces]
+        trained = trained_pieces([len(x) for x in piece_ids], responses, cfg.target_responses, cfg.target_prompts)
         toks, mask = [], []
-        for _, trained in ex.pieces:
-            toks.extend(ids[k])
-            mask.extend([trained] * len(ids[k]))
-            k += 1
-        if add_eos:
+        for x, t in zip(piece_ids, trained):
+            toks.extend(x)
+            mask.extend([t] * len(x))
+        if cfg.add_eos and (not toks or toks[-1] != eos):
             toks.append(eos)
-            mask.append(not ex.chat or ex.pieces[-1][1])  # chat: the EOS is trained after an assistant turn
+            mask.append(responses[-1] and trained[-1])  # after a trained final response (chat: an assistant turn)
         out.append((np.asarray(toks, dtype=np.int32), np.asarray(mask, dtype=bool)))
     return out
 
@@ -661,7 +716,7 @@ def _counted_warning(what: str, locations: list[str], total: int, fix: str) -> N
 def build_finetune_dataset(cfg: FinetuneLoaderConfig, tokenizer) -> FinetuneDataset:
     """Read, check, tokenize, truncate and pack the whole source (the same on every rank)."""
     examples = read_examples(cfg)
-    tokenized = _tokenize(examples, tokenizer, cfg.add_eos)
+    tokenized = _tokenize(examples, tokenizer, cfg)
     kept_tokens, kept_labels, lengths = [], [], []
     refused, truncated = [], []
     L = cfg.max_seq_len
@@ -670,8 +725,12 @@ def build_finetune_dataset(cfg: FinetuneLoaderConfig, tokenizer) -> FinetuneData
             if cfg.too_long == "error":
                 raise DataError(f"{ex.where}: {len(toks)} tokens, more than max_seq_len = {L}. Fix: raise "
                                 f"max_seq_len, shorten or remove the example, or set too_long: truncate (or skip)")
-            window = None if cfg.too_long == "skip" else truncation_window(
-                trained, L, ex.chat, cfg.min_prompt_tokens, cfg.min_response_tokens)
+            if cfg.too_long == "skip":
+                window = None
+            elif cfg.too_long == "truncate_end":  # the first max_seq_len tokens, if any of them is trained
+                window = (0, L) if trained[1:L].any() else None
+            else:
+                window = truncation_window(trained, L, ex.chat, cfg.min_prompt_tokens, cfg.min_response_tokens)
             if window is None:
                 refused.append(f"{ex.where} ({len(toks)} tokens)")
                 continue
@@ -686,6 +745,10 @@ def build_finetune_dataset(cfg: FinetuneLoaderConfig, tokenizer) -> FinetuneData
     if cfg.too_long == "skip":
         _counted_warning(f"are longer than max_seq_len = {L} and were skipped (too_long: skip)", refused, n,
                          "Raise max_seq_len or set too_long: truncate to keep them")
+    elif cfg.too_long == "truncate_end":
+        _counted_warning(f"are longer than max_seq_len = {L} and have no trained token among their first {L}, so "
+                         f"they were left out (too_long: truncate_end)", refused, n,
+                         "Raise max_seq_len, shorten their prompts, or set too_long: truncate (keeps the response)")
     else:
         _counted_warning(f"are longer than max_seq_len = {L} and could not keep min_response_tokens = "
                          f"{cfg.min_response_tokens} trained tokens, so they were left out", refused, n,

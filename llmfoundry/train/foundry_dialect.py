@@ -398,8 +398,6 @@ _FINETUNE_NEUTRAL = {
     "decoder_only_format": ((True, None), "encoder-decoder formatting is absent here (MPT is decoder-only)"),
     "allow_pad_trimming": (None, "rows are always padded to max_seq_len here (only speed differs); dropped"),
     "safe_load": (None, "dropped"),
-    "target_prompts": (("none", None), "prompts are never trained on here; remove it"),
-    "target_responses": (("last", "all", None), "remove it"),
     "timeout": ((0, None), "a DataLoader batch timeout is absent here; remove it"),
     "max_leftover_bins_to_keep": (None, "dropped"),
     "auto_packing_replication": (None, "dropped"),
@@ -538,10 +536,14 @@ def _finetune_dataset(t: Translation, ds: dict, where: dict, path: str, ours: li
         else:
             _unknown(t, where[k], k, ours + ["hf_name", "hf_kwargs", "preprocessing_fn", *_FINETUNE_NEUTRAL])
     if foundry:
-        t.note(path, "finetuning -> name: finetune. The response is trained, then an EOS (add_eos: true; llm-foundry "
-                     "appends one only when its tokenizer does, set add_eos: false to match); a too long example has its prompt cut from the left here (too_long: truncate), and in a multi-turn chat "
-                     "every assistant turn is trained (llm-foundry's default target_responses: last trains only the "
-                     "final one)")
+        # llm-foundry's way of building examples, where ours differs by default
+        for k, v in (("target_responses", "last"), ("target_prompts", "none"), ("too_long", "truncate_end")):
+            out.setdefault(k, v)
+        t.note(path, f"finetuning -> name: finetune, building examples as llm-foundry does: target_responses: "
+                     f"{out['target_responses']} (our default trains every assistant turn: all), target_prompts: "
+                     f"{out['target_prompts']}, too_long: {out['too_long']} (the first max_seq_len tokens kept; "
+                     f"ours keeps the response and cuts the prompt from the left: truncate), an EOS ending each "
+                     f"example unless it has one")
     return out
 
 
