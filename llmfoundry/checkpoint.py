@@ -171,7 +171,8 @@ def _read_dcp(folder: str) -> dict:
         path = tuple(planner_data.get(fqn, tuple(fqn.split(".", 2))))
         if path[:2] == ("state", "model") and isinstance(item, TensorStorageMetadata):
             tensors[fqn] = torch.empty(item.size, dtype=item.properties.dtype)
-        elif path[:2] == ("state", "callbacks") and isinstance(item, BytesStorageMetadata):
+        elif path[:2] in (("state", "callbacks"), ("state", "integrations")) and \
+                isinstance(item, BytesStorageMetadata):
             objects[fqn] = None
     if not tensors:
         raise CheckpointError(f"sharded checkpoint {folder} holds no model tensors (no 'state.model.*' keys); is it "
@@ -199,7 +200,19 @@ def _read_dcp(folder: str) -> dict:
         for p in path[1:-1]:
             node = node.setdefault(p, {})
         node[path[-1]] = value
+    if "integrations" in state:  # DCP flattens nested metadata: list items come back under integer keys
+        state["integrations"] = _relist(state["integrations"])
     return {"state": state}
+
+
+def _relist(node):
+    """Nested dicts whose keys are all integers (DCP's flattened list items) back into lists."""
+    if not isinstance(node, dict):
+        return node
+    node = {k: _relist(v) for k, v in node.items()}
+    if node and all(isinstance(k, int) for k in node):
+        return [node[i] for i in sorted(node)]
+    return node
 
 
 def _composer_checkpoints_in(folder: str) -> list[str]:
@@ -304,6 +317,98 @@ def stored_model_config(ckpt: Mapping) -> tuple[Any, Optional[str]]:
     return None, None
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints of composer HuggingFaceModels (llm-foundry's ComposerMPTCausalLM): config and tokenizer travel in
+# state['integrations']['huggingface'] (HuggingFaceModel.get_metadata): the config.json under
+# ['model']['config']['content'], each tokenizer file under ['tokenizer'][name] = {'file_extension', 'content'}.
+
+def hf_metadata(ckpt: Mapping) -> Optional[Mapping]:
+    """The ``integrations.huggingface`` metadata of a checkpoint written by a composer ``HuggingFaceModel`` (as
+    llm-foundry's trainer writes them), or None for our own checkpoints."""
+    integrations = (ckpt.get("state") or {}).get("integrations") if isinstance(ckpt, Mapping) else None
+    meta = integrations.get("huggingface") if isinstance(integrations, Mapping) else None
+    return meta if isinstance(meta, Mapping) else None
+
+
+def _fit_config_to_weights(cfg, raw: Mapping, state_dict: Mapping[str, torch.Tensor]):
+    """``cfg`` with ``no_bias`` / ``learned_pos_emb`` as the weights have them: transformers' MPT saves no biases
+    whatever its config says, and llm-foundry builds (and adds) a position table whenever ``learned_pos_emb``,
+    ALiBi or not, while ``MPTConfig.from_hf_dict`` drops it under ALiBi."""
+    from dataclasses import replace
+    if not cfg.no_bias and not any(k.endswith(".bias") for k in state_dict):
+        cfg = replace(cfg, no_bias=True)
+    if raw.get("learned_pos_emb", True) and not cfg.learned_pos_emb and "transformer.wpe.weight" in state_dict:
+        cfg = replace(cfg, learned_pos_emb=True)
+    return cfg
+
+
+def metadata_model_config(meta: Mapping, state_dict: Mapping[str, torch.Tensor], where: str):
+    """The ``MPTConfig`` of a ``HuggingFaceModel`` checkpoint's metadata, fitted to its weights; a
+    ``CheckpointError`` for a model that is not MPT or holds LoRA adapters."""
+    model = meta.get("model") if isinstance(meta.get("model"), Mapping) else {}
+    config = model.get("config") if isinstance(model.get("config"), Mapping) else {}
+    content = config.get("content")
+    if not isinstance(content, Mapping):
+        raise CheckpointError(f"{where} holds Hugging Face metadata without a model config "
+                              "(integrations.huggingface.model.config.content); pass the training YAML of the run "
+                              "(--model_config path/to/train.yaml; in an eval config, model_config=...)")
+    kind = content.get("model_type")
+    if kind != "mpt":
+        raise CheckpointError(f"{where} holds a Hugging Face model of model_type {kind!r} "
+                              f"({config.get('class', 'unknown class')}); only MPT checkpoints (model_type 'mpt', "
+                              "e.g. llm-foundry's mpt_causal_lm) load here")
+    if model.get("peft_config"):
+        raise CheckpointError(f"{where} holds PEFT/LoRA adapter weights; merge the adapters into the base model "
+                              "and export it as a Hugging Face MPT folder first (then use that folder)")
+    cfg = _config_from_mapping(content, f"{where} (integrations.huggingface)")
+    return _fit_config_to_weights(cfg, content, state_dict)
+
+
+def _tokenizer_file_bytes(name: str, entry: Mapping) -> Optional[bytes]:
+    """One tokenizer file of the metadata as composer's get_metadata stored it (None for a kind it never writes)."""
+    ext, content = entry.get("file_extension"), entry.get("content")
+    if ext == ".json":
+        return json.dumps(content, ensure_ascii=False).encode()
+    if ext == ".txt":
+        return "\n".join(content).encode() if isinstance(content, list) else str(content).encode()
+    if ext in (".py", ".jinja"):
+        return str(content).encode()
+    if ext == ".model":
+        return bytes(content)
+    log.warning("tokenizer file %s in the checkpoint's metadata has an unknown kind (%r); left out", name, ext)
+    return None
+
+
+def metadata_tokenizer_dir(meta: Mapping) -> Optional[str]:
+    """The tokenizer files of a ``HuggingFaceModel`` checkpoint's metadata, written once to a folder of the temp
+    directory named after their content (``AutoTokenizer.from_pretrained`` loads it, offline); None when the
+    metadata holds none."""
+    import hashlib
+    import shutil
+    entries = meta.get("tokenizer")
+    if not isinstance(entries, Mapping) or not entries:
+        return None
+    files = {}
+    for name, entry in sorted(entries.items()):
+        data = _tokenizer_file_bytes(name, entry) if isinstance(entry, Mapping) else None
+        if data is not None and os.path.basename(name) == name:
+            files[name] = data
+    digest = hashlib.sha1()
+    for name, data in files.items():
+        digest.update(name.encode() + b"\0" + data + b"\0")
+    folder = os.path.join(tempfile.gettempdir(), f"mpt-forge-tokenizer-{digest.hexdigest()[:16]}")
+    if os.path.isdir(folder):
+        return folder
+    stage = tempfile.mkdtemp(dir=tempfile.gettempdir(), prefix=".mpt-forge-tokenizer-")
+    for name, data in files.items():
+        Path(stage, name).write_bytes(data)
+    try:
+        os.rename(stage, folder)
+    except OSError:  # another process wrote the same folder first
+        shutil.rmtree(stage, ignore_errors=True)
+    return folder
+
+
 def _sidecar_config(path: str, workdir: str) -> tuple[Any, Optional[str], Optional[str]]:
     """The trainer's ``config.yaml`` in the checkpoint's folder or the one above it: (config, tokenizer, where)."""
     path = str(path).rstrip("/")
@@ -387,16 +492,23 @@ def load_composer_checkpoint(path: str, model_config=None) -> tuple[dict[str, to
         ckpt = read_checkpoint(local)
         state_dict = extract_model_state_dict(ckpt)
         stored_cfg, stored_tok = stored_model_config(ckpt)
-        side_cfg = side_tok = None
+        meta = hf_metadata(ckpt)
+        side_tok = None
         if model_config is not None:
             cfg, tokenizer = _as_config(model_config)
             source = "the given model config"
         elif stored_cfg is not None:
             cfg, tokenizer, source = stored_cfg, stored_tok, "the checkpoint"
+        elif meta is not None:
+            cfg, tokenizer = metadata_model_config(meta, state_dict, f"checkpoint {path}"), None
+            source = "the checkpoint's Hugging Face metadata (integrations.huggingface)"
         else:
-            side_cfg, side_tok, source = _sidecar_config(path, workdir)
-            cfg, tokenizer = side_cfg, side_tok
-        tokenizer = tokenizer or stored_tok or side_tok
+            cfg, side_tok, source = _sidecar_config(path, workdir)
+            tokenizer = side_tok
+        tokenizer = tokenizer or stored_tok or (metadata_tokenizer_dir(meta) if meta is not None else None) \
+            or side_tok
+    if meta is not None and cfg is not None:  # a transformers MPT's state dict holds the tied head twice
+        state_dict = hf_to_mpt_state_dict(state_dict, cfg)
     if cfg is None:
         raise CheckpointError(f"checkpoint {path} records no model config and there is no config.yaml next to it; "
                               "pass the training YAML of the run (--model_config path/to/train.yaml; in an eval "
