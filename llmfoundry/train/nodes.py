@@ -1,4 +1,5 @@
-"""Runs over several nodes: a lost node stops the others within ``peers.timeout_s``, with a message naming it.
+"""Runs over several nodes: a lost node stops the others within ``peers.timeout_s`` (and two heartbeats), with a
+message naming it.
 
 What happens without this (measured: ``composer --world_size 4 --nproc 2`` twice on one host, DDP over gloo)
 ------------------------------------------------------------------------------------------------------------
@@ -18,8 +19,9 @@ points every rank at, ``MASTER_ADDR:MASTER_PORT``, served from global rank 0's p
 Every ``interval`` seconds (``timeout_s / 10``, at most 5 s) it writes its own beat (a counter, its node rank and
 pid) and reads everyone's in the same request. Each request is given up after ``store_timeout`` (2 intervals):
 torch's client waits without a limit on a store that accepted the connection and then froze. A rank whose beat has
-not changed for ``timeout_s`` is lost, and with it every rank silent for 2.5 heartbeats (a live one beats at every
-one); so is every rank of node 0 when the store itself has not answered for that long (it lives in rank 0's
+not changed for ``timeout_s`` is lost: two heartbeats later the verdict names it and every other rank whose beat
+has not changed since that moment (a live one beats at every interval; ranks of one node that died a moment apart
+are named together); so is every rank of node 0 when the store itself has not answered for that long (it lives in rank 0's
 process). Once this rank's own collective has failed (gloo's connection errors above,
 a timeout, an NCCL error), the loss is evident, and ``4 * interval`` of silence is enough.
 
@@ -66,7 +68,7 @@ log = logging.getLogger(__name__)
 LOST_PEERS_EXIT_CODE = 69  # os.EX_UNAVAILABLE: a peer of this run is gone; relaunch every node
 KEY = "llmfoundry/peers/"
 EXITED = "exited"
-SILENT_BEATS = 2.5  # once one rank is lost, the others silent for this many heartbeats are lost with it
+CONFIRM_BEATS = 2  # once a rank is past the limit, this many heartbeats more to see which others are silent too
 EXIT_GUARD_S = 30.0  # a local rank 0 told to stop that is still alive this much later is ended with os._exit
 # what a collective raises when a peer is gone (gloo's RuntimeError texts; NCCL's and the store's errors)
 _COMMUNICATION_ERROR = re.compile(r"gloo|nccl|c10d|ProcessGroup", re.IGNORECASE)
@@ -176,6 +178,7 @@ class PeerWatch:
         self._beats = 0
         self._seen: dict[int, str] = {}
         self._changed = {r: time.monotonic() for r in range(world_size)}
+        self._suspected: float | None = None  # when a rank was first silent past the limit
         self._store_ok = time.monotonic()
         self._published_checkpoint: str | None = None
         self._known_checkpoint: str | None = checkpoint()
@@ -302,10 +305,16 @@ class PeerWatch:
                 _, node, pid = value.split()
                 self.node_of[r], self.pid_of[r] = int(node), int(pid)
         quiet = {r: now - self._changed[r] for r in others if r not in self.exited_peers}
-        if any(q > self.window() for q in quiet.values()):
-            # with it, those that stopped a moment later: a live rank's beat changes at every read or the next
-            lost = [r for r, q in quiet.items() if q > SILENT_BEATS * self.interval]
-            self.decide(self._verdict(lost, f"no heartbeat for {self.window():.0f} s"), published=False)
+        if self._suspected is None and any(q > self.window() for q in quiet.values()):
+            self._suspected = now
+        if self._suspected is not None and now - self._suspected >= CONFIRM_BEATS * self.interval:
+            # every rank whose beat has not changed since then: a live rank beats at every interval, and ranks of
+            # one node that stopped a moment apart are named together (their last beats are up to a heartbeat
+            # apart, and so is when this rank read them)
+            lost = [r for r in quiet if self._changed[r] <= self._suspected]
+            self._suspected = None
+            if lost:  # else the silent one beat again meanwhile (a pause, not a loss)
+                self.decide(self._verdict(lost, f"no heartbeat for {self.window():.0f} s"), published=False)
 
     def _store_silent(self, now: float, error: Exception) -> None:
         if now - self._store_ok <= self.window():
