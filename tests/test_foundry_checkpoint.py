@@ -163,8 +163,8 @@ def test_train_refuses_another_architecture_naming_each_setting(foundry, tmp_pat
 
 
 def test_full_resume_keeps_step_and_lion_momentum(foundry, tmp_path, monkeypatch):
-    """``start_point`` with ``load_weights_only: false``: the run continues at batch 2 with the checkpoint's LION
-    momentum (filed under our optimizer's class), then trains on."""
+    """``load_path`` of it with ``load_weights_only: false`` (the default): the run continues at batch 2 with the
+    checkpoint's LION momentum (filed under our optimizer's class), then trains on."""
     from llmfoundry.train import build_trainer
     from llmfoundry.train.pretrained import start_point
     (tmp_path / "tmp").mkdir()
@@ -172,7 +172,7 @@ def test_full_resume_keeps_step_and_lion_momentum(foundry, tmp_path, monkeypatch
     cfg = _run(tmp_path, f"load_path={foundry['whole']}", "max_duration=3ba")
     path, weights_only = start_point(cfg, cfg.load_path)
     assert not weights_only and os.path.isfile(path)
-    trainer = build_trainer(_run(tmp_path, f"load_path={path}", "max_duration=3ba"))
+    trainer = build_trainer(cfg)  # train.py's own path: start_point inside
     try:
         assert int(trainer.state.timestamp.batch) == 2
         opt = trainer.state.optimizers[0]

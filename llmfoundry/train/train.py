@@ -372,8 +372,8 @@ def _build_trainer(cfg: TrainConfig):
         dist.barrier()
     load_path, load_weights_only, autoresume = _resume_point(cfg, sharded)
     resuming = autoresume and os.path.exists(os.path.join(resume.save_dir(cfg) or "", "latest-rank0.pt"))
-    if pretrained.is_pretrained_start(load_path) and not resuming:  # a Hugging Face MPT folder: checked, converted
-        load_path, load_weights_only = pretrained.prepare(cfg.model, load_path, run_name_of(cfg)), True
+    if pretrained.is_pretrained_start(load_path) and not resuming:  # an HF MPT folder or an llm-foundry checkpoint
+        load_path, load_weights_only = pretrained.start_point(cfg, load_path)
     progress_bar, log_to_console = console_output(cfg.progress_bar, cfg.log_to_console)
 
     _quiet_composer_autoresume()
