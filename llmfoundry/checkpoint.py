@@ -538,6 +538,31 @@ def is_hf_dir(path: str) -> bool:
             and not _is_dcp_folder(path))
 
 
+HUB_MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+                   "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer*", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "*.model"]
+
+
+def hub_model_dir(name: str) -> str:
+    """The local folder of the Hugging Face hub model ``name`` (``org/model``): the hub cache's copy when it has one
+    (no request), else downloaded into that cache (weights, config and tokenizer files only). ``CheckpointError``
+    naming the model, what failed and the fix when neither works (no network, ``HF_HUB_OFFLINE``, no such model)."""
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name, local_files_only=True, allow_patterns=HUB_MODEL_FILES)
+    except Exception:  # noqa: BLE001 - not in the cache: ask the hub below
+        pass
+    try:
+        return snapshot_download(name, allow_patterns=HUB_MODEL_FILES)
+    except Exception as e:  # noqa: BLE001 - offline, unknown or gated repo, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(
+            f"{name!r} is not a local folder, and the Hugging Face hub did not give it ({type(e).__name__}: "
+            f"{first}). Fix: download it where the hub is reachable (huggingface-cli download {name} --local-dir "
+            f"DIR) and name DIR, or let this machine reach the hub (unset HF_HUB_OFFLINE; HF_TOKEN for a gated "
+            f"model)") from e
+
+
 def model_from_state_dict(state_dict: Mapping[str, torch.Tensor], cfg, *, device="cpu", dtype=None):
     """An ``MPTForCausalLM`` holding ``state_dict`` (built on the meta device: no init cost)."""
     from dataclasses import replace

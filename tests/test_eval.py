@@ -117,12 +117,17 @@ def test_fewshot_prompt_construction(tok):
     assert len(set(shots)) == 2 and 3 not in shots
     assert shots == fewshot_indices(len(ex), 3, 2, seed=7)  # fixed by the seed
     assert any(fewshot_indices(len(ex), 3, 2, seed=s) != shots for s in range(8, 12))
-    expected = ("Complete:\n" + "".join(ex[i]["context"] + " " + ex[i]["continuation"] + "\n###\n" for i in shots)
-                + ex[3]["context"] + " ")
+    # as llm-foundry builds it: the example delimiter before each context that follows any text, the prompt too
+    expected = ("Complete:\n" + "".join("\n###\n" + ex[i]["context"] + " " + ex[i]["continuation"] for i in shots)
+                + "\n###\n" + ex[3]["context"] + " ")
     assert build_prompt(cfg, ex, 3, 2) == expected
     for q in range(len(ex)):  # never the query itself, whatever the seed
         assert q not in fewshot_indices(len(ex), q, len(ex) - 1, seed=q)
-    assert build_prompt(cfg, ex, 3, 0) == "Complete:\n" + ex[3]["context"] + " "
+    assert build_prompt(cfg, ex, 3, 0) == "Complete:\n\n###\n" + ex[3]["context"] + " "
+    bare = ICLTaskConfig(label="t", path=cfg.path, type="language_modeling", example_delimiter="\n", fewshot_seed=7,
+                         context_prefix="Q: ")  # llm-foundry's prelimiter: before every context
+    assert build_prompt(bare, ex, 3, 2) == "\n".join(
+        "Q: " + ex[i]["context"] + " " + ex[i]["continuation"] for i in shots) + "\nQ: " + ex[3]["context"] + " "
 
     mc = ICLTaskConfig(label="mc", path=str(ICL / "piqa_tiny.jsonl"), type="multiple_choice")
     mex = load_task_examples(mc.path, mc.type)

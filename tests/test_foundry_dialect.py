@@ -94,12 +94,14 @@ def test_eval_yaml_in_llm_foundry_format_evaluates_the_run(pretrained, tmp_path,
 def test_eval_dialect_refusals_in_one_message():
     from llmfoundry.eval.evaluate import EvalConfig
     from llmfoundry.eval.foundry_dialect import translate_eval
-    t = translate_eval({"models": [{"model_name": "a"}, {"model_name": "b"}], "icl_subset_num_batches": 2,
+    t = translate_eval({"models": [{"model_name": "a"}, {"model_name": "b"}], "icl_subset_num_batches": 0,
                         "icl_tasks": [{"label": "x", "dataset_uri": "s3://b/x.jsonl",
-                                       "icl_task_type": "code_evaluation",
-                                       "num_fewshot": [0]}]}, EvalConfig)
+                                       "icl_task_type": "code_evaluation", "num_fewshot": [0]},
+                                      {"label": "piqa", "dataset_uri": None, "icl_task_type": "multiple_choice"}]},
+                       EvalConfig)
     assert sorted(p.split(":")[0] for p in t.problems) == [
-        "icl_subset_num_batches", "icl_tasks.0.dataset_uri", "icl_tasks.0.icl_task_type"]
+        "icl_subset_num_batches", "icl_tasks.0.dataset_uri", "icl_tasks.0.icl_task_type", "icl_tasks.1.dataset_uri"]
+    assert any("task 'piqa' names no file; give the path of its JSONL file" in p for p in t.problems)
     assert translate_eval({"models": []}, EvalConfig).problems[0].startswith("models:")
 
 
@@ -134,6 +136,31 @@ def test_eval_dialect_schema_and_generation_tasks():
         "icl_tasks.0.generation_kwargs.do_sample", "icl_tasks.0.generation_kwargs.num_beams",
         "icl_tasks.0.generation_kwargs.top_q"]
     assert "answers are decoded greedily here" in t.problems[0]
+
+
+def test_eval_dialect_subset_prelimiter_and_averages_of_absent_categories():
+    """icl_subset_num_batches limits every task to its first N batches of examples; prelimiter (and its older name
+    question_prelimiter) goes before every context; a gauntlet average naming a category the file does not define
+    (llm-foundry's own eval_gauntlet.yaml averages a commented-out 'programming') averages the others."""
+    from llmfoundry.eval.evaluate import EvalConfig
+    from llmfoundry.eval.foundry_dialect import translate_eval
+    from llmfoundry.utils.config import from_dict
+    tasks = [{"label": "a", "dataset_uri": "llmfoundry/assets/icl/qa_tiny.jsonl", "batch_size": 3,
+              "icl_task_type": "generation_task_with_answers", "question_prelimiter": "Q: "},
+             {"label": "b", "dataset_uri": "llmfoundry/assets/icl/schema_tiny.jsonl", "icl_task_type": "schema",
+              "prelimiter": "> "}]
+    gauntlet = {"weighting": "EQUAL", "averages": {"core": ["reading", "programming"], "code": ["programming"]},
+                "categories": [{"name": "reading", "benchmarks": [{"name": "a", "num_fewshot": 0,
+                                                                    "random_baseline": 0}]}]}
+    t = translate_eval({"load_path": "x.pt", "device_eval_batch_size": 5, "icl_subset_num_batches": 2,
+                        "icl_tasks": tasks, "eval_gauntlet": gauntlet}, EvalConfig)
+    assert t.problems == []
+    cfg = from_dict(EvalConfig, t.data)
+    a, b = cfg.icl_tasks
+    assert (a.max_examples, b.max_examples) == (6, 10)  # 2 batches of the task's batch size, else the run's
+    assert (a.context_prefix, b.context_prefix) == ("Q: ", "> ")
+    assert t.data["eval_gauntlet"]["averages"] == {"core": ["reading"]}
+    assert any("['programming']: no such category" in n for n in t.notes)
 
 
 def test_finetuning_yaml_trains(tmp_path):
@@ -228,12 +255,37 @@ def test_unknown_key_in_the_dialect_gets_a_near_spelling_and_is_listed_with_the_
     assert any(p.startswith("tp_config:") for p in t.problems)
 
 
-def test_hf_causal_lm_with_a_hub_name_says_to_download_it():
+def test_hf_causal_lm_with_a_hub_name_the_hub_does_not_give_says_to_download_it(monkeypatch):
+    """No hub here: the cache is empty and the endpoint refuses; one problem naming the model and both fixes."""
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", "/nonexistent-hub-cache")
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
     t = translate({"model": {"name": "hf_causal_lm", "pretrained_model_name_or_path": "mosaicml/mpt-7b",
                              "pretrained": True}})
     assert len(t.problems) == 1, t.problems
-    assert "'mosaicml/mpt-7b' is not a local folder" in t.problems[0]
+    assert "'mosaicml/mpt-7b' is not a local folder, and the Hugging Face hub did not give it" in t.problems[0]
     assert "huggingface-cli download mosaicml/mpt-7b --local-dir DIR" in t.problems[0]
+    assert "unset HF_HUB_OFFLINE" in t.problems[0]
+
+
+def test_hf_causal_lm_with_a_hub_name_reads_the_hub_cache(tmp_path, monkeypatch):
+    """A hub name already in the hub cache (an air-gapped cluster's pre-filled cache) is read from it, no request:
+    the run starts from those weights."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+    folder, _ = _hf_mpt_folder(tmp_path)
+    repo = tmp_path / "hub" / "models--acme--tiny-mpt"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")
+    t = translate({"model": {"name": "hf_causal_lm", "pretrained_model_name_or_path": "acme/tiny-mpt"}})
+    assert not t.problems, t.problems
+    assert t.data["load_path"] == str(repo / "snapshots" / commit) and t.data["model"]["d_model"] == 128
+    assert any("acme/tiny-mpt from the Hugging Face hub" in n for n in t.notes)
 
 
 def _hf_mpt_folder(tmp_path, **model_overrides):

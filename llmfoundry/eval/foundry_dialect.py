@@ -16,6 +16,7 @@ training, every key with no equivalent is listed in one ``ConfigError``.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any, Mapping
 
@@ -38,7 +39,6 @@ _TOP_NEUTRAL = {
     "eval_gauntlet_str": (None, "a copy of eval_gauntlet as text; dropped (eval_gauntlet is read)"),
     "icl_tasks_str": (None, "dropped"),
     "code_paths": ((None, []), "no custom code is imported here; remove it"),
-    "icl_subset_num_batches": ((None,), "use icl_tasks.N.max_examples (examples evaluated per task)"),
 }
 _PRECISIONS = {"amp_bf16": "amp_bf16", "fp32": "fp32", "amp_fp16": "fp16", "bf16": "bf16", "fp16": "fp16",
                "auto": "auto"}
@@ -83,6 +83,13 @@ def _model_entry(t: Translation, entry: dict, p: str) -> dict:
     model = entry.pop("model", None)
     if isinstance(model, Mapping) and model.get("name") == "hf_causal_lm":
         src = model.get("pretrained_model_name_or_path")
+        if src and not os.path.exists(str(src)) and re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
+            from llmfoundry.checkpoint import CheckpointError, hub_model_dir  # a hub name: cached or fetched
+            try:
+                src = hub_model_dir(str(src))
+            except CheckpointError as e:
+                t.problem(f"{p}.model.pretrained_model_name_or_path", str(e))
+                return out
         if src and os.path.isdir(str(src)) and out.get("load_path") is None:
             out["hf_path"] = src
             t.note(f"{p}.model", f"hf_causal_lm -> hf_path: {src!r} (a Hugging Face MPT directory)")
@@ -92,8 +99,8 @@ def _model_entry(t: Translation, entry: dict, p: str) -> dict:
             if model.get("config_overrides"):
                 out["model_overrides"] = dict(model["config_overrides"])
         else:
-            t.problem(f"{p}.model", "hf_causal_lm: only local Hugging Face MPT directories are read here "
-                      "(pretrained_model_name_or_path: a folder with config.json); download the model first")
+            t.problem(f"{p}.model", "hf_causal_lm: pretrained_model_name_or_path must name a Hugging Face MPT "
+                      "model: a folder with config.json, or a hub name (org/model)")
     elif model is not None:
         sub = Translation(data={})  # the training translator's model rules, under this entry's path
         cfg = _model(sub, model, {})
@@ -140,6 +147,8 @@ def translate_eval(data: Mapping, eval_cls, yaml_dir: str | None = None) -> Tran
             entries = [_mapping(t, x, f"eval_loaders.{i}") for i, x in enumerate(v)]
             out[k] = {x.pop("label", f"eval{i}"): _loader(t, x, f"eval_loaders.{i}") for i, x in enumerate(entries)}
             t.note(k, "a list with labels -> a mapping label -> loader")
+        elif k == "icl_subset_num_batches":
+            t.mark(k)
         elif k == "precision" and str(v) not in ("auto", "fp32", "bf16", "fp16", "amp_bf16"):
             t.mark(k)
             if str(v) in _PRECISIONS:
@@ -152,11 +161,32 @@ def translate_eval(data: Mapping, eval_cls, yaml_dir: str | None = None) -> Tran
         elif k in _TOP_NEUTRAL:
             _neutral(t, k, v, _TOP_NEUTRAL[k])
         else:
-            _unknown(t, "", k, ours + ["models", *_TOP_NEUTRAL])
+            _unknown(t, "", k, ours + ["models", "icl_subset_num_batches", *_TOP_NEUTRAL])
+    _subset_of_tasks(t, src.get("icl_subset_num_batches"), out, EvalConfig)
     if t.dialect_keys and out.get("eval_subset_num_batches") == -1:
         out["eval_subset_num_batches"] = None
         t.note("eval_subset_num_batches", "-1 -> null (all batches)")
     return t
+
+
+def _subset_of_tasks(t: Translation, n: Any, out: dict, eval_cls) -> None:
+    """llm-foundry's ``icl_subset_num_batches: N`` (the first N batches of every task) -> each task's
+    ``max_examples``: N x (the task's ``batch_size``, else ``device_eval_batch_size``), the smaller limit kept."""
+    import dataclasses
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        t.problem("icl_subset_num_batches", f"{_short(n)}: give a number of batches >= 1, or null for all")
+        return
+    default = next(f.default for f in dataclasses.fields(eval_cls) if f.name == "device_eval_batch_size")
+    batch = out.get("device_eval_batch_size", default)
+    tasks = out.get("icl_tasks")
+    for task in tasks if isinstance(tasks, list) else []:
+        if isinstance(task, dict):
+            limit = n * (task.get("batch_size") or batch)
+            task["max_examples"] = min(limit, task.get("max_examples") or limit)
+    t.note("icl_subset_num_batches", f"{n} -> each task's max_examples: {n} x its batch size (the first examples of "
+                                     f"its file)")
 
 
 def load_foundry_eval(data: Mapping, yaml_path, eval_cls, out=None) -> dict | None:

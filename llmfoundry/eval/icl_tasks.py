@@ -20,8 +20,9 @@ Four task types, in llm-foundry's JSONL forms (extra keys on a line are ignored)
   (lowercase, no punctuation, no a/an/the, single spaces). Scoring lives in ``llmfoundry.eval.icl_generation``;
   the other three types are scored in ``llmfoundry.eval.icl``.
 
-Few-shot prompts: ``prompt_string`` + ``num_fewshot`` solved examples, each followed by ``example_delimiter``,
-+ the query context + ``continuation_delimiter`` (``build_prompt``). Shots are sampled with a fixed seed per
+Few-shot prompts (``build_prompt``): ``prompt_string``, then ``num_fewshot`` solved examples and the query, each
+as ``context_prefix`` + context + ``continuation_delimiter`` (+ the answer, for a shot), with ``example_delimiter``
+between each and the text before it (none at the very start). Shots are sampled with a fixed seed per
 (task, query), never include the query itself, and are the same whatever the batch size or device
 (``fewshot_indices``). A task file in the wrong form is refused with one message naming the file, the line, what
 is wrong and the fix (``load_task_examples``).
@@ -51,6 +52,7 @@ class ICLTaskConfig:
     example_delimiter: str = "\n"
     continuation_delimiter: str = " "
     prompt_string: str = ""
+    context_prefix: str = ""  # before every context, the shots' and the query's (llm-foundry's prelimiter)
     fewshot_seed: int = 1234
     length_normalization: Literal["none", "tokens", "chars"] = "tokens"  # multiple_choice only
     max_examples: Optional[int] = None  # evaluate only the first N examples (shots still come from the whole file)
@@ -232,11 +234,12 @@ def build_prompt(cfg: ICLTaskConfig, examples: Sequence[dict], query_index: int,
     """The context string for query ``query_index``: prompt string, solved shots, the query, the delimiter.
     For ``schema`` tasks ``option`` picks the context option that ends the prompt (default: the gold one)."""
     shots = fewshot_indices(len(examples), query_index, num_fewshot, cfg.fewshot_seed)
-    parts = [cfg.prompt_string]
-    for i in shots:
-        parts.append(_solved(examples[i], cfg.type, cfg.continuation_delimiter) + cfg.example_delimiter)
-    parts.append(_context(examples[query_index], cfg.type, option) + cfg.continuation_delimiter)
-    return "".join(parts)
+    text = cfg.prompt_string
+    pieces = [_solved(examples[i], cfg.type, cfg.continuation_delimiter) for i in shots]
+    pieces.append(_context(examples[query_index], cfg.type, option) + cfg.continuation_delimiter)
+    for piece in pieces:  # the delimiter separates each context from any text before it, the prompt string too
+        text += (cfg.example_delimiter if text else "") + cfg.context_prefix + piece
+    return text
 
 
 def num_evaluated(cfg: ICLTaskConfig, examples: Sequence[dict]) -> int:

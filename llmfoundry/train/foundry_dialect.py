@@ -318,11 +318,19 @@ def _hf_causal_lm(t: Translation, src: dict, top: dict) -> dict:
         t.problem("model.pretrained_model_name_or_path", "missing: name the Hugging Face MPT folder to start from")
         return out
     folder = os.path.expanduser(str(path))
+    if not os.path.exists(folder) and re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):  # a hub name: cached or fetched
+        from llmfoundry.checkpoint import CheckpointError, hub_model_dir
+        try:
+            folder = hub_model_dir(str(path))
+        except CheckpointError as e:
+            t.problem("model.pretrained_model_name_or_path", str(e))
+            return out
+        t.note("model.pretrained_model_name_or_path", f"{path} from the Hugging Face hub: {folder}")
     config_file = os.path.join(folder, "config.json")
     if not os.path.isfile(config_file):
         t.problem("model.pretrained_model_name_or_path",
-                  f"{path!r} is not a local folder with a config.json: the hub is not read at run time here; "
-                  f"download it first (huggingface-cli download {path} --local-dir DIR) and name DIR")
+                  f"{path!r} is neither a local folder with a config.json nor a hub name (org/model); name the "
+                  f"folder of a Hugging Face MPT model")
         return out
     with open(config_file) as f:
         hf = json.load(f)
@@ -911,7 +919,6 @@ _ICL_NEUTRAL = {
     "pass_at_k": (None, "dropped (code tasks only)"),
     "hf_loading_vars": ((None, {}), "task files are local JSONL here (dataset_uri)"),
     "hf_parsing_map": ((None, {}), "task files are local JSONL with llm-foundry's fields here"),
-    "question_prelimiter": (("", None), "absent here; remove it"),
     "fewshot_random_seed": (None, None),  # renamed below
 }
 
@@ -941,6 +948,11 @@ def _icl_task(t: Translation, task: Any, path: str) -> Any:
         p = f"{path}.{k}"
         if k == "dataset_uri":
             t.mark(p)
+            if v is None or not str(v).strip():
+                label = task.get("label")
+                t.problem(p, f"empty: task {label!r} names no file; give the path of its JSONL file, or remove the "
+                             f"task" if label else "empty: give the path of the task's JSONL file, or remove the task")
+                continue
             if str(v).startswith(("s3://", "oci://", "gs://", "hf://", "http://", "https://", "dbfs:")):
                 t.problem(p, f"{_short(v)}: task files are read from local paths here; download it and give its path")
             out["path"] = v
@@ -951,6 +963,9 @@ def _icl_task(t: Translation, task: Any, path: str) -> Any:
             else:
                 t.problem(p, f"{_short(v)}: only {', '.join(_ICL_TYPES[:-1])} and {_ICL_TYPES[-1]} tasks are "
                              "evaluated here; remove this task")
+        elif k in ("prelimiter", "question_prelimiter"):  # two spellings of one llm-foundry key
+            t.mark(p)
+            out["context_prefix"] = v or ""
         elif k == "fewshot_random_seed":
             t.mark(p)
             out["fewshot_seed"] = v
@@ -975,7 +990,7 @@ def _icl_task(t: Translation, task: Any, path: str) -> Any:
                     continue
                 t.problem(p, f"{_short(v)}: {what}")
         else:
-            _unknown(t, path, k, ours + ["dataset_uri", "icl_task_type", *_ICL_NEUTRAL])
+            _unknown(t, path, k, ours + ["dataset_uri", "icl_task_type", "prelimiter", *_ICL_NEUTRAL])
     return out
 
 
@@ -1052,6 +1067,24 @@ def _gauntlet(t: Translation, gauntlet: Any, yaml_dir: str | None) -> Any:
         t.note("eval_gauntlet", f"weighting {w} -> {out['weighting']}; scored here as in llm-foundry (benchmark: "
                                 "accuracy minus random_baseline, over 1 - random_baseline; category: weighted mean; "
                                 "'average': the mean over categories, docs/GAUNTLET.md)")
+    cats = out.get("categories")
+    avgs = out.get("averages")
+    if isinstance(cats, list) and isinstance(avgs, Mapping):  # llm-foundry averages the categories that exist
+        names = {c.get("name") for c in cats if isinstance(c, Mapping)}
+        out["averages"] = {}
+        for avg, members in avgs.items():
+            if not isinstance(members, list):
+                out["averages"][avg] = members
+                continue
+            absent = [m for m in members if m not in names]
+            kept = [m for m in members if m in names]
+            if absent:
+                t.note(f"eval_gauntlet.averages.{avg}", f"{absent}: no such category in this gauntlet; averaged over "
+                                                        f"the others, as llm-foundry does")
+            if kept:
+                out["averages"][avg] = kept
+            else:
+                t.note(f"eval_gauntlet.averages.{avg}", "none of its categories is in this gauntlet; dropped")
     return out
 
 
