@@ -290,6 +290,35 @@ def test_target_prompts_forms_are_checked():
     assert make("x.jsonl", target_prompts="length >= 5").target_prompts == "length >= 5"
 
 
+def test_record_formats_of_public_instruction_datasets(tmp_path, tok):
+    """record_format rewrites Dolly / Alpaca / P3 layouts into prompt and response before the usual reading."""
+    from llmfoundry.data.record_formats import INSTRUCT_PROMPT
+    dolly = [{"instruction": "Name a colour.", "input": "", "output": "Blue.", "category": "open_qa"},
+             {"instruction": "Summarise.", "input": "Cats sleep a lot.", "output": "Cats nap."}]
+    ds = build_finetune_dataset(make(jsonl(tmp_path / "d.jsonl", dolly), record_format="dolly", max_seq_len=256), tok)
+    for i, (instruction, output) in enumerate([("Name a colour.", "Blue."), ("Summarise.\nCats sleep a lot.",
+                                                                               "Cats nap.")]):
+        row = ds[i]
+        assert row["input_ids"].tolist() == ids(tok, INSTRUCT_PROMPT.format(instruction=instruction)) + \
+            ids(tok, output) + [tok.eos_token_id]
+        assert tok.decode(row["labels"][row["labels"] != IGNORE_INDEX]) == output + "<|endoftext|>"
+    alpaca = [{"text": "Do this.\n\n### Response: Done."}]
+    row = build_finetune_dataset(make(jsonl(tmp_path / "a.jsonl", alpaca), record_format="alpaca_text"), tok)[0]
+    assert row["input_ids"].tolist() == ids(tok, "Do this.\n\n### Response:") + ids(tok, " Done.") + [tok.eos_token_id]
+    p3 = [{"inputs": "Is the sky blue", "targets": "yes"}]
+    row = build_finetune_dataset(make(jsonl(tmp_path / "p.jsonl", p3), record_format="p3"), tok)[0]
+    assert row["input_ids"].tolist() == ids(tok, "Is the sky blue:") + ids(tok, "yes") + [tok.eos_token_id]
+    row = build_finetune_dataset(make(jsonl(tmp_path / "p.jsonl", p3), record_format="inputs_targets"), tok)[0]
+    assert row["input_ids"].tolist() == ids(tok, "Is the sky blue") + ids(tok, " yes") + [tok.eos_token_id]
+    with pytest.raises(DataError, match=r"d\.jsonl, line 1: record_format p3 needs the field 'inputs'; this record "
+                                        r"has \['category', 'input', 'instruction', 'output'\]"):
+        build_finetune_dataset(make(jsonl(tmp_path / "d.jsonl", dolly), record_format="p3"), tok)
+    with pytest.raises(ValueError, match="record_format = 'doly' must be one of dolly, .*did you mean 'dolly'"):
+        make("x.jsonl", record_format="doly")
+    with pytest.raises(ValueError, match="remove 'columns'"):
+        make("x.jsonl", record_format="dolly", columns={"prompt": "q"})
+
+
 # ------------------------------------------------------------------------------------------- errors
 GOOD = {"prompt": "p", "response": "r"}
 USER, ASSISTANT = {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}

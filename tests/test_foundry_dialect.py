@@ -163,6 +163,24 @@ def test_eval_dialect_subset_prelimiter_and_averages_of_absent_categories():
     assert any("['programming']: no such category" in n for n in t.notes)
 
 
+def test_finetuning_datasets_llm_foundry_reformats_by_name():
+    """hf_name of a dataset llm-foundry reformats with a registered function -> record_format; preprocessing_fn as
+    a registered name or a {prompt, response} mapping is translated; an import path is refused."""
+    def loader(**ds):
+        return translate({"train_loader": {"name": "finetuning", "dataset": {"max_seq_len": 64, **ds}}})
+
+    t = loader(hf_name="HuggingFaceH4/databricks_dolly_15k", split="train")
+    assert t.problems == [] and t.data["train_loader"]["record_format"] == "dolly"
+    assert t.data["train_loader"]["hf_dataset"] == "HuggingFaceH4/databricks_dolly_15k"
+    t = loader(hf_name="json", hf_kwargs={"data_files": "alpaca.jsonl"}, preprocessing_fn="tatsu-lab/alpaca")
+    assert t.problems == [] and t.data["train_loader"]["record_format"] == "alpaca_text"
+    t = loader(hf_name="json", hf_kwargs={"data_files": "x.jsonl"},
+               preprocessing_fn={"prompt": "question", "response": "answer"})
+    assert t.problems == [] and t.data["train_loader"]["columns"] == {"prompt": "question", "response": "answer"}
+    t = loader(hf_name="json", hf_kwargs={"data_files": "x.jsonl"}, preprocessing_fn="my.module:fn")
+    assert [p.split(":")[0] for p in t.problems] == ["train_loader.dataset.preprocessing_fn"]
+
+
 def test_finetuning_yaml_trains(tmp_path):
     r = run_cli([FINETUNE, *tiny(tmp_path), *FINETUNE_TINY])
     out = r.stdout + r.stderr

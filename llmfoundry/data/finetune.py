@@ -23,7 +23,9 @@ Sources (exactly one)
   sources); local ranks share one download cache, a temporary one unless ``local`` is set.
 ``columns`` maps our field names to the source's, e.g. ``{prompt: instruction, response: output}`` or
 ``{messages: conversations, role: from, content: value}``; ``role_names`` maps role values, e.g.
-``{human: user, gpt: assistant}`` (ShareGPT-style data).
+``{human: user, gpt: assistant}`` (ShareGPT-style data). ``record_format`` rewrites each record of a well-known
+public instruction dataset (Dolly, Alpaca, P3, ...) into a prompt and a response first
+(``llmfoundry/data/record_formats.py``).
 
 Formats (``format: auto`` = chat when the first example has the ``messages`` field)
 --------------------------------------------------------------------------------
@@ -110,6 +112,7 @@ import torch
 
 from llmfoundry.data import ASSETS, DataError
 from llmfoundry.data.readers import is_saved_dataset
+from llmfoundry.data.record_formats import FORMATS
 from llmfoundry.data.streams import StreamConfig
 from llmfoundry.utils.config import ConfigError, closest, from_dict
 
@@ -134,7 +137,8 @@ class FinetuneLoaderConfig:
     Source: ``data_files`` (JSONL files/folders), ``hf_dataset`` (+ ``hf_subset``, ``split``), or MDS shards:
     ``remote`` and/or ``local`` (or ``streams``, name -> {remote, local, split}), under ``split`` ('' = none), with
     ``s3_endpoint_url``, ``download_retry``, ``download_timeout`` (as in ``TextLoaderConfig``); ``columns``,
-    ``role_names``: field and role renaming; ``max_examples``: read only the first N examples.
+    ``role_names``: field and role renaming; ``record_format``: a public dataset's layout (``record_formats.py``);
+    ``max_examples``: read only the first N examples.
     Format: ``format``, ``prompt_template`` (must contain ``{prompt}``), ``add_eos``; ``malformed``: ``error``
     (stop at the first malformed example) or ``skip`` (leave them out, counted in one warning naming the first).
     Trained: ``target_responses`` (all | last), ``target_prompts`` (none | all | length>=N).
@@ -158,6 +162,7 @@ class FinetuneLoaderConfig:
     download_timeout: float = 60.0
     columns: dict[str, str] = field(default_factory=dict)
     role_names: dict[str, str] = field(default_factory=dict)
+    record_format: str | None = None  # a public dataset's record layout (llmfoundry/data/record_formats.py)
     max_examples: int | None = None
     format: Literal["auto", "prompt_response", "chat"] = "auto"
     malformed: Literal["error", "skip"] = "error"
@@ -208,6 +213,13 @@ class FinetuneLoaderConfig:
             if role not in ROLES:
                 raise ValueError(f"role_names: '{src}' maps to '{role}', which must be one of {', '.join(ROLES)}"
                                  f"{closest(role, ROLES)}")
+        if self.record_format is not None:
+            if self.record_format not in FORMATS:
+                raise ValueError(f"record_format = {self.record_format!r} must be one of {', '.join(FORMATS)} (or "
+                                 f"null){closest(str(self.record_format), list(FORMATS))}")
+            if self.columns or self.format == "chat":
+                raise ValueError(f"record_format {self.record_format} builds prompt/response examples from its own "
+                                 f"fields: remove 'columns' and format: chat")
         if "{prompt}" not in self.prompt_template:
             raise ValueError(f"prompt_template {self.prompt_template!r} must contain '{{prompt}}' (where the "
                              f"prompt goes)")
@@ -482,6 +494,8 @@ def _parsed(cfg: FinetuneLoaderConfig, parse) -> Iterator[Any]:
                 raise record
             if not isinstance(record, Mapping):
                 raise DataError(f"{where}: an example must be a JSON object, got {type(record).__name__}")
+            if cfg.record_format is not None:
+                record = FORMATS[cfg.record_format](record, where)
             if fmt is None:
                 fmt = "chat" if cfg.column("messages") in record else "prompt_response"
             parsed = parse(record, fmt, where)

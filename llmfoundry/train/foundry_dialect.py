@@ -44,6 +44,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from llmfoundry.data.record_formats import FOUNDRY_DATASETS
 from llmfoundry.utils.config import ConfigError, closest
 
 BANNER = "llm-foundry config"
@@ -421,8 +422,6 @@ _FINETUNE_NEUTRAL = {
     "epoch_size": ((None,), "every example is seen once per epoch here; remove it"),
 }
 # llm-foundry registers a preprocessing function for these hub datasets (tasks.py); we cannot reproduce it
-_PREPROCESSED_DATASETS = ("tatsu-lab/alpaca", "HuggingFaceH4/databricks_dolly_15k", "bigscience/P3",
-                          "muennighoff/P3")
 _HF_FILE_BUILDERS = ("json", "jsonl")
 
 
@@ -485,14 +484,24 @@ def _finetune_dataset(t: Translation, ds: dict, where: dict, path: str, ours: li
     hf_name = ds.pop("hf_name", None)
     hf_kwargs = _mapping(t, ds.pop("hf_kwargs", None), f"{where.get('hf_kwargs', path)}.hf_kwargs")
     split = ds.get("split", "train")
-    if ds.get("preprocessing_fn") is not None:
+    fn = ds.get("preprocessing_fn")
+    known = {k.lower(): v for k, v in FOUNDRY_DATASETS.items()}
+    if isinstance(fn, Mapping) and set(fn) == {"prompt", "response"}:  # llm-foundry's column mapping
+        out["columns"] = {"prompt": fn["prompt"], "response": fn["response"]}
+        t.note(f"{where['preprocessing_fn']}.preprocessing_fn", f"-> columns: {out['columns']}")
+    elif isinstance(fn, str) and fn.lower() in known:
+        out["record_format"] = known[fn.lower()]
+        t.note(f"{where['preprocessing_fn']}.preprocessing_fn",
+               f"{fn} -> record_format: {out['record_format']} (the same examples; llmfoundry/data/record_formats.py)")
+    elif fn is not None:
         t.problem(f"{where['preprocessing_fn']}.preprocessing_fn",
                   "Python preprocessing functions are not imported here; map your fields with columns: {prompt: ..., "
                   "response: ...} (or messages/role/content) and role_names, put any text around the prompt in "
                   "prompt_template, or write JSONL with prompt/response fields")
-    elif hf_name in _PREPROCESSED_DATASETS:
-        t.problem(f"{p}.hf_name", f"llm-foundry reformats {hf_name} with a preprocessing function it registers; "
-                  "here set columns and prompt_template to do the same (llmfoundry/data/finetune.py)")
+    elif str(hf_name).lower() in known:
+        out["record_format"] = known[str(hf_name).lower()]
+        t.note(f"{p}.hf_name", f"{hf_name}: llm-foundry reformats its records with a function registered under "
+                               f"that name -> record_format: {out['record_format']} (the same examples)")
     ds.pop("preprocessing_fn", None)
     mds = [k for k in ("remote", "local", "streams") if ds.get(k) is not None]  # streaming finetuning data
     for k in mds if hf_name is not None else ():
