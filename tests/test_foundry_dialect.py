@@ -103,6 +103,10 @@ def test_eval_dialect_refusals_in_one_message():
         "icl_subset_num_batches", "icl_tasks.0.dataset_uri", "icl_tasks.0.icl_task_type", "icl_tasks.1.dataset_uri"]
     assert any("task 'piqa' names no file; give the path of its JSONL file" in p for p in t.problems)
     assert translate_eval({"models": []}, EvalConfig).problems[0].startswith("models:")
+    unloaded = translate_eval({"models": [{"model_name": "m", "model": {"name": "mpt_causal_lm", "d_model": 64}}]},
+                              EvalConfig)  # llm-foundry would score random weights: said, not done
+    assert [p for p in unloaded.problems if p.startswith("models.0.load_path: missing: llm-foundry evaluates model "
+                                                         "'m' from random initial weights")], unloaded.problems
 
 
 def test_eval_dialect_schema_and_generation_tasks():

@@ -111,6 +111,10 @@ def _model_entry(t: Translation, entry: dict, p: str) -> dict:
             cfg.pop("init_device", None)
         out["model_config"] = cfg
         t.note(f"{p}.model", "-> model_config (the checkpoint's weights are read with it)")
+        if out.get("load_path") is None:
+            t.problem(f"{p}.load_path", f"missing: llm-foundry evaluates model {out.get('label', p)!r} from random "
+                      "initial weights then; here name the checkpoint to evaluate (load_path: a composer checkpoint "
+                      "or folder)")
     for k in entry:
         _unknown(t, p, k, ["model_name", "model", "tokenizer", "load_path"])
     return out
