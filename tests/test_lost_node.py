@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import S3_ENV, checkpoint_state
+from conftest import S3_ENV, assert_same_weights, checkpoint_state
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "yamls" / "tiny-cpu.yaml")
@@ -187,7 +187,7 @@ def test_killed_node_stops_the_other_with_a_message_and_the_relaunch_resumes(uni
     """SIGKILL to node 1 (both its ranks and its launcher) after batch 5: node 0's ranks see their all-reduce fail
     (connection reset), the heartbeats of ranks 2 and 3 stay silent, and node 0 exits 69 well within 90 s, naming
     them, the last checkpoint and the command; the same two commands then resume from that checkpoint and end with
-    the uninterrupted run's weights, bit for bit (see assert_same_weights_and_close_momenta for the momenta)."""
+    the uninterrupted run's weights and LION momenta, bit for bit (llmfoundry/train/ddp_sums.py)."""
     cluster, took, status = kill_mid_run(tmp_path, s3_data, node=1)
     out = cluster.output(0)
     assert status == LOST, cluster.explain()
@@ -206,24 +206,7 @@ def test_killed_node_stops_the_other_with_a_message_and_the_relaunch_resumes(uni
     assert finish(rerun) == {0: 0, 1: 0}, rerun.explain()
     again = rerun.output(0)
     assert f"[batch={saved + 1}/{N}]" in again and f"[batch={saved}/{N}]" not in again, again[-3000:]
-    assert_same_weights_and_close_momenta(checkpoint_state(tmp_path / "ck", N), uninterrupted)
-
-
-def assert_same_weights_and_close_momenta(a: dict, b: dict) -> None:
-    """The weights bit for bit; LION's momenta to the last bits of fp32 only. With more than 2 ranks the gradient
-    all-reduce's summation order depends on DDP's bucket layout, which DDP rebuilds after the first batch of every
-    launch (in gradient-ready order): the first batch after a resume is reduced in the initial layout where the
-    uninterrupted run used the rebuilt one, and its gradients differ by an ulp (2 ranks: a + b = b + a, so
-    tests/test_preemption.py sees no difference). Measured: with Reducer._rebuild_buckets disabled, a 4-rank
-    stop and resume equals the uninterrupted run bit for bit, momenta included."""
-    import torch
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    opt_a, opt_b = a["optimizers"]["Lion"]["state"], b["optimizers"]["Lion"]["state"]
-    assert opt_a.keys() == opt_b.keys()
-    for k in opt_a:
-        assert torch.allclose(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"], rtol=1e-5, atol=1e-8), k
+    assert_same_weights(checkpoint_state(tmp_path / "ck", N), uninterrupted)  # LION's momenta too
 
 
 @needs_unshare

@@ -37,7 +37,7 @@ import sys
 import torch
 
 from llmfoundry.checkpoint import ModelConfigRecorder
-from llmfoundry.train import builders, checks, fp8, nodes, preemption, pretrained, resume, uploads
+from llmfoundry.train import builders, checks, ddp_sums, fp8, nodes, preemption, pretrained, resume, uploads
 from llmfoundry.train.checks import TrainError
 from llmfoundry.train.composer_model import ComposerMPT
 from llmfoundry.train.config import TrainConfig, config_to_yaml, env_run_name, load_config, run_name_of
@@ -421,6 +421,7 @@ def _build_trainer(cfg: TrainConfig):
                 raise TrainError(checks.unreadable_checkpoint_message(checkpoint, e)) from e
             _check_loaded_shapes(cfg, model_shapes, checkpoint, error=e)
         raise
+    ddp_sums.exact_sums(trainer.state.model)  # CPU DDP: a resumed run's gradients equal the uninterrupted run's
     # s3:// checkpoints: retried uploads, 'latest' only for complete objects
     uploads.install(trainer, cfg.checkpoint_upload.attempts, cfg.checkpoint_upload.backoff_s)
     builders.log_config(loggers, hparams)  # the resolved config as MLflow parameters / TensorBoard hparams
