@@ -64,7 +64,8 @@ def test_failure_line_is_the_cause_not_the_last_warning():
            "[rank0]: RuntimeError: Triton Error [CUDA]: an illegal memory access was encountered\n"
            "/usr/lib/python3.12/multiprocessing/resource_tracker.py:254: UserWarning: resource_tracker: leaked\n"
            "  warnings.warn('resource_tracker: There appear to be %d '\n")
-    assert bench_train.failure_line(log) == "RuntimeError: Triton Error [CUDA]: an illegal memory access was encountered"
+    assert bench_train.failure_line(log) == ("RuntimeError: Triton Error [CUDA]: an illegal memory access was "
+                                             "encountered")
     watchdog = "[E1205] Process group watchdog thread terminated with exception: CUDA error: bad\nterminate called\n"
     assert bench_train.failure_line(watchdog).endswith("CUDA error: bad")
     assert bench_train.failure_line("starting\nKilled\n") == "Killed"

@@ -260,8 +260,9 @@ def test_target_settings_and_truncate_end_build_llm_foundry_examples(tmp_path, t
     cfg = make(jsonl(tmp_path / "c.jsonl", [{"messages": conv}]), max_seq_len=max_len, target_responses=responses,
                target_prompts=prompts, too_long="truncate_end")
     row = build_finetune_dataset(cfg, tok)[0]
-    turns = [(ids(tok, "<|im_start|>system\nBe brief and exact.<|im_end|>") + ids(tok, "\n<|im_start|>user\nHi?<|im_end|>")
-              + ids(tok, "\n<|im_start|>assistant\n"), ids(tok, "Hello there.<|im_end|>")),
+    turns = [(ids(tok, "<|im_start|>system\nBe brief and exact.<|im_end|>")
+              + ids(tok, "\n<|im_start|>user\nHi?<|im_end|>") + ids(tok, "\n<|im_start|>assistant\n"),
+              ids(tok, "Hello there.<|im_end|>")),
              (ids(tok, "\n<|im_start|>user\nCount to five, please.<|im_end|>") + ids(tok, "\n<|im_start|>assistant\n"),
               ids(tok, "One two three four five.<|im_end|>"))]
     want_ids, want_labels = _foundry_reference(turns, tok.eos_token_id, max_len, responses, prompts)

@@ -99,7 +99,8 @@ def supports(device: torch.device) -> bool:
 def takes(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor) -> bool:
     """Whether the kernel updates this parameter, gradient and momentum (plain tensors, not subclasses whose storage
     lies elsewhere; fp32/bf16/fp16, contiguous, one shape)."""
-    return (all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in (p, g, m)) and p.dtype in _DTYPES and g.dtype in _DTYPES and m.dtype in _DTYPES and p.shape == g.shape == m.shape
+    return (all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in (p, g, m))
+            and p.dtype in _DTYPES and g.dtype in _DTYPES and m.dtype in _DTYPES and p.shape == g.shape == m.shape
             and p.is_contiguous() and g.is_contiguous() and m.is_contiguous())
 
 

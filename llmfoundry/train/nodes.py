@@ -21,9 +21,9 @@ pid) and reads everyone's in the same request. Each request is given up after ``
 torch's client waits without a limit on a store that accepted the connection and then froze. A rank whose beat has
 not changed for ``timeout_s`` is lost: two heartbeats later the verdict names it and every other rank whose beat
 has not changed since that moment (a live one beats at every interval; ranks of one node that died a moment apart
-are named together); so is every rank of node 0 when the store itself has not answered for that long (it lives in rank 0's
-process). Once this rank's own collective has failed (gloo's connection errors above,
-a timeout, an NCCL error), the loss is evident, and ``4 * interval`` of silence is enough.
+are named together); so is every rank of node 0 when the store itself has not answered for that long (it lives
+in rank 0's process). Once this rank's own collective has failed (gloo's connection errors above, a timeout, an
+NCCL error), the loss is evident, and ``4 * interval`` of silence is enough.
 
 The first rank to decide writes the verdict into the store; every rank reads it at its next beat, so all of them
 print the same message, e.g. ``ranks 2, 3 (node 1) stopped answering after batch 7 ... the last checkpoint is

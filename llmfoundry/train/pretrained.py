@@ -4,11 +4,12 @@ pretraining).
 The folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``, as ``save_pretrained`` and
 ``scripts/convert_composer_to_hf.py`` write it) is converted once per node into a weights-only composer checkpoint
 in the local temp folder, which composer then loads like any ``load_path`` with ``load_weights_only`` (so FSDP,
-meta-device init and every precision work as for composer's own checkpoints); the copy is removed once loaded. Before that, the YAML's ``model:``
-is compared with the folder's ``config.json``: every setting that would compute differently from the pretrained
-model (ALiBi, biases, position table, norms, shapes...) is listed in one error, so that pretrained weights are
-never run as another architecture. The run's log names the weights it starts from. With ``autoresume`` and a
-checkpoint already in the save folder, the run continues from that checkpoint instead, as for any ``load_path``.
+meta-device init and every precision work as for composer's own checkpoints); the copy is removed once loaded.
+Before that, the YAML's ``model:`` is compared with the folder's ``config.json``: every setting that would compute
+differently from the pretrained model (ALiBi, biases, position table, norms, shapes...) is listed in one error, so
+that pretrained weights are never run as another architecture. The run's log names the weights it starts from.
+With ``autoresume`` and a checkpoint already in the save folder, the run continues from that checkpoint instead, as
+for any ``load_path``.
 
 ``load_path: <a checkpoint llm-foundry wrote>`` (a composer checkpoint of a ``HuggingFaceModel`` such as
 llm-foundry's ``ComposerMPTCausalLM``: whole file or sharded folder, with the model's config.json in
