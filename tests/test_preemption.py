@@ -127,6 +127,12 @@ def schedule(tmp_path: Path, name: str, args: list[str], targets: list[str], sig
     return json.loads(r.stdout.strip().splitlines()[-1]), out
 
 
+def without_killed_ranks(status: dict) -> dict:
+    """``status`` less the ranks the launcher ended with SIGKILL (a stuck rank it could not SIGTERM): when the launcher
+    exits before reaping such a rank, the scheduler reaps it (-9); it was ended, not left running."""
+    return {k: v for k, v in status.items() if not (k.startswith("rank") and v == -9)}
+
+
 def explain(out: str, logs: Path) -> str:
     return out[-3000:] + "".join(f"\n--- {f.name}\n" + f.read_text()[-2000:] for f in sorted(logs.glob("rank*")))
 
@@ -205,7 +211,7 @@ def test_second_sigterm_exits_at_once(tmp_path):
     folder = tmp_path / "ck"
     status, out = schedule(tmp_path, "second", run_args(folder, "preemption.grace_period_s=600"), ["rank0"],
                            stop=1, second=3.0)
-    assert status == {"launcher": KILLED}, explain(out, tmp_path / "logs-second")
+    assert without_killed_ranks(status) == {"launcher": KILLED}, explain(out, tmp_path / "logs-second")
     assert "preemption: a second SIGTERM; exiting at once without a checkpoint (status 143)" in out
     assert "preempted:" not in out and not glob.glob(str(folder / "*.pt"))
 
@@ -215,7 +221,7 @@ def test_grace_period_runs_out(tmp_path):
     """Rank 1 stuck: rank 0 got one SIGTERM and exits by itself once preemption.grace_period_s has passed."""
     folder = tmp_path / "ck"
     status, out = schedule(tmp_path, "grace", run_args(folder, "preemption.grace_period_s=2"), ["rank0"], stop=1)
-    assert status == {"launcher": KILLED}, explain(out, tmp_path / "logs-grace")
+    assert without_killed_ranks(status) == {"launcher": KILLED}, explain(out, tmp_path / "logs-grace")
     assert "preemption: no checkpoint within preemption.grace_period_s = 2 s; exiting without one (status 143)" in out
     assert "preempted:" not in out and not glob.glob(str(folder / "*.pt"))
 
