@@ -543,6 +543,11 @@ HUB_MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.
                    "vocab.json", "merges.txt", "*.model"]
 
 
+def is_hub_name(path) -> bool:
+    """Whether ``path`` names a Hugging Face hub model (``org/model``) rather than a local path."""
+    return not os.path.exists(str(path)) and re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) is not None
+
+
 def hub_model_dir(name: str) -> str:
     """The local folder of the Hugging Face hub model ``name`` (``org/model``): the hub cache's copy when it has one
     (no request), else downloaded into that cache (weights, config and tokenizer files only). ``CheckpointError``

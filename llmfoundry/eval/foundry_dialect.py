@@ -16,7 +16,6 @@ training, every key with no equivalent is listed in one ``ConfigError``.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from typing import Any, Mapping
 
@@ -83,8 +82,8 @@ def _model_entry(t: Translation, entry: dict, p: str) -> dict:
     model = entry.pop("model", None)
     if isinstance(model, Mapping) and model.get("name") == "hf_causal_lm":
         src = model.get("pretrained_model_name_or_path")
-        if src and not os.path.exists(str(src)) and re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
-            from llmfoundry.checkpoint import CheckpointError, hub_model_dir  # a hub name: cached or fetched
+        from llmfoundry.checkpoint import CheckpointError, hub_model_dir, is_hub_name
+        if src and is_hub_name(src):  # cached or fetched
             try:
                 src = hub_model_dir(str(src))
             except CheckpointError as e:

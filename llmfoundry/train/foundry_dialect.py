@@ -319,8 +319,8 @@ def _hf_causal_lm(t: Translation, src: dict, top: dict) -> dict:
         t.problem("model.pretrained_model_name_or_path", "missing: name the Hugging Face MPT folder to start from")
         return out
     folder = os.path.expanduser(str(path))
-    if not os.path.exists(folder) and re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):  # a hub name: cached or fetched
-        from llmfoundry.checkpoint import CheckpointError, hub_model_dir
+    from llmfoundry.checkpoint import CheckpointError, hub_model_dir, is_hub_name
+    if is_hub_name(folder):  # cached or fetched
         try:
             folder = hub_model_dir(str(path))
         except CheckpointError as e:
