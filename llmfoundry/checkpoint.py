@@ -158,6 +158,48 @@ def _is_dcp_folder(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
 
 
+def dcp_file_sizes(metadata_bytes: bytes) -> dict[str, int]:
+    """{file: the least size it must have} for the files a DCP ``.metadata`` points into (each rank's
+    ``__{rank}_0.distcp``). Raises ``ValueError`` when the bytes are not a DCP ``.metadata``."""
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import Metadata
+    try:
+        md = pickle.loads(metadata_bytes)
+    except Exception as e:  # noqa: BLE001 - a cut-short or foreign file: any unpickling error
+        raise ValueError(f"it cannot be read ({type(e).__name__})") from e
+    if not isinstance(md, Metadata) or not isinstance(md.storage_data, dict):
+        raise ValueError("it is not a torch.distributed.checkpoint .metadata")
+    sizes: dict[str, int] = {}
+    for info in md.storage_data.values():
+        sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
+    return sizes
+
+
+def sharded_checkpoint_problem(folder: str) -> Optional[str]:
+    """Why the DCP folder ``folder`` is not a complete sharded checkpoint (a few words), or None when it is.
+
+    DCP has every rank write its ``__{rank}_0.distcp``, then the coordinator write ``.metadata`` (to a temporary
+    name, renamed into place) listing where each tensor lies in which file: a folder without ``.metadata`` is a save
+    that did not finish; one whose rank files are missing or shorter than ``.metadata`` says lost data afterwards.
+    Reads ``.metadata`` and the files' sizes, never the tensors."""
+    meta = os.path.join(folder, ".metadata")
+    if not os.path.isfile(meta):
+        return "no .metadata: its save did not finish"
+    try:
+        with open(meta, "rb") as f:
+            needed = dcp_file_sizes(f.read())
+    except (OSError, ValueError) as e:
+        return f".metadata: {e}"
+    for name, size in sorted(needed.items()):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) < size:
+            return f"{name} holds {os.path.getsize(path)} bytes, .metadata expects at least {size}"
+    return None
+
+
 def _read_dcp(folder: str) -> dict:
     """The model tensors and small objects (callbacks, metadata) of a DCP folder as a nested composer state."""
     import torch.distributed.checkpoint as dcp
@@ -225,7 +267,9 @@ def folder_checkpoint_problem(folder: str, *, hf_fix: str) -> Optional[str]:
     """Why ``folder`` is not one sharded composer checkpoint (the rest of a sentence naming it, ending with the fix),
     or None when it is (it holds a DCP ``.metadata``). ``hf_fix`` says what to do with a Hugging Face model folder."""
     if _is_dcp_folder(folder):
-        return None
+        problem = sharded_checkpoint_problem(folder)
+        return (f"is not a complete sharded checkpoint ({problem}); pass a complete one, e.g. the one before it"
+                if problem else None)
     if os.path.isfile(os.path.join(folder, "config.json")):
         return f"is a Hugging Face model folder, not a composer checkpoint; {hf_fix}"
     inside = _composer_checkpoints_in(folder)
@@ -853,4 +897,5 @@ __all__ = ["CheckpointError", "ModelConfigRecorder", "fetch_checkpoint", "read_c
            "extract_model_state_dict", "load_composer_checkpoint", "check_state_dict", "load_model",
            "model_from_state_dict", "convert_composer_to_hf", "load_hf_weights", "read_hf_state_dict",
            "save_composer_weights", "convert_hf_to_composer", "read_config_file", "to_dtype", "is_hf_dir",
-           "require_tokenizer", "folder_checkpoint_problem"]
+           "require_tokenizer", "folder_checkpoint_problem",
+           "sharded_checkpoint_problem", "dcp_file_sizes"]

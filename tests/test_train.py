@@ -1,8 +1,7 @@
 """Training on CPU: the README's default run, bit-exact resume after a crash, checkpoints on disk and S3, and the
-clear errors for bad states (other model shape, unreachable bucket, full disk)."""
+clear errors for bad states (other model shape, unreachable bucket)."""
 from __future__ import annotations
 
-import errno
 import glob
 import gzip
 import json
@@ -273,18 +272,6 @@ def test_not_enough_disk_stops_before_training(tmp_path, monkeypatch):
     with pytest.raises(TrainError, match="not enough free disk for a checkpoint"):
         build_trainer(load_config(TINY, fast(tmp_path / "ck")))
     assert not (tmp_path / "ck").exists()  # stopped before any work
-
-
-def test_disk_full_while_saving(tmp_path, monkeypatch):
-    import composer.utils.checkpoint as composer_checkpoint
-
-    def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(composer_checkpoint.torch, "save", full_disk)
-    cfg = load_config(TINY, fast(tmp_path / "ck", "max_duration=3ba", "eval_loader=null"))
-    with pytest.raises(TrainError, match=r"no space left on device while writing a checkpoint.*autoresume"):
-        train(cfg)
 
 
 def test_wandb_offline(tmp_path, monkeypatch):

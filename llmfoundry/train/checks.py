@@ -134,37 +134,83 @@ def latest_s3_checkpoint(save_folder: str) -> str | None:
 
 
 _S3_CHECKPOINT = re.compile(r"ep(\d+)-ba(\d+)-rank0\.pt$")
+_S3_SHARDED = re.compile(r"(ep(\d+)-ba(\d+))/[^/]+$")  # a file of a sharded checkpoint folder
 
 
-def complete_s3_checkpoints(save_folder: str) -> tuple[str | None, list[tuple[str, str]]]:
-    """(``s3://bucket/key`` of the newest complete whole-file checkpoint under ``save_folder``, [(uri, why)] for
-    the newer ones skipped). Complete: its ``<key>.complete`` marker (written by ``uploads.py`` after a verified
-    upload) holds the object's size. A folder whose checkpoints have no markers at all (uploaded by an earlier
-    version) falls back to the one ``latest-rank0.pt.symlink`` names, when it exists."""
+def complete_s3_checkpoints(save_folder: str, sharded: bool = False) -> tuple[str | None, list[tuple[str, str]]]:
+    """(``s3://bucket/key`` of the newest complete checkpoint under ``save_folder``, [(uri, why)] for the newer ones
+    skipped). Whole-file checkpoints (``ep*-ba*-rank0.pt``) are complete when their ``<key>.complete`` marker
+    (written by ``uploads.py`` after a verified upload) holds the object's size; sharded ones (folders
+    ``ep*-ba*``, FSDP ``state_dict_type: sharded``) when their ``.metadata`` and every rank file it points into
+    are, each at least as long as ``.metadata`` says. A folder whose checkpoints have no markers at all (uploaded
+    by an earlier version) falls back to the one ``latest-rank0.pt.symlink`` names, when it exists."""
     parsed = urllib.parse.urlparse(save_folder)
     bucket, prefix = parsed.netloc, parsed.path.strip("/")
     prefix = f"{prefix}/" if prefix else ""
     client = _s3_client()
     sizes = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        sizes.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
-    ckpts = [k for k in sizes if "/" not in k[len(prefix):] and _S3_CHECKPOINT.match(k[len(prefix):])]
-    if not any(k + ".complete" in sizes for k in ckpts):
-        latest = latest_s3_checkpoint(save_folder)
-        return (latest if latest and latest[len(f"s3://{bucket}/"):] in sizes else None), []
-    ckpts.sort(key=lambda k: tuple(int(x) for x in _S3_CHECKPOINT.match(k[len(prefix):]).groups()), reverse=True)
-    skipped = []
-    for key in ckpts:
-        uri = f"s3://{bucket}/{key}"
+        sizes.update({o["Key"][len(prefix):]: o["Size"] for o in page.get("Contents", [])})
+
+    def marked(key: str) -> str | None:  # the size a key's marker holds, None without one
         if key + ".complete" not in sizes:
-            skipped.append((uri, f"no {key.rsplit('/', 1)[-1]}.complete marker: its upload did not finish"))
-            continue
-        marked = client.get_object(Bucket=bucket, Key=key + ".complete")["Body"].read().decode().strip()
-        if marked != str(sizes[key]):
-            skipped.append((uri, f"{sizes[key]} bytes in the bucket, the complete checkpoint has {marked}"))
-            continue
-        return uri, skipped
+            return None
+        return client.get_object(Bucket=bucket, Key=prefix + key + ".complete")["Body"].read().decode().strip()
+
+    if sharded:
+        units = {m.group(1): (int(m.group(2)), int(m.group(3))) for m in map(_S3_SHARDED.fullmatch, sizes) if m}
+    else:
+        units = {k: tuple(int(x) for x in m.groups()) for k, m in ((k, _S3_CHECKPOINT.fullmatch(k)) for k in sizes)
+                 if m}
+    if not any(k.endswith(".complete") and (k.split("/")[0] if sharded else k[:-len(".complete")]) in units
+               for k in sizes):
+        latest = latest_s3_checkpoint(save_folder)
+        there = latest and latest[len(f"s3://{bucket}/{prefix}"):] in (set(units) if sharded else sizes)
+        return (latest if there else None), []
+    skipped = []
+    for unit in sorted(units, key=units.get, reverse=True):
+        uri = f"s3://{bucket}/{prefix}{unit}"
+        why = _s3_sharded_problem(client, bucket, prefix, unit, sizes, marked) if sharded else (
+            f"no {unit}.complete marker: its upload did not finish" if marked(unit) is None else
+            f"{sizes[unit]} bytes in the bucket, the complete checkpoint has {marked(unit)}"
+            if marked(unit) != str(sizes[unit]) else None)
+        if why is None:
+            return uri, skipped
+        skipped.append((uri, why))
     return None, skipped
+
+
+def _s3_sharded_problem(client, bucket: str, prefix: str, unit: str, sizes: dict, marked) -> str | None:
+    """Why the sharded checkpoint folder ``unit`` in the bucket is not complete, or None."""
+    from llmfoundry.checkpoint import dcp_file_sizes
+    meta = f"{unit}/.metadata"
+    if meta not in sizes or marked(meta) != str(sizes[meta]):
+        return "its .metadata upload did not finish"
+    try:
+        needed = dcp_file_sizes(client.get_object(Bucket=bucket, Key=prefix + meta)["Body"].read())
+    except ValueError as e:
+        return f".metadata: {e}"
+    for name, least in sorted(needed.items()):
+        key = f"{unit}/{name}"
+        if key not in sizes:
+            return f"{name} is not in the bucket: its upload did not finish"
+        if marked(key) != str(sizes[key]) or sizes[key] < least:
+            return f"{name} ({sizes[key]} bytes) is not complete: its upload did not finish"
+    return None
+
+
+def unmark_s3_checkpoint(uri: str) -> int:
+    """Delete the ``.complete`` markers of the objects under the sharded checkpoint folder ``uri`` (one skipped as
+    incomplete): its files then count as unfinished uploads, which the run's next save of that batch replaces
+    (a marked object would be refused as another run's). Returns how many were removed."""
+    parsed = urllib.parse.urlparse(uri)
+    client = _s3_client()
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=parsed.netloc, Prefix=parsed.path.strip("/") + "/") for o in page.get("Contents", [])
+        if o["Key"].endswith(".complete")]
+    for key in keys:
+        client.delete_object(Bucket=parsed.netloc, Key=key)
+    return len(keys)
 
 
 # ------------------------------------------------------------------------------------------------ disk space
@@ -269,15 +315,50 @@ def is_no_space(e: BaseException) -> bool:
     return False
 
 
+def _size(n: float) -> str:
+    return f"{n / GB:.2f} GiB" if n >= GB / 10 else f"{n / 2 ** 20:.1f} MiB"
+
+
+def _kept(save_folder: str | None) -> str:
+    """What is left to continue from, for the messages of a save that failed mid-run."""
+    if is_remote(save_folder):
+        return "the checkpoints already uploaded are complete in the bucket"
+    latest = os.path.join(save_folder or ".", "latest-rank0.pt")
+    if os.path.islink(latest) and os.path.exists(latest):
+        return (f"the checkpoints written before this one are complete, and latest-rank0.pt still names the last "
+                f"of them, {os.path.realpath(latest)}")
+    return "no checkpoint of this run was complete yet"
+
+
 def no_space_message(save_folder: str | None, needed: int) -> str:
     local = tempfile.gettempdir() if is_remote(save_folder) else (save_folder or ".")
     where = _existing_parent(local)
     free = shutil.disk_usage(where).free
-    return (f"no space left on device while writing a checkpoint under {where} ({free / GB:.2f} GiB free now; one "
-            f"checkpoint needs about {needed / GB:.2f} GiB). Checkpoints written before this one are complete and "
-            f"'latest' still points at the last good one. Fix: free space (or set save_folder to a bigger disk / "
-            f"lower save_num_checkpoints_to_keep), then run the same command again with autoresume: true to "
-            f"continue from the latest checkpoint")
+    return (f"no space left on device while writing a checkpoint under {where} ({_size(free)} free now; one "
+            f"checkpoint needs about {_size(needed)}): {_kept(save_folder)}. Fix: free space (or set save_folder "
+            f"to a bigger disk / lower save_num_checkpoints_to_keep), then run the same command again with "
+            f"autoresume: true to continue from the latest checkpoint (the one cut short is set aside)")
+
+
+def unwritable_save(e: BaseException, save_folder: str | None) -> OSError | None:
+    """The error of a checkpoint write refused by the file system under the local ``save_folder`` (it turned
+    read-only, or lost its permissions, during the run), or None."""
+    if not save_folder or is_remote(save_folder):
+        return None
+    here = os.path.realpath(save_folder)
+    for x in exception_chain(e):
+        if (isinstance(x, OSError) and x.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and x.filename
+                and os.path.realpath(str(x.filename)).startswith(here + os.sep)):
+            return x
+    return None
+
+
+def unwritable_message(save_folder: str, e: OSError) -> str:
+    why = "is read-only now" if e.errno == errno.EROFS else "refuses new files now"
+    return (f"cannot write checkpoint {e.filename}: save_folder {save_folder} {why} ({e.strerror}; it was "
+            f"writable when the run started): {_kept(save_folder)}. Fix: make {save_folder} writable again (e.g. "
+            f"remount it read-write), or copy its checkpoints to a writable folder and point save_folder there; "
+            f"then run the same command with autoresume: true to continue from the latest checkpoint")
 
 
 _COMPRESSED = (".lz4", ".zst", ".gz", ".bz2", ".xz", ".lzma", ".lzo")  # composer's compressed checkpoint names
@@ -371,29 +452,39 @@ def is_unreadable_checkpoint(e: BaseException) -> bool:
     return any(_unreadable(c) for c in exception_chain(e))
 
 
-def unreadable_checkpoint_message(path: str, e: BaseException) -> str:
-    """Which checkpoint file cannot be read, and how to continue from the newest good one before it."""
+def _continue_from_earlier(path: str) -> str:
+    """The fix for a checkpoint (file, or sharded folder) that cannot be read: the commands that continue from the
+    newest checkpoint of the same kind before it."""
     import re
     folder, name = os.path.split(path)
-    batch = re.compile(r"^ep\d+-ba(\d+)-rank0\.pt$")
+    batch = re.compile(r"^ep\d+-ba(\d+)$" if os.path.isdir(path) else r"^ep\d+-ba(\d+)-rank0\.pt$")
     this = int(batch.match(name).group(1)) if batch.match(name) else None
     earlier = sorted((f for f in os.listdir(folder) if batch.match(f) and f != name
                       and (this is None or int(batch.match(f).group(1)) < this)),
                      key=lambda f: int(batch.match(f).group(1)))
-    cause = next((c for c in exception_chain(e) if _unreadable(c)), e)
-    detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
     latest = os.path.join(folder, "latest-rank0.pt")
     autoresumed = os.path.islink(latest) and os.path.realpath(latest) == os.path.realpath(path)
     if earlier and autoresumed:
-        fix = (f"move it aside and point latest-rank0.pt at the newest checkpoint before it, then run the same "
-               f"command again: mv {path} {path}.bad && ln -sfn {earlier[-1]} {latest}")
-    elif earlier:
-        fix = f"set load_path to an earlier checkpoint, e.g. {os.path.join(folder, earlier[-1])}"
-    else:
-        fix = (f"move it aside (mv {path} {path}.bad) and run the same command again to start the run over, or "
-               f"set load_path to another checkpoint")
+        return (f"move it aside and point latest-rank0.pt at the newest checkpoint before it, then run the same "
+                f"command again: mv {path} {path}.bad && ln -sfn {earlier[-1]} {latest}")
+    if earlier:
+        return f"set load_path to an earlier checkpoint, e.g. {os.path.join(folder, earlier[-1])}"
+    return (f"move it aside (mv {path} {path}.bad) and run the same command again to start the run over, or "
+            f"set load_path to another checkpoint")
+
+
+def unreadable_checkpoint_message(path: str, e: BaseException) -> str:
+    """Which checkpoint file cannot be read, and how to continue from the newest good one before it."""
+    cause = next((c for c in exception_chain(e) if _unreadable(c)), e)
+    detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
     return (f"checkpoint {path} cannot be read ({type(cause).__name__}: {detail}): it is truncated or corrupt, "
-            f"e.g. written while the disk filled up or the machine went down. Fix: {fix}")
+            f"e.g. written while the disk filled up or the machine went down. Fix: {_continue_from_earlier(path)}")
+
+
+def incomplete_checkpoint_message(path: str, why: str) -> str:
+    """A sharded checkpoint folder with a file missing or short (``checkpoint.sharded_checkpoint_problem``)."""
+    return (f"checkpoint {path} is not complete ({why}): some of its data was lost after it was saved, e.g. a "
+            f"rank's file deleted or cut short by a copy. Fix: {_continue_from_earlier(path)}")
 
 
 def is_shape_mismatch(e: BaseException) -> bool:

@@ -7,17 +7,20 @@
   goes on; for ``max_duration``, only when the schedule is measured in ``dur``).
 - ``earlier_checkpoints`` + ``PruneEarlierCheckpoints``: ``save_num_checkpoints_to_keep`` also counts the
   checkpoints earlier launches of the run wrote (composer prunes only its own process's).
-- ``set_aside_incomplete_checkpoints``: a checkpoint file cut short while written (a process killed mid-save: composer
-  writes the file in place, then moves ``latest-rank0.pt`` to it) is renamed ``<name>.incomplete`` before
-  autoresume, which then continues from the newest complete checkpoint (``latest-rank0.pt``) and says which.
+- ``check_local_checkpoints``: a checkpoint cut short while written (a process killed mid-save: composer writes the
+  file, or each rank's file of a sharded folder, in place, then moves ``latest-rank0.pt`` to it) is renamed
+  ``<name>.incomplete`` before autoresume, which then continues from the newest complete checkpoint
+  (``latest-rank0.pt``) and says which.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 
 from composer.core import Callback
 
+from llmfoundry import checkpoint
 from llmfoundry.train import checks
 from llmfoundry.train.config import TrainConfig, config_to_yaml, run_name_of
 
@@ -146,44 +149,80 @@ def warn_batch_shape_changes(cfg: TrainConfig, previous: dict | None, state, whe
                     new, where, old, new, old, old)
 
 
-_WHOLE_FILE = r"^ep(\d+)-ba(\d+)-rank0\.pt$"  # composer's default save_filename for rank 0
+_WHOLE_FILE = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")  # composer's default save_filename for rank 0
+_SHARDED = re.compile(r"^ep(\d+)-ba(\d+)$")  # the folder of a sharded checkpoint (FSDP state_dict_type: sharded)
 
 
-def set_aside_incomplete_checkpoints(cfg: TrainConfig) -> list[str]:
-    """With ``autoresume`` and a local save folder of whole-file checkpoints: rename each rank-0 checkpoint newer than
-    the one ``latest-rank0.pt`` names (any, when there is no link yet) that is not a complete torch archive (a
-    0-byte or truncated file left by a process killed while writing it) to ``<name>.incomplete``, and log which
-    checkpoint the run continues from. Otherwise composer's check for files of "a future checkpoint" refuses the
-    launch. Newer checkpoints that are complete are left alone (``latest-rank0.pt`` may have been moved back on
-    purpose); the launch then stops with the save-conflict message. Rank 0 only; returns the new names."""
-    import re
+def _incomplete(path: str, sharded: bool) -> str | None:
+    """Why the checkpoint at ``path`` is not complete (a few words), or None when it is."""
+    if sharded:
+        return checkpoint.sharded_checkpoint_problem(path)
+    if checks.load_path_problem(path) is None:
+        return None
+    return f"{os.path.getsize(path)} bytes; cut short while it was written"
 
-    from composer.utils import dist
+
+def _free_name(path: str) -> str:
+    """``path``, or ``path.1``, ``path.2``, ... when taken (a batch cut short in two launches)."""
+    n, free = 0, path
+    while os.path.lexists(free):
+        n += 1
+        free = f"{path}.{n}"
+    return free
+
+
+def newer_checkpoint_message(folder: str, latest: str, newer: str) -> str:
+    """A complete checkpoint newer than the one ``latest-rank0.pt`` names: both ways to go on."""
+    return (f"save_folder {folder} holds a checkpoint newer than {os.path.realpath(latest)}, the one "
+            f"latest-rank0.pt names and autoresume continues from: {newer}. If it is this run's (a process killed "
+            f"after writing it, before moving the link), continue from it: ln -sfn {os.path.basename(newer)} "
+            f"{latest}; to continue from the linked one instead, move the newer one aside: mv {newer} {newer}.bad")
+
+
+def check_local_checkpoints(cfg: TrainConfig, sharded: bool) -> str | None:
+    """Before an autoresume from a local save folder (rank 0): what would stop it, or None.
+
+    Each checkpoint (a rank-0 file, or a sharded folder) newer than the one ``latest-rank0.pt`` names (any, when
+    there is no link yet) that is not complete (a 0-byte or truncated file, a folder without ``.metadata`` or with
+    a rank's file short: a process killed while saving) is renamed ``<name>.incomplete``, and the log says which
+    checkpoint the run continues from; composer would otherwise refuse the launch (whole files: "a future
+    checkpoint") or leave the remains beside the new save (folders). The problems returned, for the caller to
+    raise on every rank: a newer checkpoint that is complete (``latest-rank0.pt`` may have been moved back on
+    purpose: the user chooses; for whole files composer's own check finds it, see ``train._save_conflict_message``),
+    and a linked sharded checkpoint that is incomplete (which one to continue from instead)."""
     folder = save_dir(cfg)
-    if (not cfg.autoresume or not folder or checks.is_remote(folder) or dist.get_global_rank() != 0
-            or not os.path.isdir(folder) or (cfg.fsdp is not None and cfg.fsdp.state_dict_type == "sharded")):
-        return []
-    name = re.compile(_WHOLE_FILE)
+    if not cfg.autoresume or not folder or checks.is_remote(folder) or not os.path.isdir(folder):
+        return None
+    name = _SHARDED if sharded else _WHOLE_FILE
     latest = os.path.join(folder, "latest-rank0.pt")
     linked = os.path.basename(os.path.realpath(latest)) if os.path.islink(latest) else None
     resumed_at = int(name.match(linked).group(2)) if linked and name.match(linked) else -1
-    moved = []
-    for f in sorted(os.listdir(folder)):
+    moved, newer = [], []
+    for f in sorted(os.listdir(folder), key=lambda f: int(name.match(f).group(2)) if name.match(f) else -1):
         path = os.path.join(folder, f)
         m = name.match(f)
-        if not m or int(m.group(2)) <= resumed_at or os.path.islink(path) or not os.path.isfile(path):
+        is_unit = os.path.isdir(path) if sharded else os.path.isfile(path)
+        if not m or int(m.group(2)) <= resumed_at or os.path.islink(path) or not is_unit:
             continue
-        if checks.load_path_problem(path) is None:
+        why = _incomplete(path, sharded)
+        if why is None:
+            newer.append(path)
             continue
-        size = os.path.getsize(path)
-        os.replace(path, path + ".incomplete")
-        moved.append(path + ".incomplete")
-        log.warning("autoresume: %s is not a complete checkpoint (%s; cut short while it was written): renamed to "
-                    "%s.incomplete", path, f"{size} bytes", f)
+        aside = _free_name(path + ".incomplete")
+        os.replace(path, aside)
+        moved.append(aside)
+        log.warning("autoresume: %s is not a complete checkpoint (%s): renamed to %s", path, why,
+                    os.path.basename(aside))
     if moved:
         log.warning("autoresume: continuing from the newest complete checkpoint, %s", os.path.realpath(latest)
                     if linked else f"none (no complete checkpoint in {folder}): starting from the beginning")
-    return moved
+    if sharded and linked:
+        why = _incomplete(os.path.realpath(latest), sharded)
+        if why:
+            return checks.incomplete_checkpoint_message(os.path.realpath(latest), why)
+        if newer:
+            return newer_checkpoint_message(folder, latest, newer[-1])
+    return None
 
 
 def _checkpoint_unit(path: str, sharded: bool) -> str:

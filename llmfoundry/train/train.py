@@ -155,20 +155,22 @@ def _model_description(cfg: TrainConfig) -> str:
 def _resume_point(cfg: TrainConfig, sharded: bool) -> tuple[str | None, bool, bool]:
     """(load_path, load_weights_only, autoresume) to give composer.
 
-    For an ``s3://`` save folder with whole-file checkpoints, the newest complete checkpoint is looked up on the
-    bucket here (``checks.complete_s3_checkpoints``: its ``.complete`` marker gives the size a HEAD must find; a
-    newer partial or unmarked one is skipped and named). composer 0.32.1 would instead copy the one
-    ``latest-rank0.pt.symlink`` names to ``./s3:/<bucket>/...`` under the working directory and, on later
-    restarts, reuse that stale copy rather than the newest checkpoint in the bucket.
+    For an ``s3://`` save folder, the newest complete checkpoint is looked up on the bucket here
+    (``checks.complete_s3_checkpoints``: the ``.complete`` markers give the sizes a HEAD must find; a newer partial
+    or unmarked one is skipped and named). composer 0.32.1 would instead take the one ``latest-rank0.pt.symlink``
+    names (for whole files: copied to ``./s3:/<bucket>/...`` under the working directory and, on later restarts,
+    that stale copy reused rather than the newest checkpoint in the bucket). A sharded checkpoint skipped loses its
+    markers, so that the save of its batch replaces its files.
     """
-    if not (cfg.autoresume and checks.is_remote(cfg.save_folder) and not sharded
-            and cfg.save_folder.startswith("s3://")):
+    if not (cfg.autoresume and checks.is_remote(cfg.save_folder) and cfg.save_folder.startswith("s3://")):
         return cfg.load_path, cfg.load_weights_only, cfg.autoresume
     from composer.utils import dist
     found, skipped = [None], []
     if dist.get_global_rank() == 0:
-        found[0], skipped = checks.complete_s3_checkpoints(resume.save_dir(cfg))
+        found[0], skipped = checks.complete_s3_checkpoints(resume.save_dir(cfg), sharded)
         for uri, why in skipped:
+            if sharded:
+                checks.unmark_s3_checkpoint(uri)
             log.warning("autoresume: skipping %s: %s", uri, why)
     dist.broadcast_object_list(found)
     if found[0]:
@@ -370,9 +372,12 @@ def _build_trainer(cfg: TrainConfig):
     parallelism = builders.build_parallelism(cfg.fsdp, world_size, dist.get_local_world_size())
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # before FSDP shards them
     sharded = cfg.fsdp is not None and cfg.fsdp.state_dict_type == "sharded"
-    resume.set_aside_incomplete_checkpoints(cfg)  # a save cut short by a kill: resume from the one before
+    # a save cut short by a kill: set aside, resume from the one before (rank 0 looks, every rank stops on a problem)
+    problem = [resume.check_local_checkpoints(cfg, sharded) if dist.get_global_rank() == 0 else None]
     if world_size > 1:
-        dist.barrier()
+        dist.broadcast_object_list(problem)
+    if problem[0]:
+        raise TrainError(problem[0])
     load_path, load_weights_only, autoresume = _resume_point(cfg, sharded)
     resuming = autoresume and os.path.exists(os.path.join(resume.save_dir(cfg) or "", "latest-rank0.pt"))
     if pretrained.is_pretrained_start(load_path) and not resuming:  # an HF MPT folder or an llm-foundry checkpoint
@@ -464,11 +469,7 @@ def _save_conflict_message(cfg: TrainConfig, e: FileExistsError) -> str:
     found = f" (e.g. {conflict})" if conflict and conflict != str(e).strip() else f" ({e})"
     latest = os.path.join(resume.save_dir(cfg) or "", "latest-rank0.pt")
     if cfg.autoresume and os.path.islink(latest) and conflict != str(e).strip():
-        return (f"save_folder {resume.save_dir(cfg)} holds a checkpoint newer than {os.path.realpath(latest)}, the "
-                f"one latest-rank0.pt names and autoresume continues from: {conflict}. If it is this run's (a process "
-                f"killed after writing it, before moving the link), continue from it: ln -sfn "
-                f"{os.path.basename(conflict)} {latest}; to continue from the linked one instead, move the newer "
-                f"one aside: mv {conflict} {conflict}.bad")
+        return resume.newer_checkpoint_message(resume.save_dir(cfg), latest, conflict)
     return (f"save_folder {resume.save_dir(cfg)} already holds checkpoints of another run{found}. Fix: set autoresume: "
             f"true to continue that run, save_overwrite: true to overwrite it, or pick another save_folder / run_name")
 
@@ -519,6 +520,9 @@ def _train(cfg: TrainConfig):
         if checks.is_no_space(e):
             needed = checks.checkpoint_bytes(cfg.model.num_params(), cfg.optimizer.name, cfg.save_weights_only)
             raise TrainError(checks.no_space_message(resume.save_dir(cfg), needed)) from e
+        refused = checks.unwritable_save(e, resume.save_dir(cfg))
+        if refused is not None:
+            raise TrainError(checks.unwritable_message(resume.save_dir(cfg), refused)) from e
         raise
     return trainer
 
