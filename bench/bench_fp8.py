@@ -25,7 +25,12 @@ about 70 s each on one H200, compilation included; 1B: three runs, shorter)::
         --json $OUT/fp8-1b.json                         # MPT-1B, the recipe as benchmarked; target 1.15x
 
 More ``key=value`` arguments are overrides for every run (bf16 and FP8 alike), e.g.
-``fsdp.activation_checkpointing=true``.
+``fsdp.activation_checkpointing=true``. ``--variant NAME KEY=VALUE...`` adds an FP8 row with overrides of its own,
+to find where FP8 time goes in the same command; e.g. on one GPU, without the float8 all-gather and its per-step
+scale precompute (one GPU gathers nothing)::
+
+    python3 bench/bench_fp8.py --models 7b --mb 4 --accum 4 --steps 8 --json $OUT/fp8-7b.json \
+        --variant no-fp8-gather fp8.fsdp_float8_all_gather=false --variant no-fsdp fsdp=null model.init_device=cuda
 """
 from __future__ import annotations
 
@@ -46,10 +51,12 @@ MODEL_OVERRIDES = {"7b": ["fsdp.activation_checkpointing=false"]}
 COMMON = ["compile_config={}"]  # FP8 is only fast compiled (torchao's casts and scales fused by Inductor)
 
 
-def precision_variants(recipes: list[str]) -> list[tuple[str, list[str]]]:
-    """(name, overrides): bf16, then FP8 per recipe."""
-    return [("bf16", ["precision=amp_bf16"])] + [
+def precision_variants(recipes: list[str], variants: list[list[str]] = ()) -> list[tuple[str, list[str]]]:
+    """(name, overrides): bf16, then FP8 per recipe, then each ``--variant NAME KEY=VALUE...``: an FP8 row with
+    those overrides too (e.g. ``fp8.fsdp_float8_all_gather=false``)."""
+    rows = [("bf16", ["precision=amp_bf16"])] + [
         (f"fp8-{r}", ["precision=amp_fp8", f"fp8.recipe={r}"]) for r in recipes]
+    return rows + [(f"fp8-{name}", ["precision=amp_fp8", *overrides]) for name, *overrides in variants]
 
 
 def speedups(rows: list[dict]) -> None:
@@ -93,8 +100,14 @@ def main(argv=None) -> None:
     p.add_argument("--data", default="/tmp/bench_mds")
     p.add_argument("--logs", default="/tmp/bench_logs")
     p.add_argument("--json", default=None)
+    p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                   help="one more FP8 row, named fp8-NAME, with these overrides (repeatable); --recipes '' for none "
+                        "but these")
     p.add_argument("extra", nargs="*", help="more key=value overrides for every run, bf16 and FP8 alike")
     args = p.parse_args(argv)
+    bad = [v[0] for v in args.variant if any("=" not in kv for kv in v[1:]) or "=" in v[0]]
+    if bad:
+        p.error(f"--variant {bad}: give a name, then key=value overrides")
     if args.steps <= WINDOW:
         p.error(f"--steps {args.steps}: give at least {WINDOW + 1} (SpeedMonitor's {WINDOW}-batch window)")
     recipes = [r for r in args.recipes.split(",") if r]
@@ -110,7 +123,7 @@ def main(argv=None) -> None:
     rows = []
     for model in models:
         fpt = flops_per_token(model)
-        for name, overrides in precision_variants(recipes):
+        for name, overrides in precision_variants(recipes, args.variant):
             extra = [*COMMON, *MODEL_OVERRIDES.get(model, []), *args.extra, *overrides]
             row = run_recipe(model, args.attn, args.gpus, args.steps, data, extra, logs, name, args.accum, args.mb)
             if row.get("ok"):

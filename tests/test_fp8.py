@@ -467,6 +467,11 @@ def test_bench_fp8_runs_are_valid_configs_and_ratios_compare_to_bf16():
             names.append((name, cfg.precision, cfg.fp8.recipe))
         assert names == [("bf16", "amp_bf16", "tensorwise"), ("fp8-tensorwise", "amp_fp8", "tensorwise"),
                          ("fp8-rowwise", "amp_fp8", "rowwise")]
+    variants = b.precision_variants(["tensorwise"], [["no-gather", "fp8.fsdp_float8_all_gather=false"]])
+    assert variants[-1] == ("fp8-no-gather", ["precision=amp_fp8", "fp8.fsdp_float8_all_gather=false"])
+    cfg = load_config(REPO / "yamls/mpt-7b.yaml", bt.overrides_for("7b", "triton", 1, 8, Path("/tmp/x"),
+                                                                     variants[-1][1], "x", 4, None))
+    assert cfg.precision == "amp_fp8" and cfg.fp8.fsdp_float8_all_gather is False
     rows = [{"model": "7b", "variant": "bf16", "ok": True, "tokens_per_sec": 13000.0, "mfu": 0.56,
              "peak_allocated_mem": 116.9, "micro_batch": 4, "accum": 4},
             {"model": "7b", "variant": "fp8-tensorwise", "ok": True, "tokens_per_sec": 16250.0, "mfu": 0.70,
