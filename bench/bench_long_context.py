@@ -16,8 +16,39 @@ Throughput, MFU and peak memory are what the run itself logs (composer's SpeedMo
 ``MPTConfig.flops_per_token(seq_len)`` = 6 N + 12 n_layers d_model seq_len (attention in full, causal masking and
 activation recomputation not counted) against ``--peak_tflops``; the Triton kernel skips the keys ALiBi makes
 negligible, so with it the MFU column can pass 1 at long lengths (work not done, not speed: read tokens/s, and
-compare with ``LLMFOUNDRY_ALIBI_SKIP=0``). Measured on one H200, MPT-1B at 65k: 1.5 s per step with skipping
-(5.3 s without), about 50 s for the run with startup.
+compare with ``--skip off``). Measured on one H200, MPT-1B at 65k: 1.5 s per step with skipping (5.3 s without),
+about 50 s for the run with startup.
+
+``--skip on|off|both`` (default on; off when ``LLMFOUNDRY_ALIBI_SKIP=0`` is set in the calling shell): each run
+gets ``LLMFOUNDRY_ALIBI_SKIP=1`` (the kernel skips far keys) or ``=0`` in its environment; ``both`` runs every
+length twice and the table gives both tokens/s and the speed-up (also ``train_skip_speedup`` in the JSON).
+
+``--weights init|trained`` (default init: initialised weights on random tokens, as above). ``trained``: first a
+pretraining run, ``scripts/train.py --yaml`` at ``--pretrain_seq`` (2048) for ``--pretrain_steps`` (200) steps
+of ``--pretrain_batch`` (16) samples on the real text in ``--text DIR`` (``DIR/tokenizer``, ``DIR/mds/train``:
+packed ``tokens`` samples, as ``bench/fp8_quality.py build-data --out .fp8data`` writes them: Python source,
+16384-token BPE), LION at ``--pretrain_lr`` (1e-4; the recipe's 6.7e-5 is set for a 26B-token run of 512-sample
+batches) after a warm-up of a tenth of the steps, cosine to 0.1x, eager, model.vocab_size set from the tokenizer;
+it saves a weights-only checkpoint (one file, ``fsdp.state_dict_type=full``) under ``--data``. Its first and last
+losses, steps, tokens and wall time go to ``pretrain`` in the JSON. ``--pretrained PATH`` reuses such a checkpoint
+instead. Then every row loads it (``load_path=... load_weights_only=true``; the row records the path composer's
+log says it loaded) and trains on the same text, ``DIR/mds/train``'s samples concatenated in order and cut into
+samples of the row's length (``text-seq<S>-n<N>`` under ``--data``). Rows and tables are labelled with the
+weights (``initialised`` / ``trained (N steps x B x S tokens of real text)``) and the data (``random tokens`` /
+``real text``). The vocabulary differs from the random-token rows (16384 against the recipe's 50432), so compare
+skipping on and off within one run, not trained rows with initialised ones.
+
+Trained weights, skipping on and off, one command on one H200 (``.fp8data`` built here first with
+``.venv/bin/python bench/fp8_quality.py build-data --out .fp8data``, ~2 minutes on 2 CPU cores, and carried:
+``carry: [".fp8data"]``). Not yet run; estimated from the numbers in BENCHMARKS.md at about 7 minutes, inside
+one 600-second call: the pretraining reads 200 x 16 x 2048 = 6.6M tokens at ~60k tokens/s (~2 minutes) plus its
+startup and the ~5 GB fp32 checkpoint (~2.5-3 minutes in all); then four rows of ~40-70 s each with startup and
+loading (16k and 65k, each on and off; 65k took ~50 s with skipping at initialisation, and 6 x 5.3 s steps
+without). The JSON is rewritten after every run, so a run cut short still returns what it measured::
+
+    PYTHONPATH=$PWD python bench/bench_long_context.py --parts train --weights trained --text .fp8data \
+        --skip both --seq_lens 16384,65536 --train_extra compile_config=null --json $OUT/long_trained.json \
+        --logs $OUT/long_logs
 
 Part ``extrap``: train a small ALiBi MPT (``yamls/tiny-cpu.yaml`` with d_model 512, 8 layers, 8 heads, vocab 4096)
 at ``--extrap_seq`` (2048) on the train split of the bundled corpus through ``scripts/train.py``, save a
@@ -32,11 +63,15 @@ are ~17 passes over the corpus (about a minute on an H200 with startup); many mo
 trainer also scores the held-out samples at --extrap_seq every quarter of the run, so the log shows whether it
 overfits (its last value should equal scripts/eval.py's at that length: same weights, same tokens).
 
-CPU at tiny shapes (what tests/test_bench_long_context.py runs, ~90 s on 2 cores; FSDP2 runs over gloo there):
+CPU at tiny shapes (what tests/test_bench_long_context.py runs, ~30 s and ~20 s on 2 cores; FSDP2 runs over gloo
+there; the second needs a text folder, which the test builds from the bundled corpus at 2048 tokens per sample):
 
     python bench/bench_long_context.py --device cpu --yaml yamls/tiny-cpu.yaml --seq_lens 128,256 \
         --tokens_per_micro 256 --steps 3 --attn torch --peak_tflops 0.01 --extrap_seq 128 --eval_lens 128,256,512 \
         --extrap_d_model 64 --extrap_layers 2 --extrap_heads 2 --extrap_steps 4 --extrap_batch 4 --eval_batch 8
+    python bench/bench_long_context.py --parts train --device cpu --yaml yamls/tiny-cpu.yaml --seq_lens 256 \
+        --tokens_per_micro 512 --steps 3 --attn torch --peak_tflops 0.01 --weights trained --text DIR --skip both \
+        --pretrain_seq 128 --pretrain_steps 8 --pretrain_batch 4 --pretrain_lr 2e-3
 """
 from __future__ import annotations
 
@@ -62,6 +97,7 @@ from bench_train import METRIC, composer_launcher, timing_overrides, write_rando
 
 EVAL_CE = re.compile(r"metrics/eval/LanguageCrossEntropy\s*:\s*([0-9.eE+-]+)")
 TRAIN_LOSS = re.compile(r"loss/train/total\s*:\s*([0-9.eE+-]+)")
+WEIGHTS_LOADED = re.compile(r"Model weights loaded from (\S+)")  # composer's log line once load_path is loaded
 GB_PER_GIB = 2**30 / 1e9  # composer's MemoryMonitor logs 1e9-byte gigabytes
 
 
@@ -73,15 +109,18 @@ def launcher(device: str, nproc: int) -> list[str]:
     return [composer_launcher(), "-n", str(nproc)]
 
 
-def run_logged(cmd: list[str], log_path: Path, timeout: float) -> tuple[int, str, float]:
+def run_logged(cmd: list[str], log_path: Path, timeout: float,
+               env_vars: dict[str, str] | None = None) -> tuple[int, str, float]:
     """Run ``cmd`` in the repo with its output streamed to ``log_path``; (exit code, log text, seconds).
+    ``env_vars`` are set in its environment (and written before the command on the log's first line).
     A run past ``timeout`` is stopped (its whole process group) and returns 124."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env_vars = env_vars or {}
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **env_vars)
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
     env.pop("RUN_NAME", None)
     t0 = time.time()
     with open(log_path, "w") as f:
-        f.write(shlex.join(cmd) + "\n\n")
+        f.write("".join(f"{k}={shlex.quote(v)} " for k, v in env_vars.items()) + shlex.join(cmd) + "\n\n")
         f.flush()
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
         try:
@@ -127,15 +166,27 @@ def micro_batch(seq_len: int, tokens_per_micro: int) -> int:
     return max(1, tokens_per_micro // seq_len)
 
 
-def train_overrides(args, seq_len: int, mb: int, data: Path) -> list[str]:
+def fsdp_overrides(args, full_state_dict: bool) -> list[str]:
+    """``--fsdp`` for a run; ``full_state_dict``: checkpoints as one whole file (what the trained rows load)."""
+    if args.fsdp == "none":
+        return ["fsdp=null", "model.init_device=cpu"]
+    return [f"fsdp.version={args.fsdp}"] + (["fsdp.state_dict_type=full"] if full_state_dict else [])
+
+
+def train_overrides(args, seq_len: int, mb: int, data: Path, start: dict | None = None) -> list[str]:
+    """One timing row on the MDS shards at ``data``; ``start`` (trained weights, see ``trained_start``): the
+    tokenizer, vocab size and checkpoint the row starts from, else initialised weights and random tokens."""
     o = timing_overrides(data, args.attn, args.steps, mb, mb * args.gpus, f"long-seq{seq_len}-{args.gpus}gpu",
                          window=max(1, args.steps // 2), peak_tflops=args.peak_tflops, log_interval=1)
     o += [f"train_loader.max_seq_len={seq_len}", f"variables.seq_len={seq_len}", f"model.max_seq_len={seq_len}",
           "callbacks.memory_monitor=true", "callbacks.runtime_estimator=false"]
-    if args.fsdp == "none":
-        o += ["fsdp=null", "model.init_device=cpu"]
-    else:
-        o += [f"fsdp.version={args.fsdp}", "fsdp.sharding_strategy=FULL_SHARD", "fsdp.activation_checkpointing=true"]
+    if args.fsdp != "none":
+        o += ["fsdp.sharding_strategy=FULL_SHARD", "fsdp.activation_checkpointing=true"]
+    o += fsdp_overrides(args, full_state_dict=start is not None)
+    if start is not None:
+        o = [x for x in o if not x.startswith("tokenizer=")]
+        o += [f"tokenizer={start['tokenizer']}", f"model.vocab_size={start['vocab_size']}",
+              f"load_path={start['checkpoint']}", "load_weights_only=true"]
     if args.device == "cpu":
         o += ["device=cpu"]
     return o + list(args.train_extra)
@@ -146,46 +197,290 @@ def model_config(yaml: str, overrides: list[str]):
     return load_config(yaml, overrides).model
 
 
-def run_train(args, seq_len: int, data_root: Path, logs: Path) -> dict:
+def row_samples(args, seq_len: int) -> int:
+    """Samples a timing row reads: its steps plus two, and a little more (no epoch boundary inside the run)."""
+    return micro_batch(seq_len, args.tokens_per_micro) * args.gpus * (args.steps + 2) + 2 * args.gpus
+
+
+def row_data(args, seq_len: int, data_root: Path, start: dict | None) -> tuple[Path, dict]:
+    """The MDS shards a row trains on, written once per length: random tokens below the model's vocab_size, or
+    (``start``) the real text repacked at ``seq_len``. Returns (folder, what it holds)."""
+    n = row_samples(args, seq_len)
+    if start is None:
+        data = data_root / f"random-seq{seq_len}-n{n}"
+        vocab_size = model_config(args.yaml, train_overrides(args, seq_len, 1, data)).vocab_size
+        return write_random_mds(data, n, seq_len, vocab_size), {}
+    folder = data_root / f"text-seq{seq_len}-n{n}"
+    return folder, repack_text(Path(args.text) / "mds" / "train", folder, seq_len, n)
+
+
+def skip_env(skip: str) -> dict[str, str]:
+    """The row's LLMFOUNDRY_ALIBI_SKIP: the Triton kernel skips ALiBi-negligible far keys unless it is 0."""
+    return {"LLMFOUNDRY_ALIBI_SKIP": "1" if skip == "on" else "0"}
+
+
+def skip_modes(skip: str) -> list[str]:
+    return ["on", "off"] if skip == "both" else [skip]
+
+
+def log_name(args, seq_len: int, skip: str) -> str:
+    """train-seq<S>-<G>gpu[-trained][-noskip].log (the names of the default run unchanged)."""
+    return (f"train-seq{seq_len}-{args.gpus}gpu" + ("-trained" if args.weights == "trained" else "")
+            + ("-noskip" if skip == "off" else "") + ".log")
+
+
+def run_train(args, seq_len: int, data: Path, logs: Path, skip: str, start: dict | None, labels: dict) -> dict:
+    """One ``scripts/train.py`` timing run at ``seq_len`` on the shards at ``data``; the row for the table."""
     mb = micro_batch(seq_len, args.tokens_per_micro)
-    n = mb * args.gpus * (args.steps + 2) + 2 * args.gpus
-    data = data_root / f"random-seq{seq_len}-n{n}"
-    overrides = train_overrides(args, seq_len, mb, data)
+    overrides = train_overrides(args, seq_len, mb, data, start)
     mcfg = model_config(args.yaml, overrides)
-    write_random_mds(data, n, seq_len, mcfg.vocab_size)
     cmd = [*launcher(args.device, args.gpus), str(REPO / "scripts/train.py"), str(args.yaml), *overrides]
-    rc, text, wall = run_logged(cmd, logs / f"train-seq{seq_len}-{args.gpus}gpu.log", args.timeout)
+    rc, text, wall = run_logged(cmd, logs / log_name(args, seq_len, skip), args.timeout, skip_env(skip))
     fpt = mcfg.flops_per_token(seq_len)
     row = {"seq_len": seq_len, "micro_batch": mb, "gpus": args.gpus, "tokens_per_step": mb * seq_len * args.gpus,
-           "flops_per_token": fpt, "ok": rc == 0, "wall_s": round(wall, 1)}
+           "flops_per_token": fpt, "skip": skip, **labels, "ok": rc == 0, "wall_s": round(wall, 1)}
+    if start is not None:
+        loaded = WEIGHTS_LOADED.search(text)
+        row.update(load_path=start["checkpoint"], loaded_from=loaded.group(1) if loaded else None)
     if rc != 0:
         row["error"] = error_line(text, rc)
         return row
     row.update(logged_metrics(text))
+    losses = [float(x) for x in TRAIN_LOSS.findall(text)]
+    if losses:
+        row["loss_first"], row["loss_last"] = losses[0], losses[-1]
     tps = row.get("tokens_per_sec")
     row["tflops_per_gpu"] = tps * fpt / 1e12 if tps else None
     row.setdefault("mfu", tps * fpt / (args.peak_tflops * 1e12) if tps else None)
     return row
 
 
+def failed_row(seq_len: int, mb: int, skip: str, labels: dict, error: str) -> dict:
+    return {"seq_len": seq_len, "micro_batch": mb, "skip": skip, **labels, "ok": False, "wall_s": 0.0, "error": error}
+
+
+def run_train_part(args, data_root: Path, logs: Path, results: dict) -> None:
+    """Part ``train``: (with ``--weights trained``) the pretraining run or ``--pretrained``, then every
+    ``--seq_lens`` value once per ``--skip`` mode; ``results`` is saved after every run."""
+    rows = results["train"] = []
+    start = None
+    if args.weights == "trained":
+        start = trained_start(args, data_root, logs, results)
+        save(results, args.json)
+    labels = row_labels(args, results.get("pretrain"))
+    for s in args.seq_lens:
+        mb = micro_batch(s, args.tokens_per_micro)
+        if args.weights == "trained" and start is None:
+            rows += [failed_row(s, mb, k, labels, "no trained checkpoint (pretraining failed)")
+                     for k in skip_modes(args.skip)]
+            continue
+        try:
+            data, written = row_data(args, s, data_root, start)
+        except ValueError as e:  # not enough text for the row
+            rows += [failed_row(s, mb, k, labels, str(e)) for k in skip_modes(args.skip)]
+            continue
+        for k in skip_modes(args.skip):
+            rows.append(run_train(args, s, data, logs, k, start, {**labels, **written}))
+            print(json.dumps(rows[-1]), flush=True)
+            save(results, args.json)
+    results["train_skip_speedup"] = skip_speedups(rows)
+
+
+def skip_speedups(rows: list[dict]) -> list[dict]:
+    """tokens/s with skipping on over off, for each length that ran both ways."""
+    out = []
+    for on in (r for r in rows if r.get("skip") == "on"):
+        off = next((r for r in rows if r.get("skip") == "off" and r["seq_len"] == on["seq_len"]), None)
+        if off is not None:
+            a, b = on.get("tokens_per_sec"), off.get("tokens_per_sec")
+            out.append({"seq_len": on["seq_len"], "on_tokens_per_sec": a, "off_tokens_per_sec": b,
+                        "speedup": a / b if a and b else None})
+    return out
+
+
 def train_table(rows: list[dict], peak_tflops: float) -> str:
+    """One line per run, or with both skip modes one line per length: both tokens/s and the speed-up."""
+    labels = sorted({f"weights: {r.get('weights', '-')}; data: {r.get('data', '-')}" for r in rows})
     lines = [f"MFU against {peak_tflops:g} TFLOP/s per GPU; FLOPs/token = 6N + 12*L*d*seq_len "
              "(activation recomputation not counted; attention counted in full, including keys a kernel skips)",
-             "",
-             "| seq_len | micro batch | tokens/s/GPU | MFU | TFLOP/s/GPU | peak allocated GiB | wall s |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             *labels, ""]
+    if {r.get("skip") for r in rows} == {"on", "off"}:
+        return "\n".join(lines + skip_table(rows))
+    lines += ["| seq_len | micro batch | weights | data | skipping | tokens/s/GPU | MFU | TFLOP/s/GPU | "
+              "peak allocated GiB | wall s |", "|---:|---:|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        head = f"| {r['seq_len']} | {r['micro_batch']} | {r.get('weights', '-')} | {r.get('data', '-')} | " \
+               f"{r.get('skip', '-')} |"
         if not r["ok"]:
-            lines.append(f"| {r['seq_len']} | {r['micro_batch']} | FAILED: {r.get('error')} | | | | {r['wall_s']} |")
+            lines.append(f"{head} FAILED: {r.get('error')} | | | | {r['wall_s']} |")
             continue
-        lines.append(f"| {r['seq_len']} | {r['micro_batch']} | {fmt(r.get('tokens_per_sec'), ',.0f')} | "
-                     f"{fmt(r.get('mfu'), '.3f')} | {fmt(r.get('tflops_per_gpu'), '.1f')} | "
-                     f"{fmt(r.get('peak_allocated_gib'), '.1f')} | {r['wall_s']} |")
+        lines.append(f"{head} {fmt(r.get('tokens_per_sec'), ',.0f')} | {fmt(r.get('mfu'), '.3f')} | "
+                     f"{fmt(r.get('tflops_per_gpu'), '.1f')} | {fmt(r.get('peak_allocated_gib'), '.1f')} | "
+                     f"{r['wall_s']} |")
     return "\n".join(lines)
 
 
-def fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+def skip_table(rows: list[dict]) -> list[str]:
+    lines = ["| seq_len | micro batch | weights | data | skipping on: tokens/s/GPU | off: tokens/s/GPU | speed-up | "
+             "off: MFU | peak allocated GiB on / off | wall s on / off |",
+             "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for s in dict.fromkeys(r["seq_len"] for r in rows):
+        on = next((r for r in rows if r["seq_len"] == s and r["skip"] == "on"), {})
+        off = next((r for r in rows if r["seq_len"] == s and r["skip"] == "off"), {})
+        first = on or off
+        a, b = on.get("tokens_per_sec"), off.get("tokens_per_sec")
+        errors = "; ".join(f"{k}: FAILED: {r.get('error')}" for k, r in (("on", on), ("off", off))
+                           if r and not r["ok"])
+        lines.append(f"| {s} | {first['micro_batch']} | {first.get('weights', '-')} | {first.get('data', '-')} | "
+                     f"{fmt(a, ',.0f')} | {fmt(b, ',.0f')} | {fmt(a / b if a and b else None, '.2f', 'x')} | "
+                     f"{fmt(off.get('mfu'), '.3f')} | {fmt(on.get('peak_allocated_gib'), '.1f')} / "
+                     f"{fmt(off.get('peak_allocated_gib'), '.1f')} | {on.get('wall_s', '-')} / "
+                     f"{off.get('wall_s', '-')} |" + (f" {errors}" if errors else ""))
+    return lines
+
+
+def fmt(x, spec: str, unit: str = "") -> str:
+    return "-" if x is None else format(x, spec) + unit
+
+
+# ------------------------------------------------------------------------- part 1 with trained weights
+def mds_samples(split_dir: Path, scratch: Path):
+    """Each sample's ``tokens`` (int32) of the MDS folder ``split_dir``, in order (shards may sit in part-NNNNN/
+    folders, as the converters write them with several processes). Compressed shards (the converters' zstd) are
+    decompressed one at a time into ``scratch``, which is removed afterwards."""
+    import numpy as np
+    from streaming.base.compression import decompress
+    from streaming.base.format import reader_from_json
+    index = json.loads((split_dir / "index.json").read_text())
+    try:
+        for info in index["shards"]:
+            folder, raw = split_dir, info["raw_data"]["basename"]
+            if not (split_dir / raw).exists():
+                (scratch / raw).parent.mkdir(parents=True, exist_ok=True)
+                packed = (split_dir / info["zip_data"]["basename"]).read_bytes()
+                (scratch / raw).write_bytes(decompress(info["compression"], packed))
+                folder = scratch
+            shard = reader_from_json(str(folder), None, info)
+            for i in range(shard.samples):
+                yield np.asarray(shard[i]["tokens"], dtype=np.int32)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def repack_text(src: Path, root: Path, seq_len: int, n_samples: int | None) -> dict:
+    """The samples of the MDS folder ``src`` concatenated in order and cut every ``seq_len`` tokens into
+    ``n_samples`` samples (None: all the text holds), written to ``root/train`` in ``write_random_mds``'s layout.
+    Raises ValueError when ``src`` holds fewer tokens than asked for."""
+    import numpy as np
+    from streaming import MDSWriter
+    shutil.rmtree(root, ignore_errors=True)
+    pending, have, written, read = [], 0, 0, 0
+    with MDSWriter(out=str(root / "train"), columns={"tokens": "ndarray:int32"}, size_limit="64mb") as w:
+        for tokens in mds_samples(src, root / "scratch"):
+            if n_samples is not None and written == n_samples:
+                break
+            pending.append(tokens)
+            have += len(tokens)
+            read += 1
+            while have >= seq_len and (n_samples is None or written < n_samples):
+                flat = np.concatenate(pending)
+                w.write({"tokens": flat[:seq_len]})
+                written += 1
+                pending, have = [flat[seq_len:]], have - seq_len
+    if n_samples is not None and written < n_samples:
+        raise ValueError(f"{src} holds {written * seq_len + have:,} tokens, fewer than the {n_samples} samples of "
+                         f"{seq_len} this row reads ({n_samples * seq_len:,} tokens)")
+    return {"text_samples": written, "text_source_samples_read": read, "text_source": str(src)}
+
+
+def text_vocab_size(text: Path) -> int:
+    """model.vocab_size for the tokenizer in ``text/tokenizer`` (its length rounded up to a multiple of 64)."""
+    from llmfoundry.data.tokenizer import load_tokenizer, padded_vocab_size
+    return padded_vocab_size(load_tokenizer(str(text / "tokenizer")))
+
+
+def pretrain_overrides(args, data: Path, vocab_size: int, ckpt_dir: Path) -> list[str]:
+    """``--yaml`` as a short pretraining run on the real text at ``data``, ending in a weights-only checkpoint."""
+    s, n, b = args.pretrain_seq, args.pretrain_steps, args.pretrain_batch
+    mb = max(1, min(args.pretrain_micro, b // args.gpus))
+    o = [f"tokenizer={Path(args.text).resolve() / 'tokenizer'}", f"model.vocab_size={vocab_size}",
+         "train_loader.streams=null", f"train_loader.local={data}", "train_loader.split=train",
+         f"train_loader.max_seq_len={s}", f"variables.seq_len={s}", f"model.max_seq_len={s}",
+         "train_loader.num_workers=2", "eval_loader=null", f"model.attn_config.attn_impl={args.attn}",
+         f"max_duration={n}ba", f"global_train_batch_size={b}", f"device_train_microbatch_size={mb}",
+         f"optimizer.lr={args.pretrain_lr}", f"scheduler.t_warmup={max(1, n // 10)}ba", "compile_config=null",
+         f"save_folder={ckpt_dir}", f"save_interval={n}ba", "save_num_checkpoints_to_keep=1",
+         "save_weights_only=true", "autoresume=false", "run_name=long-pretrain", "loggers={}",
+         "console_log_interval=1ba", "progress_bar=false", "callbacks.runtime_estimator=false",
+         f"callbacks.speed_monitor.gpu_flops_available={args.peak_tflops * 1e12}"]
+    o += fsdp_overrides(args, full_state_dict=True)
+    if args.device == "cpu":
+        o += ["device=cpu"]
+    return o + list(args.pretrain_extra)
+
+
+def source_seq_len(split_dir: Path, scratch: Path) -> int:
+    """Tokens per sample of the MDS folder ``split_dir`` (its first sample's)."""
+    samples = mds_samples(split_dir, scratch)
+    try:
+        return len(next(samples))
+    finally:
+        samples.close()
+
+
+def pretrain(args, data_root: Path, logs: Path, vocab_size: int) -> dict:
+    """The pretraining phase: ``scripts/train.py --yaml`` on ``--text`` at ``--pretrain_seq`` (the text's samples
+    as they are at their own length, else repacked), saving a weights-only checkpoint under ``data_root``."""
+    src = Path(args.text).resolve() / "mds" / "train"
+    p = {"seq_len": args.pretrain_seq, "steps": args.pretrain_steps, "batch": args.pretrain_batch,
+         "tokens": args.pretrain_steps * args.pretrain_batch * args.pretrain_seq, "lr": args.pretrain_lr,
+         "warmup_steps": max(1, args.pretrain_steps // 10), "text": str(src), "ok": False}
+    data = src.parent
+    if source_seq_len(src, data_root / "scratch") != args.pretrain_seq:
+        data = data_root / f"text-pretrain-seq{args.pretrain_seq}"
+        p.update(repack_text(src, data, args.pretrain_seq, None))
+    ckpt_dir = data_root / "pretrain-checkpoints"
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    cmd = [*launcher(args.device, args.gpus), str(REPO / "scripts/train.py"), str(args.yaml),
+           *pretrain_overrides(args, data, vocab_size, ckpt_dir)]
+    rc, text, wall = run_logged(cmd, logs / "pretrain.log", args.timeout)
+    losses = [float(x) for x in TRAIN_LOSS.findall(text)]
+    p.update(wall_s=round(wall, 1), loss_first=losses[0] if losses else None,
+             loss_last=losses[-1] if losses else None, losses_logged=len(losses))
+    p.update({k: v for k, v in logged_metrics(text).items() if k in ("tokens_per_sec", "mfu")})
+    ckpt = ckpt_dir / "latest-rank0.pt"
+    if rc != 0 or not ckpt.exists():
+        p["error"] = f"pretraining failed: {error_line(text, rc)}"
+        return p
+    p.update(ok=True, checkpoint=str(ckpt.resolve()))
+    return p
+
+
+def trained_start(args, data_root: Path, logs: Path, results: dict) -> dict | None:
+    """What the trained rows start from: {tokenizer, vocab_size, checkpoint}; the pretraining run (or
+    ``--pretrained``) recorded in ``results['pretrain']``. None when pretraining failed."""
+    text = Path(args.text).resolve()
+    vocab_size = text_vocab_size(text)
+    if args.pretrained:
+        results["pretrain"] = {"ok": True, "checkpoint": args.pretrained, "reused": True}
+    else:
+        results["pretrain"] = pretrain(args, data_root, logs, vocab_size)
+        print(json.dumps(results["pretrain"]), flush=True)
+    if not results["pretrain"]["ok"]:
+        return None
+    return {"tokenizer": str(text / "tokenizer"), "vocab_size": vocab_size,
+            "checkpoint": results["pretrain"]["checkpoint"]}
+
+
+def row_labels(args, pre: dict | None) -> dict:
+    """{'weights', 'data'}: what every row of this run trains from and on."""
+    if args.weights == "init":
+        return {"weights": "initialised", "data": "random tokens"}
+    if pre is None or pre.get("reused"):
+        weights = f"trained (checkpoint {args.pretrained})"
+    else:
+        weights = f"trained ({pre['steps']} steps x {pre['batch']} x {pre['seq_len']} tokens of real text)"
+    return {"weights": weights, "data": "real text"}
 
 
 # ----------------------------------------------------------------------------- part 2: ALiBi extrapolation
@@ -355,6 +650,27 @@ def parse_args(argv=None):
     p.add_argument("--fsdp", choices=["2", "1", "none"], default="2",
                    help="fsdp.version with FULL_SHARD + activation checkpointing, or none (fsdp=null)")
     p.add_argument("--train_extra", nargs="*", default=[], help="more key=value overrides for the part-1 runs")
+    p.add_argument("--skip", choices=["on", "off", "both"],
+                   default="off" if os.environ.get("LLMFOUNDRY_ALIBI_SKIP") == "0" else "on",
+                   help="the Triton kernel's skipping of ALiBi-negligible far keys in the part-1 runs: on, off "
+                        "(LLMFOUNDRY_ALIBI_SKIP=0 in the run's environment) or both (each length twice; the table "
+                        "gives the speed-up). Default: on, or off when LLMFOUNDRY_ALIBI_SKIP=0 is set here")
+    p.add_argument("--weights", choices=["init", "trained"], default="init",
+                   help="init: initialised weights on random tokens; trained: first pretrain --yaml on --text (or "
+                        "take --pretrained), then every row loads that checkpoint and trains on the text repacked "
+                        "at its length")
+    p.add_argument("--text", default=None,
+                   help="--weights trained: a folder with tokenizer/ and mds/train (packed `tokens` samples), as "
+                        "`bench/fp8_quality.py build-data --out DIR` writes it")
+    p.add_argument("--pretrained", default=None,
+                   help="--weights trained: this checkpoint (weights-only, one file) instead of the pretraining run")
+    p.add_argument("--pretrain_seq", type=int, default=2048)
+    p.add_argument("--pretrain_steps", type=int, default=200)
+    p.add_argument("--pretrain_batch", type=int, default=16, help="samples per pretraining step (all GPUs)")
+    p.add_argument("--pretrain_micro", type=int, default=8, help="pretraining micro-batch per GPU (at most)")
+    p.add_argument("--pretrain_lr", type=float, default=1e-4,
+                   help="LION learning rate of the pretraining run (warm-up: a tenth of its steps, then cosine)")
+    p.add_argument("--pretrain_extra", nargs="*", default=[], help="more key=value overrides for the pretraining")
     # part 2
     p.add_argument("--extrap_seq", type=int, default=2048)
     p.add_argument("--eval_lens", type=int_list, default=[2048, 4096, 8192])
@@ -374,6 +690,17 @@ def parse_args(argv=None):
     unknown = set(args.parts) - {"train", "extrap"}
     if unknown:
         p.error(f"unknown --parts {sorted(unknown)}; use train, extrap")
+    args.text = str(Path(args.text).resolve()) if args.text else None
+    args.pretrained = str(Path(args.pretrained).resolve()) if args.pretrained else None
+    if args.weights == "trained" and "train" in args.parts:
+        text = Path(args.text or "")
+        if not args.text or not (text / "tokenizer").is_dir() or not (text / "mds" / "train" / "index.json").exists():
+            p.error(f"--weights trained needs --text DIR with tokenizer/ and mds/train/ (got {args.text}); build one "
+                    "with: python bench/fp8_quality.py build-data --out .fp8data")
+        if args.pretrained and not Path(args.pretrained).is_file():
+            p.error(f"--pretrained {args.pretrained}: no such checkpoint file")
+    elif args.pretrained:
+        p.error("--pretrained needs --weights trained")
     return args
 
 
@@ -381,6 +708,8 @@ def all_finite(results: dict) -> bool:
     """True when every run succeeded and every number in the tables is finite."""
     rows = results.get("train", [])
     ok = all(r["ok"] and r.get("tokens_per_sec") and math.isfinite(r["tokens_per_sec"]) for r in rows)
+    ok = ok and all(r.get("loaded_from") == r["load_path"] for r in rows if "load_path" in r)  # trained rows
+    ok = ok and results.get("pretrain", {}).get("ok", True)
     ex = results.get("extrap")
     if ex is not None:
         ok = ok and ex["ok"] and all(math.isfinite(r["loss"]) for r in ex["eval"])
@@ -403,11 +732,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     for part in args.parts:
         if part == "train":
-            results["train"] = []
-            for s in args.seq_lens:
-                results["train"].append(run_train(args, s, data, logs))
-                print(json.dumps(results["train"][-1]), flush=True)
-                save(results, args.json)
+            run_train_part(args, data, logs, results)
             print("\n" + train_table(results["train"], args.peak_tflops) + "\n", flush=True)
         else:
             results["extrap"] = run_extrap(args, data, logs)
