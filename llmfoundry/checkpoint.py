@@ -114,8 +114,9 @@ def _download(store, key: str, dest: str) -> bool:
         return False
 
 
-def fetch_checkpoint(path: str, workdir: str) -> str:
-    """A local path for ``path``: itself when local, else a download (file, or a sharded folder) into ``workdir``."""
+def fetch_checkpoint(path: str, workdir: str, shards: bool = True) -> str:
+    """A local path for ``path``: itself when local, else a download (file, or a sharded folder) into ``workdir``.
+    ``shards=False``: of a sharded folder, only its ``.metadata`` (enough to tell whose checkpoint it is)."""
     path = str(path)
     if path.startswith("file://"):
         path = path[len("file://"):]
@@ -140,6 +141,8 @@ def fetch_checkpoint(path: str, workdir: str) -> str:
         if not _download(store, key.rstrip("/") + "/.metadata", os.path.join(folder, ".metadata")):
             raise CheckpointError(f"no checkpoint at {path} (endpoint {endpoint}): neither an object nor a sharded "
                                   "checkpoint folder holding .metadata; check the bucket and path")
+        if not shards:
+            return folder
         import torch.distributed.checkpoint as dcp
         md = dcp.FileSystemReader(folder).read_metadata()
         for rel in sorted({info.relative_path for info in md.storage_data.values()}):

@@ -225,3 +225,57 @@ def test_not_an_mpt_checkpoint_is_refused(foundry, tmp_path):
     torch.save(ckpt, tmp_path / "llama.pt")
     with pytest.raises(CheckpointError, match="holds a Hugging Face model of model_type 'llama'"):
         load_composer_checkpoint(str(tmp_path / "llama.pt"))
+
+
+def _upload(s3_server, bucket: str, local: Path, prefix: str) -> None:
+    client = s3_server.client()
+    for p in [local] if local.is_file() else sorted(local.iterdir()):
+        client.upload_file(str(p), bucket, f"{prefix}/{p.name}" if local.is_dir() else prefix)
+
+
+def test_train_from_its_checkpoints_in_a_bucket(foundry, s3_server, s3_bucket, tmp_path, caplog, monkeypatch):
+    """llm-foundry runs keep their checkpoints in s3://: a whole file there continues its run, and a sharded folder
+    there starts from its weights, as from a local copy; the download in the temp folder is gone once loaded.
+    One of our own checkpoints in a bucket still loads as before (its copy removed too)."""
+    from llmfoundry.train import build_trainer, train
+    caplog.set_level("INFO")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    bucket = s3_bucket[5:]
+
+    def copies():  # downloads and converted copies left in the temp folder
+        return glob.glob(str(tmp_path / "tmp" / "mpt-forge-download-*")) + glob.glob(
+            str(tmp_path / "tmp" / "mpt-forge-pretrained-*"))
+
+    _upload(s3_server, bucket, Path(foundry["whole"]), "foundry/ckpt/ep0-ba2-rank0.pt")
+    _upload(s3_server, bucket, Path(foundry["sharded"]), "foundry/sharded/ep0-ba2")
+
+    trainer = build_trainer(_run(tmp_path / "a", f"load_path={s3_bucket}/foundry/ckpt/ep0-ba2-rank0.pt",
+                                 "max_duration=3ba"))
+    try:
+        assert int(trainer.state.timestamp.batch) == 2  # its step, LION momentum under our optimizer's name
+        opt, params = trainer.state.optimizers[0], dict(trainer.state.model.named_parameters())
+        for name, saved in foundry["exp_avg"].items():
+            torch.testing.assert_close(opt.state[params[name]]["exp_avg"], saved["exp_avg"], rtol=0, atol=0)
+    finally:
+        trainer.close()
+    assert "starting from the llm-foundry checkpoint" in caplog.text and "continuing its run" in caplog.text
+    assert not copies(), copies()
+
+    train(_run(tmp_path / "b", f"load_path={s3_bucket}/foundry/sharded/ep0-ba2", "load_weights_only=true")).close()
+    (ckpt,) = glob.glob(str(tmp_path / "b" / "ck" / "ep*-ba1-rank0.pt"))
+    model = torch.load(ckpt, map_location="cpu", weights_only=False)["state"]["model"]
+    for k, v in foundry["weights"].items():  # the first warmup step has lr 0: the weights as loaded
+        torch.testing.assert_close(model[f"model.{k}"], v, rtol=0, atol=0, msg=k)
+    assert not copies(), copies()
+
+    _upload(s3_server, bucket, Path(ckpt), "ours/ep0-ba1-rank0.pt")
+    trainer = build_trainer(_run(tmp_path / "c", f"load_path={s3_bucket}/ours/ep0-ba1-rank0.pt", "max_duration=2ba"))
+    try:
+        assert int(trainer.state.timestamp.batch) == 1
+        loaded = {k: v for k, v in trainer.state.model.state_dict().items()}
+        for k, v in model.items():
+            torch.testing.assert_close(loaded[k], v, rtol=0, atol=0, msg=k)
+    finally:
+        trainer.close()
+    assert not copies(), copies()

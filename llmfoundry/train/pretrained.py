@@ -16,7 +16,8 @@ llm-foundry's ``ComposerMPTCausalLM``: whole file or sharded folder, with the mo
 ``state['integrations']['huggingface']``) goes the same way: its config is compared with the YAML's model, its
 weights converted (a tied ``lm_head`` copy dropped) and loaded. ``prepare`` starts from its weights only;
 ``start_point`` (given the whole run config) also continues a whole-file checkpoint's run, its optimizer state
-included (``translate_full_checkpoint``: LION's ``exp_avg`` under our optimizer's name, AdamW as it is).
+included (``translate_full_checkpoint``: LION's ``exp_avg`` under our optimizer's name, AdamW as it is). Such a
+checkpoint in a bucket (``s3://...``) is first downloaded once per node (``fetch_remote_start``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from pathlib import Path
 
 from llmfoundry.checkpoint import (CheckpointError, check_state_dict, convert_hf_to_composer, hf_config,
                                    hf_metadata, hf_to_mpt_state_dict, is_hf_dir, load_composer_checkpoint,
@@ -126,16 +128,72 @@ def is_init_file(path: str | None) -> bool:
 
 
 def remove(path: str) -> None:
-    """Once every rank has loaded it, the converted copy goes (as large as the model's weights; a relaunch before
-    the first checkpoint converts the folder again)."""
+    """Once every rank has loaded it, the converted (or downloaded) copy goes (as large as the model's weights; a
+    relaunch before the first checkpoint converts the folder again)."""
     from composer.utils import dist
     if dist.get_world_size() > 1:
         dist.barrier()
+    discard(path)
+
+
+def discard(path: str) -> None:
+    """Local rank 0 deletes ``path`` (a file or a folder) now, without waiting for the others (a failed start)."""
+    import shutil
+
+    from composer.utils import dist
     if dist.get_local_rank() == 0:
-        try:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
             os.remove(path)
-        except FileNotFoundError:
-            pass
+
+
+def fetch_remote_start(load_path: str, run_name: str | None) -> tuple[str, str | None]:
+    """``load_path`` in an object store (``s3://...``, where llm-foundry runs keep their checkpoints): ``(the path
+    to go on with, the local copy to remove once loaded, or None)``.
+
+    Local rank 0 of each node downloads it into the temp folder (the others wait), because only its contents say
+    whether llm-foundry wrote it: a whole file comes down whole, and composer then loads that copy instead of
+    downloading it again; of a sharded folder only ``.metadata`` first, then the rest only when it is llm-foundry's
+    (its weights are converted from the folder), else composer reads the folder from the store as usual (each rank
+    fetching only the files it needs)."""
+    import shutil
+
+    from composer.utils import dist
+
+    from llmfoundry.checkpoint import fetch_checkpoint
+    key = hashlib.sha1(load_path.encode()).hexdigest()[:12]
+    folder = os.path.join(tempfile.gettempdir(), f"mpt-forge-download-{run_name or 'run'}-{key}")
+
+    def fetched() -> str:
+        (name,) = [n for n in os.listdir(folder) if n != "link.symlink"]
+        return os.path.join(folder, name)
+
+    def on_rank0(shards: bool) -> None:
+        if dist.get_local_rank() == 0:
+            import time
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("load_path %s: downloading it to %s%s", load_path, folder,
+                     "" if shards else " (of a sharded folder, .metadata first: whose checkpoint is it?)")
+            start = time.time()
+            try:
+                fetch_checkpoint(load_path, folder, shards=shards)
+            except CheckpointError as e:
+                raise ConfigError(f"load_path: {e}") from e
+            size = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+            log.info("load_path %s: %.1f MB in %.1f s", load_path, size / 1e6, time.time() - start)
+        if dist.get_world_size() > 1:
+            dist.barrier()
+
+    on_rank0(shards=False)
+    local = fetched()
+    if not os.path.isdir(local):
+        return local, folder
+    if not _has_hf_metadata(local):  # our own sharded checkpoint: composer reads it from the store
+        remove(folder)
+        return load_path, None
+    on_rank0(shards=True)
+    return fetched(), folder
 
 
 def prepare(model_cfg, load_path: str, run_name: str | None) -> str:

@@ -380,8 +380,16 @@ def _build_trainer(cfg: TrainConfig):
         raise TrainError(problem[0])
     load_path, load_weights_only, autoresume = _resume_point(cfg, sharded)
     resuming = autoresume and os.path.exists(os.path.join(resume.save_dir(cfg) or "", "latest-rank0.pt"))
+    downloaded = None  # the user's load_path in a bucket (an llm-foundry checkpoint?): a copy on this node
+    if load_path and load_path == cfg.load_path and checks.is_remote(load_path) and not resuming:
+        load_path, downloaded = pretrained.fetch_remote_start(load_path, run_name_of(cfg))
     if pretrained.is_pretrained_start(load_path) and not resuming:  # an HF MPT folder or an llm-foundry checkpoint
-        load_path, load_weights_only = pretrained.start_point(cfg, load_path)
+        try:
+            load_path, load_weights_only = pretrained.start_point(cfg, load_path)
+        except BaseException:
+            if downloaded:
+                pretrained.discard(downloaded)
+            raise
     progress_bar, log_to_console = console_output(cfg.progress_bar, cfg.log_to_console)
 
     _quiet_composer_autoresume()
@@ -421,8 +429,12 @@ def _build_trainer(cfg: TrainConfig):
             compile_config=cfg.compile_config,
         )
     except FileExistsError as e:
+        if downloaded:
+            pretrained.discard(downloaded)
         raise TrainError(_save_conflict_message(cfg, e)) from e
     except Exception as e:
+        if downloaded:
+            pretrained.discard(downloaded)
         if cfg.load_path or cfg.autoresume:
             checkpoint = _local_checkpoint(cfg)
             if checkpoint and os.path.isfile(checkpoint) and checks.is_unreadable_checkpoint(e):
@@ -437,12 +449,19 @@ def _build_trainer(cfg: TrainConfig):
         _log_autoresume(cfg, trainer.state.load_path, load_path)
     if trainer.state.load_path is not None:  # composer may load some mismatches non-strictly: check them all
         loaded = _local_checkpoint(cfg, trainer.state.load_path)
-        _check_loaded_shapes(cfg, model_shapes, loaded)
+        try:
+            _check_loaded_shapes(cfg, model_shapes, loaded)
+        except TrainError:
+            if downloaded:
+                pretrained.discard(downloaded)
+            raise
         if pretrained.is_init_file(load_path):
             pretrained.remove(load_path)
+        if downloaded:
+            pretrained.remove(downloaded)
         if dist.get_global_rank() == 0:
             resume.warn_batch_shape_changes(cfg, shape_recorder.previous, trainer.state,
-                                            loaded or trainer.state.load_path)
+                                            cfg.load_path if downloaded else loaded or trainer.state.load_path)
         earlier = resume.earlier_checkpoints(cfg, trainer, sharded)
         if earlier:  # after composer's CheckpointSaver, so that it runs after each save
             keep = cfg.save_num_checkpoints_to_keep
