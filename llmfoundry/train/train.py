@@ -43,12 +43,11 @@ from llmfoundry.train.checks import TrainError
 from llmfoundry.train.composer_model import ComposerMPT
 from llmfoundry.train.config import TrainConfig, config_to_yaml, env_run_name, load_config, run_name_of
 from llmfoundry.train.callbacks.icl_eval import build_in_run_icl
-from llmfoundry.train.callbacks.loss_guard import LossSpikeError
 from llmfoundry.utils.config import ConfigError, to_dict
 
 log = logging.getLogger(__name__)
 
-LOCAL_RANK0_FIRST_S = 5.0  # how long the other ranks of a node let its local rank 0 exit first on a loss-spike stop
+LOCAL_RANK0_FIRST_S = 5.0  # how long the other ranks of a node let its local rank 0 exit first on a user error
 USAGE = "usage: python scripts/train.py CONFIG.yaml [key=value ...]   (or: composer [-n N] scripts/train.py ...)"
 
 
@@ -572,10 +571,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
     except (ConfigError, TrainError, DataError, StreamError) as e:
         print(f"error: {user_message(e)}", file=sys.stderr)
-        if isinstance(e, LossSpikeError) and int(os.environ.get("LOCAL_RANK", "0")) != 0:
-            # every rank stops at the same batch; composer's launcher reports global rank 0's status and ends the
-            # others once one exits: let rank 0 exit first, so that the job's status is its 1, not the 241 of a
-            # rank 0 terminated by the launcher
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            # errors every rank raises together (a loss-spike stop, a checkpoint problem rank 0 found and told all):
+            # composer's launcher reports global rank 0's status and ends the others once one exits, so let local
+            # rank 0 exit first: the job's status is then its 1, not the 241 of a rank 0 the launcher terminated
             time.sleep(LOCAL_RANK0_FIRST_S)
         return 1
     except preemption.Preempted as e:
