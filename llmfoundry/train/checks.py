@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import re
 import shutil
@@ -152,7 +153,8 @@ def complete_s3_checkpoints(save_folder: str, sharded: bool = False) -> tuple[st
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         sizes.update({o["Key"][len(prefix):]: o["Size"] for o in page.get("Contents", [])})
 
-    def marked(key: str) -> str | None:  # the size a key's marker holds, None without one
+    @functools.cache
+    def marked(key: str) -> str | None:  # the size a key's marker holds, None without one (one GET per key)
         if key + ".complete" not in sizes:
             return None
         return client.get_object(Bucket=bucket, Key=prefix + key + ".complete")["Body"].read().decode().strip()
