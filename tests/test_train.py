@@ -368,6 +368,7 @@ def test_trace_summary_merges_overlapping_gpu_intervals():
     s = summarize_trace({"traceEvents": ev})
     assert (s["busy_ms"], s["span_ms"], s["longest_gap_ms"]) == (0.020, 0.045, 0.025)
     assert s["groups"] == {"matmul": 0.010, "attention": 0.010, "copies": 0.005}
+    assert s["top"] == {"nvjet_gemm": [0.010, 1], "_fwd_kernel": [0.010, 1], "Memcpy DtoD": [0.005, 1]}
 
 
 def test_kernel_groups_tell_gelu_norm_and_attention_apart():
@@ -376,6 +377,8 @@ def test_kernel_groups_tell_gelu_norm_and_attention_apart():
     assert kernel_group("triton_poi_fused_gelu_view_7") == "gelu"  # Inductor's
     assert kernel_group("_fwd_kernel") == kernel_group("_bwd_dkdv_kernel") == "attention"
     assert kernel_group("triton_red_fused__unsafe_view_add_native_layer_norm_2") == "norm"  # Inductor's
+    assert kernel_group("triton_red_fused_abs_amax_0") == "fp8 scaling"  # torchao's scales, compiled
+    assert kernel_group("triton_poi_fused__to_copy_clamp_mul_1") == "fp8 scaling"  # its casts to float8
 
 
 # AdamW at lr 1e12 (no clipping, no warm-up) turns batch 2's loss into NaN

@@ -32,12 +32,14 @@ KERNEL_GROUPS = [
     ("attention", ("_fwd_kernel", "_bwd_", "_kmax_kernel", "flex", "attention")),
     ("gelu", ("gelu_",)),  # ours (kernels/gelu.py) or Inductor's fused ones
     ("matmul", ("gemm", "nvjet", "sm90_xmma", "cutlass", "matmul", "_mm_")),
+    ("fp8 scaling", ("amax", "clamp")),  # precision amp_fp8: torchao's scale reductions and casts (Inductor's)
     ("communication", ("nccl",)),
     ("optimizer", ("_lion_kernel", "foreach", "multi_tensor")),
     ("loss", ("_ce_kernel", "log_softmax", "nll_loss", "cross_entropy")),
     ("copies", ("copy", "memcpy", "memset", "chunk_cat")),
 ]
 _GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+TOP = 10  # kernels named in the summary, by total GPU time
 
 
 def kernel_group(name: str) -> str:
@@ -52,17 +54,22 @@ def kernel_group(name: str) -> str:
 def summarize_trace(trace: dict) -> dict:
     """GPU time of a Chrome trace (torch.profiler's export): ``busy_ms`` (the union of GPU intervals over all
     streams), ``span_ms`` (first GPU start to last GPU end), ``longest_gap_ms`` (the longest stretch with no GPU
-    work inside the span) and ``groups`` (kernel time per ``kernel_group``, ms, overlaps counted per kernel)."""
-    spans, groups = [], {}
+    work inside the span), ``groups`` (kernel time per ``kernel_group``, ms, overlaps counted per kernel) and
+    ``top`` (the ``TOP`` kernels by total time: name -> [ms, calls])."""
+    spans, groups, kernels = [], {}, {}
     for e in trace.get("traceEvents", []):
         if e.get("ph") != "X" or e.get("cat") not in _GPU_CATEGORIES:
             continue
         start, dur = float(e["ts"]), float(e.get("dur", 0.0))
         spans.append((start, start + dur))
-        g = kernel_group(e.get("name", ""))
+        name = e.get("name", "")
+        g = kernel_group(name)
         groups[g] = groups.get(g, 0.0) + dur / 1e3
+        ms_calls = kernels.setdefault(name, [0.0, 0])
+        ms_calls[0] += dur / 1e3
+        ms_calls[1] += 1
     if not spans:
-        return {"busy_ms": 0.0, "span_ms": 0.0, "longest_gap_ms": 0.0, "groups": {}}
+        return {"busy_ms": 0.0, "span_ms": 0.0, "longest_gap_ms": 0.0, "groups": {}, "top": {}}
     spans.sort()
     busy = gap = 0.0
     cur_start, cur_end = spans[0]
@@ -75,7 +82,8 @@ def summarize_trace(trace: dict) -> dict:
             cur_end = max(cur_end, end)
     busy += cur_end - cur_start
     return {"busy_ms": busy / 1e3, "span_ms": (spans[-1][1] - spans[0][0]) / 1e3, "longest_gap_ms": gap / 1e3,
-            "groups": dict(sorted(groups.items(), key=lambda kv: -kv[1]))}
+            "groups": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+            "top": dict(sorted(kernels.items(), key=lambda kv: -kv[1][0])[:TOP])}
 
 
 def format_summary(summary: dict, wall_ms: float, first: int, last: int, rank: int) -> str:
@@ -84,8 +92,10 @@ def format_summary(summary: dict, wall_ms: float, first: int, last: int, rank: i
     if not summary["groups"]:
         return text + " (no GPU activity recorded)"
     groups = ", ".join(f"{g} {ms:.1f}" for g, ms in summary["groups"].items())
+    top = "; ".join(f"{name[:90]} {ms:.1f} x{calls}" for name, (ms, calls) in summary.get("top", {}).items())
     return (f"{text}, GPU busy {busy:.1f} ms ({100 * busy / wall_ms:.1f}%), idle {wall_ms - busy:.1f} ms (longest "
-            f"gap {summary['longest_gap_ms']:.1f} ms); GPU time by kind (ms): {groups}")
+            f"gap {summary['longest_gap_ms']:.1f} ms); GPU time by kind (ms): {groups}; top kernels (ms x calls): "
+            f"{top}")
 
 
 class TraceProfiler(Callback):
