@@ -21,6 +21,7 @@ checkpoint in a bucket (``s3://...``) is first downloaded once per node (``fetch
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -146,6 +147,20 @@ def discard(path: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
         elif os.path.lexists(path):
             os.remove(path)
+
+
+@contextlib.contextmanager
+def discard_on_error():
+    """Yields a list for local copies (None: no copy): any exception inside discards them (local rank 0, no
+    barrier) and goes on up unchanged; on success they are left to ``remove``."""
+    copies: list[str | None] = []
+    try:
+        yield copies
+    except BaseException:
+        for path in copies:
+            if path:
+                discard(path)
+        raise
 
 
 def fetch_remote_start(load_path: str, run_name: str | None) -> tuple[str, str | None]:

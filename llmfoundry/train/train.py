@@ -380,84 +380,75 @@ def _build_trainer(cfg: TrainConfig):
     load_path, load_weights_only, autoresume = _resume_point(cfg, sharded)
     resuming = autoresume and os.path.exists(os.path.join(resume.save_dir(cfg) or "", "latest-rank0.pt"))
     downloaded = None  # the user's load_path in a bucket (an llm-foundry checkpoint?): a copy on this node
-    if load_path and load_path == cfg.load_path and checks.is_remote(load_path) and not resuming:
-        load_path, downloaded = pretrained.fetch_remote_start(load_path, run_name_of(cfg))
-    if pretrained.is_pretrained_start(load_path) and not resuming:  # an HF MPT folder or an llm-foundry checkpoint
-        try:
+    # until that copy is loaded and removed, any error on the way (composer's too) deletes it: local rank 0,
+    # no barrier (the other ranks may never get there), and the error goes on up
+    with pretrained.discard_on_error() as copies:
+        if load_path and load_path == cfg.load_path and checks.is_remote(load_path) and not resuming:
+            load_path, downloaded = pretrained.fetch_remote_start(load_path, run_name_of(cfg))
+            copies.append(downloaded)
+        if pretrained.is_pretrained_start(load_path) and not resuming:  # an HF MPT folder or an llm-foundry checkpoint
             load_path, load_weights_only = pretrained.start_point(cfg, load_path)
-        except BaseException:
-            if downloaded:
-                pretrained.discard(downloaded)
-            raise
-    progress_bar, log_to_console = console_output(cfg.progress_bar, cfg.log_to_console)
+        progress_bar, log_to_console = console_output(cfg.progress_bar, cfg.log_to_console)
 
-    _quiet_composer_autoresume()
-    nodes.node_local_signal_files()  # composer names them after node 0 on every node (a shared save folder)
-    try:
-        trainer = Trainer(
-            run_name=run_name_of(cfg),
-            model=model,
-            train_dataloader=train_loader,
-            eval_dataloader=evaluators or None,
-            eval_interval=cfg.eval_interval,
-            eval_subset_num_batches=cfg.eval_subset_num_batches,
-            max_duration=cfg.max_duration,
-            optimizers=optimizer,
-            schedulers=builders.build_scheduler(cfg.scheduler),
-            algorithms=builders.build_grad_clipping(cfg.max_grad_norm),
-            device_train_microbatch_size=microbatch,
-            callbacks=callbacks,
-            loggers=loggers,
-            progress_bar=progress_bar,
-            log_to_console=log_to_console,
-            console_log_interval=cfg.console_log_interval,
-            save_folder=cfg.save_folder,
-            save_interval=cfg.save_interval,
-            save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
-            save_overwrite=cfg.save_overwrite,
-            save_weights_only=cfg.save_weights_only,
-            load_path=load_path,
-            load_weights_only=load_weights_only,
-            autoresume=autoresume,
-            parallelism_config=parallelism,
-            device=device,
-            precision=fp8.composer_precision(precision),  # amp_fp8 -> amp_bf16 around the FP8 layers
-            seed=cfg.seed,
-            dist_timeout=cfg.dist_timeout,
-            python_log_level=cfg.python_log_level,
-            compile_config=cfg.compile_config,
-        )
-    except FileExistsError as e:
-        if downloaded:
-            pretrained.discard(downloaded)
-        raise TrainError(_save_conflict_message(cfg, e)) from e
-    except Exception as e:
-        if downloaded:
-            pretrained.discard(downloaded)
-        if cfg.load_path or cfg.autoresume:
-            checkpoint = _local_checkpoint(cfg)
-            if checkpoint and os.path.isfile(checkpoint) and checks.is_unreadable_checkpoint(e):
-                raise TrainError(checks.unreadable_checkpoint_message(checkpoint, e)) from e
-            _check_loaded_shapes(cfg, model_shapes, checkpoint, error=e)
-        raise
-    ddp_sums.exact_sums(trainer.state.model)  # CPU DDP: a resumed run's gradients equal the uninterrupted run's
-    # s3:// checkpoints: retried uploads, 'latest' only for complete objects
-    uploads.install(trainer, cfg.checkpoint_upload.attempts, cfg.checkpoint_upload.backoff_s)
-    builders.log_config(loggers, hparams)  # the resolved config as MLflow parameters / TensorBoard hparams
-    if autoresume and dist.get_global_rank() == 0:
-        _log_autoresume(cfg, trainer.state.load_path, load_path)
-    if trainer.state.load_path is not None:  # composer may load some mismatches non-strictly: check them all
-        loaded = _local_checkpoint(cfg, trainer.state.load_path)
+        _quiet_composer_autoresume()
+        nodes.node_local_signal_files()  # composer names them after node 0 on every node (a shared save folder)
         try:
-            _check_loaded_shapes(cfg, model_shapes, loaded)
-        except TrainError:
-            if downloaded:
-                pretrained.discard(downloaded)
+            trainer = Trainer(
+                run_name=run_name_of(cfg),
+                model=model,
+                train_dataloader=train_loader,
+                eval_dataloader=evaluators or None,
+                eval_interval=cfg.eval_interval,
+                eval_subset_num_batches=cfg.eval_subset_num_batches,
+                max_duration=cfg.max_duration,
+                optimizers=optimizer,
+                schedulers=builders.build_scheduler(cfg.scheduler),
+                algorithms=builders.build_grad_clipping(cfg.max_grad_norm),
+                device_train_microbatch_size=microbatch,
+                callbacks=callbacks,
+                loggers=loggers,
+                progress_bar=progress_bar,
+                log_to_console=log_to_console,
+                console_log_interval=cfg.console_log_interval,
+                save_folder=cfg.save_folder,
+                save_interval=cfg.save_interval,
+                save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+                save_overwrite=cfg.save_overwrite,
+                save_weights_only=cfg.save_weights_only,
+                load_path=load_path,
+                load_weights_only=load_weights_only,
+                autoresume=autoresume,
+                parallelism_config=parallelism,
+                device=device,
+                precision=fp8.composer_precision(precision),  # amp_fp8 -> amp_bf16 around the FP8 layers
+                seed=cfg.seed,
+                dist_timeout=cfg.dist_timeout,
+                python_log_level=cfg.python_log_level,
+                compile_config=cfg.compile_config,
+            )
+        except FileExistsError as e:
+            raise TrainError(_save_conflict_message(cfg, e)) from e
+        except Exception as e:
+            if cfg.load_path or cfg.autoresume:
+                checkpoint = _local_checkpoint(cfg)
+                if checkpoint and os.path.isfile(checkpoint) and checks.is_unreadable_checkpoint(e):
+                    raise TrainError(checks.unreadable_checkpoint_message(checkpoint, e)) from e
+                _check_loaded_shapes(cfg, model_shapes, checkpoint, error=e)
             raise
-        if pretrained.is_init_file(load_path):
-            pretrained.remove(load_path)
-        if downloaded:
-            pretrained.remove(downloaded)
+        ddp_sums.exact_sums(trainer.state.model)  # CPU DDP: a resumed run's gradients equal the uninterrupted run's
+        # s3:// checkpoints: retried uploads, 'latest' only for complete objects
+        uploads.install(trainer, cfg.checkpoint_upload.attempts, cfg.checkpoint_upload.backoff_s)
+        builders.log_config(loggers, hparams)  # the resolved config as MLflow parameters / TensorBoard hparams
+        if autoresume and dist.get_global_rank() == 0:
+            _log_autoresume(cfg, trainer.state.load_path, load_path)
+        if trainer.state.load_path is not None:  # composer may load some mismatches non-strictly: check them all
+            loaded = _local_checkpoint(cfg, trainer.state.load_path)
+            _check_loaded_shapes(cfg, model_shapes, loaded)
+            if pretrained.is_init_file(load_path):
+                pretrained.remove(load_path)
+            if downloaded:
+                pretrained.remove(downloaded)
+    if trainer.state.load_path is not None:
         if dist.get_global_rank() == 0:
             resume.warn_batch_shape_changes(cfg, shape_recorder.previous, trainer.state,
                                             cfg.load_path if downloaded else loaded or trainer.state.load_path)
