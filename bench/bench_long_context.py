@@ -1,4 +1,4 @@
-"""Long context on GPUs: training throughput at 2k-65k tokens per sample, and ALiBi length extrapolation.
+r"""Long context on GPUs: training throughput at 2k-65k tokens per sample, and ALiBi length extrapolation.
 
 Run on the GPU machine (4 minutes on one H200 with the defaults, measured; results in BENCHMARKS.md; the log of
 every subprocess goes to --logs, the JSON is rewritten after every run):
@@ -38,17 +38,16 @@ weights (``initialised`` / ``trained (N steps x B x S tokens of real text)``) an
 ``real text``). The vocabulary differs from the random-token rows (16384 against the recipe's 50432), so compare
 skipping on and off within one run, not trained rows with initialised ones.
 
-Trained weights, skipping on and off, one command on one H200 (``.fp8data`` built here first with
+Trained weights, skipping on and off, one command (``.fp8data`` built here first with
 ``.venv/bin/python bench/fp8_quality.py build-data --out .fp8data``, ~2 minutes on 2 CPU cores, and carried:
-``carry: [".fp8data"]``). Not yet run; estimated from the numbers in BENCHMARKS.md at about 7 minutes, inside
-one 600-second call: the pretraining reads 200 x 16 x 2048 = 6.6M tokens at ~60k tokens/s (~2 minutes) plus its
-startup and the ~5 GB fp32 checkpoint (~2.5-3 minutes in all); then four rows of ~40-70 s each with startup and
-loading (16k and 65k, each on and off; 65k took ~50 s with skipping at initialisation, and 6 x 5.3 s steps
-without). The JSON is rewritten after every run, so a run cut short still returns what it measured::
+``carry: [".fp8data"]``). On one H100 it took 527 s, inside one 600-second call: the pretraining (200 x 16 x 2048
+= 6.6M tokens at ~61k tokens/s, its startup and the ~5 GB fp32 checkpoint) 210 s, then 61-103 s per row (65k
+first, the pair that matters most if a call is cut short). The JSON is rewritten after every run, so a run cut
+short still returns what it measured::
 
     PYTHONPATH=$PWD python bench/bench_long_context.py --parts train --weights trained --text .fp8data \
-        --skip both --seq_lens 16384,65536 --train_extra compile_config=null --json $OUT/long_trained.json \
-        --logs $OUT/long_logs
+        --skip both --seq_lens 65536,16384 --train_extra compile_config=null --json $OUT/long_trained.json \
+        --logs /tmp/long_logs
 
 Part ``extrap``: train a small ALiBi MPT (``yamls/tiny-cpu.yaml`` with d_model 512, 8 layers, 8 heads, vocab 4096)
 at ``--extrap_seq`` (2048) on the train split of the bundled corpus through ``scripts/train.py``, save a
