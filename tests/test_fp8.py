@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import importlib
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -503,3 +504,31 @@ def test_fp8_quality_parses_logs_and_compares_final_eval_losses(tmp_path):
     assert (tmp_path / "fp8_quality.json").exists()
     far = {**fp8_run, "eval": {20: 6.1 * 1.02}}
     assert not q.compare(bf16, far)["within_1_percent"]
+
+
+def test_fp8_quality_reads_fp8_against_the_spread_of_two_bf16_seeds(tmp_path):
+    """--bf16_seed: a bf16 run from other initial weights in the same data order; the report compares FP8's
+    difference with the two bf16 runs' and takes the three JSON files of separate commands."""
+    q = _bench("fp8_quality")
+    cfg = load_config(REPO / "yamls/mpt-125m.yaml", q.run_overrides(tmp_path, "amp_bf16", 1000, 16, 16, 100,
+                                                                     "tensorwise", "triton", seed=43))
+    assert (cfg.seed, cfg.train_loader.shuffle_seed, cfg.run_name) == (43, 17, "fp8-quality-amp_bf16-seed43")
+    run = {"recipe": None, "steps": 20, "batch": 16, "train": {20: 6.0}, "tokens_per_sec": 1.0}
+    bf16 = {**run, "precision": "amp_bf16", "label": "amp_bf16", "seed": None, "eval": {20: 6.0}}
+    fp8_run = {**run, "precision": "amp_fp8", "label": "amp_fp8", "seed": None, "recipe": "tensorwise",
+               "eval": {20: 6.0 * 0.985}}
+    other = {**run, "precision": "amp_bf16", "label": "amp_bf16-seed43", "seed": 43, "eval": {20: 6.0 * 1.02}}
+    summary = q.compare(bf16, fp8_run, other)
+    assert summary["relative_difference"] == pytest.approx(0.015) and not summary["within_1_percent"]
+    assert summary["bf16_seed_spread"] == pytest.approx(0.02) and summary["within_bf16_seed_spread"]
+    assert summary["final_eval_loss"]["amp_bf16-seed43"] == pytest.approx(6.12)
+    files = []
+    for r in (bf16, fp8_run, other):
+        files.append(tmp_path / f"{r['label']}.json")
+        files[-1].write_text(json.dumps(r))
+    out = tmp_path / "report"
+    assert q.main(["report", "--out", str(out), *map(str, files)]) == 1  # 1.5% is not within 1%
+    written = json.loads((out / "fp8_quality.json").read_text())
+    assert set(written["runs"]) == {"amp_bf16", "amp_fp8", "amp_bf16-seed43"} and written["within_bf16_seed_spread"]
+    with pytest.raises(SystemExit):  # two bf16 runs of other seeds: which is the yardstick?
+        q.main(["report", "--out", str(out), str(files[0]), str(files[1]), str(files[2]), str(files[2])])
