@@ -214,6 +214,14 @@ def run_one(precision: str, args, seed: int | None = None) -> dict:
     return result
 
 
+def load_run(path: Path) -> dict:
+    """A run's JSON as ``run_one`` returned it: the curves keyed by batch numbers again (JSON keys are strings)."""
+    run = json.loads(path.read_text())
+    for key in ("train", "eval"):
+        run[key] = {int(batch): loss for batch, loss in run.get(key, {}).items()}
+    return run
+
+
 def _last(curve: dict):
     return curve[max(curve)] if curve else None
 
@@ -323,7 +331,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.command == "report":
-        loaded = [json.loads(Path(x).read_text()) for x in args.runs]
+        loaded = [load_run(Path(x)) for x in args.runs]
         runs = {r["precision"]: r for r in loaded if r.get("seed") is None}
         others = [r for r in loaded if r.get("seed") is not None]
         if set(runs) != set(PRECISIONS) or len(runs) + len(others) != len(loaded) or len(others) > 1:

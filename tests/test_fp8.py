@@ -513,11 +513,11 @@ def test_fp8_quality_reads_fp8_against_the_spread_of_two_bf16_seeds(tmp_path):
     cfg = load_config(REPO / "yamls/mpt-125m.yaml", q.run_overrides(tmp_path, "amp_bf16", 1000, 16, 16, 100,
                                                                      "tensorwise", "triton", seed=43))
     assert (cfg.seed, cfg.train_loader.shuffle_seed, cfg.run_name) == (43, 17, "fp8-quality-amp_bf16-seed43")
-    run = {"recipe": None, "steps": 20, "batch": 16, "train": {20: 6.0}, "tokens_per_sec": 1.0}
-    bf16 = {**run, "precision": "amp_bf16", "label": "amp_bf16", "seed": None, "eval": {20: 6.0}}
+    run = {"recipe": None, "steps": 100, "batch": 16, "train": {100: 6.0}, "tokens_per_sec": 1.0}
+    bf16 = {**run, "precision": "amp_bf16", "label": "amp_bf16", "seed": None, "eval": {90: 7.0, 100: 6.0}}
     fp8_run = {**run, "precision": "amp_fp8", "label": "amp_fp8", "seed": None, "recipe": "tensorwise",
-               "eval": {20: 6.0 * 0.985}}
-    other = {**run, "precision": "amp_bf16", "label": "amp_bf16-seed43", "seed": 43, "eval": {20: 6.0 * 1.02}}
+               "eval": {90: 7.0, 100: 6.0 * 0.985}}  # batch 100 is the last, though "90" > "100" as strings
+    other = {**run, "precision": "amp_bf16", "label": "amp_bf16-seed43", "seed": 43, "eval": {90: 7.0, 100: 6.12}}
     summary = q.compare(bf16, fp8_run, other)
     assert summary["relative_difference"] == pytest.approx(0.015) and not summary["within_1_percent"]
     assert summary["bf16_seed_spread"] == pytest.approx(0.02) and summary["within_bf16_seed_spread"]
@@ -530,5 +530,6 @@ def test_fp8_quality_reads_fp8_against_the_spread_of_two_bf16_seeds(tmp_path):
     assert q.main(["report", "--out", str(out), *map(str, files)]) == 1  # 1.5% is not within 1%
     written = json.loads((out / "fp8_quality.json").read_text())
     assert set(written["runs"]) == {"amp_bf16", "amp_fp8", "amp_bf16-seed43"} and written["within_bf16_seed_spread"]
+    assert written["relative_difference"] == pytest.approx(0.015)  # the curves read back keyed by batch numbers
     with pytest.raises(SystemExit):  # two bf16 runs of other seeds: which is the yardstick?
         q.main(["report", "--out", str(out), str(files[0]), str(files[1]), str(files[2]), str(files[2])])
