@@ -31,6 +31,10 @@ scale precompute (one GPU gathers nothing)::
 
     python3 bench/bench_fp8.py --models 7b --mb 4 --accum 4 --steps 8 --json $OUT/fp8-7b.json \
         --variant no-fp8-gather fp8.fsdp_float8_all_gather=false --variant no-fsdp fsdp=null model.init_device=cuda
+
+A variant whose overrides include ``precision=amp_bf16`` is a bf16 row, ``bf16-NAME``, and ``fp8-NAME`` is then
+compared with it instead of the plain bf16 row: ``--variant no-fsdp precision=amp_bf16 fsdp=null
+model.init_device=cuda`` beside the ``no-fsdp`` FP8 variant above gives that setting's own FP8/bf16 ratio.
 """
 from __future__ import annotations
 
@@ -52,19 +56,30 @@ COMMON = ["compile_config={}"]  # FP8 is only fast compiled (torchao's casts and
 
 
 def precision_variants(recipes: list[str], variants: list[list[str]] = ()) -> list[tuple[str, list[str]]]:
-    """(name, overrides): bf16, then FP8 per recipe, then each ``--variant NAME KEY=VALUE...``: an FP8 row with
-    those overrides too (e.g. ``fp8.fsdp_float8_all_gather=false``)."""
+    """(name, overrides): bf16, then FP8 per recipe, then each ``--variant NAME KEY=VALUE...``: an FP8 row
+    ``fp8-NAME`` with those overrides too (e.g. ``fp8.fsdp_float8_all_gather=false``), or, when they include
+    ``precision=amp_bf16``, a bf16 row ``bf16-NAME``: the peer of ``fp8-NAME`` (the same setting in bf16)."""
     rows = [("bf16", ["precision=amp_bf16"])] + [
         (f"fp8-{r}", ["precision=amp_fp8", f"fp8.recipe={r}"]) for r in recipes]
-    return rows + [(f"fp8-{name}", ["precision=amp_fp8", *overrides]) for name, *overrides in variants]
+    for name, *overrides in variants:
+        bf16 = "precision=amp_bf16" in overrides
+        rows.append((f"bf16-{name}" if bf16 else f"fp8-{name}", overrides if bf16 else ["precision=amp_fp8",
+                                                                                         *overrides]))
+    return rows
 
 
 def speedups(rows: list[dict]) -> None:
-    """Each row's tokens/s over the bf16 row of its model (``vs_bf16``), in place."""
+    """Each row's tokens/s over its bf16 peer (``vs_bf16``), in place: for ``fp8-NAME`` the row ``bf16-NAME`` when
+    there is one (a ``--variant`` in bf16), else the plain ``bf16`` row of its model."""
+    def ok_row(model: str, variant: str):
+        return next((q for q in rows if q["model"] == model and q["variant"] == variant and q.get("ok")), None)
+
     for r in rows:
-        base = next((q for q in rows if q["model"] == r["model"] and q["variant"] == "bf16" and q.get("ok")), None)
+        peer = r["variant"].replace("fp8-", "bf16-", 1) if r["variant"].startswith("fp8-") else None
+        base = (peer and ok_row(r["model"], peer)) or ok_row(r["model"], "bf16")
         if base and r.get("ok") and r.get("tokens_per_sec") and base.get("tokens_per_sec"):
             r["vs_bf16"] = r["tokens_per_sec"] / base["tokens_per_sec"]
+            r["bf16_peer"] = base["variant"]
 
 
 def table(rows: list[dict], peak_tflops: float) -> str:
@@ -77,13 +92,13 @@ def table(rows: list[dict], peak_tflops: float) -> str:
             continue
         mem = r.get("peak_allocated_mem")
         ratio = r.get("vs_bf16")
-        target = TARGETS.get(r["model"]) if r["variant"] != "bf16" else None
+        target = TARGETS.get(r["model"]) if not r["variant"].startswith("bf16") else None
         verdict = "" if target is None or ratio is None else (
             f">= {target:.2f}x: {'met' if ratio >= target else 'MISSED'}")
         lines.append(f"{r['model']:6} {r['variant']:16} {r['micro_batch']:>5} x {r['accum']:<2} "
                      f"{r['tokens_per_sec'] or 0:13,.0f} {r.get('mfu') or 0:6.3f} "
                      f"{mem if mem is not None else float('nan'):13.1f} {f'{ratio:.3f}x' if ratio else '':>8}  "
-                     f"{verdict}")
+                     f"{verdict}" + (f" (against {r['bf16_peer']})" if r.get("bf16_peer", "bf16") != "bf16" else ""))
     return "\n".join(lines)
 
 
@@ -101,8 +116,9 @@ def main(argv=None) -> None:
     p.add_argument("--logs", default="/tmp/bench_logs")
     p.add_argument("--json", default=None)
     p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
-                   help="one more FP8 row, named fp8-NAME, with these overrides (repeatable); --recipes '' for none "
-                        "but these")
+                   help="one more FP8 row, named fp8-NAME, with these overrides (repeatable); with "
+                        "precision=amp_bf16 among them a bf16 row bf16-NAME, the peer of fp8-NAME; --recipes '' "
+                        "for no other FP8 rows")
     p.add_argument("extra", nargs="*", help="more key=value overrides for every run, bf16 and FP8 alike")
     args = p.parse_args(argv)
     bad = [v[0] for v in args.variant if any("=" not in kv for kv in v[1:]) or "=" in v[0]]

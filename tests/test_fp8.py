@@ -483,6 +483,21 @@ def test_bench_fp8_runs_are_valid_configs_and_ratios_compare_to_bf16():
     text = b.table(rows, 989.0)
     assert ">= 1.28x: MISSED" in text and "FAILED: boom" in text
 
+    # a bf16 variant is the peer of the FP8 variant of its name: that setting's own ratio
+    no_fsdp = ["fsdp=null", "model.init_device=cuda"]
+    variants = b.precision_variants([], [["no-fsdp", *no_fsdp], ["no-fsdp", "precision=amp_bf16", *no_fsdp]])
+    assert variants[1:] == [("fp8-no-fsdp", ["precision=amp_fp8", *no_fsdp]),
+                            ("bf16-no-fsdp", ["precision=amp_bf16", *no_fsdp])]
+    rows += [{"model": "7b", "variant": "fp8-no-fsdp", "ok": True, "tokens_per_sec": 15000.0, "mfu": 0.65,
+              "peak_allocated_mem": 120.0, "micro_batch": 4, "accum": 4},
+             {"model": "7b", "variant": "bf16-no-fsdp", "ok": True, "tokens_per_sec": 12000.0, "mfu": 0.52,
+              "peak_allocated_mem": 125.0, "micro_batch": 4, "accum": 4}]
+    b.speedups(rows)
+    assert rows[3]["vs_bf16"] == pytest.approx(1.25) and rows[3]["bf16_peer"] == "bf16-no-fsdp"
+    assert rows[1]["bf16_peer"] == "bf16" and rows[0]["vs_bf16"] == 1.0
+    text = b.table(rows, 989.0)
+    assert "(against bf16-no-fsdp)" in text
+
 
 def test_fp8_quality_parses_logs_and_compares_final_eval_losses(tmp_path):
     q = _bench("fp8_quality")
