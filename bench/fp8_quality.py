@@ -35,7 +35,8 @@ How far apart two bf16 runs end is the yardstick for "the same loss": ``--bf16_s
 initial weights (the data order stays the same), and the report says whether FP8's difference is within that
 spread. Three runs do not fit one 600-second call: run ``--precisions '' --bf16_seed 43`` in a second one. Runs
 from separate commands compare anywhere with ``python bench/fp8_quality.py report --out DIR A/amp_bf16.json
-B/amp_fp8.json [C/amp_bf16-seed43.json]`` (``--precisions amp_bf16`` or ``amp_fp8`` runs one of them).
+B/amp_fp8.json [C/amp_bf16-seed43.json]`` (``--precisions amp_bf16`` or ``amp_fp8`` runs one of them); an earlier
+report's ``fp8_quality.json`` (``docs/fp8_quality.json``: the runs in BENCHMARKS.md) stands for its two runs.
 """
 from __future__ import annotations
 
@@ -214,12 +215,16 @@ def run_one(precision: str, args, seed: int | None = None) -> dict:
     return result
 
 
-def load_run(path: Path) -> dict:
-    """A run's JSON as ``run_one`` returned it: the curves keyed by batch numbers again (JSON keys are strings)."""
-    run = json.loads(path.read_text())
-    for key in ("train", "eval"):
-        run[key] = {int(batch): loss for batch, loss in run.get(key, {}).items()}
-    return run
+def load_runs(path: Path) -> list[dict]:
+    """The runs in a JSON file: one run's (``run_one``'s ``<label>.json``) or every run of an earlier report
+    (``fp8_quality.json``, e.g. ``docs/fp8_quality.json``), each as ``run_one`` returned it: the curves keyed by
+    batch numbers again (JSON keys are strings)."""
+    data = json.loads(path.read_text())
+    runs = list(data["runs"].values()) if "runs" in data else [data]
+    for run in runs:
+        for key in ("train", "eval"):
+            run[key] = {int(batch): loss for batch, loss in run.get(key, {}).items()}
+    return runs
 
 
 def _last(curve: dict):
@@ -321,7 +326,8 @@ def main(argv=None) -> int:
     r.add_argument("extra", nargs="*", help="more key=value overrides for both runs")
     c = sub.add_parser("report", help="compare two runs' JSON files (from separate commands)")
     c.add_argument("--out", required=True)
-    c.add_argument("runs", nargs="+", help="amp_bf16.json and amp_fp8.json (and amp_bf16-seedN.json)")
+    c.add_argument("runs", nargs="+", help="amp_bf16.json and amp_fp8.json (and amp_bf16-seedN.json), or an earlier "
+                                           "report's fp8_quality.json in place of the first two")
     args = p.parse_args(argv)
 
     if args.command == "build-data":
@@ -331,7 +337,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.command == "report":
-        loaded = [load_run(Path(x)) for x in args.runs]
+        loaded = [run for x in args.runs for run in load_runs(Path(x))]
         runs = {r["precision"]: r for r in loaded if r.get("seed") is None}
         others = [r for r in loaded if r.get("seed") is not None]
         if set(runs) != set(PRECISIONS) or len(runs) + len(others) != len(loaded) or len(others) > 1:

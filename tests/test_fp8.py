@@ -546,5 +546,10 @@ def test_fp8_quality_reads_fp8_against_the_spread_of_two_bf16_seeds(tmp_path):
     written = json.loads((out / "fp8_quality.json").read_text())
     assert set(written["runs"]) == {"amp_bf16", "amp_fp8", "amp_bf16-seed43"} and written["within_bf16_seed_spread"]
     assert written["relative_difference"] == pytest.approx(0.015)  # the curves read back keyed by batch numbers
+    pair, joined = tmp_path / "pair", tmp_path / "joined"  # a report's JSON stands for its runs: the seed run
+    assert q.main(["report", "--out", str(pair), str(files[0]), str(files[1])]) == 1  # joins a published pair
+    assert "bf16_seed_spread" not in json.loads((pair / "fp8_quality.json").read_text())
+    assert q.main(["report", "--out", str(joined), str(pair / "fp8_quality.json"), str(files[2])]) == 1
+    assert json.loads((joined / "fp8_quality.json").read_text())["bf16_seed_spread"] == pytest.approx(0.02)
     with pytest.raises(SystemExit):  # two bf16 runs of other seeds: which is the yardstick?
         q.main(["report", "--out", str(out), str(files[0]), str(files[1]), str(files[2]), str(files[2])])
