@@ -15,7 +15,7 @@ GPU hosts (torch 2.11): carry torchao 0.18 as a wheel. Here, in the repository r
     ../shared/device/wheels.sh torchao==0.18.0          # fills .whl/ (git-ignored) with composer & co + torchao
 
 then on the device (``carry: [".whl"]``), one model per command (each command <= 10 minutes; 7B: two runs of
-about 70 s each on one H200, compilation included; 1B: three runs, shorter)::
+about 70 s each on one H200, compilation included; 1B: three runs in 327 s on one H100, profiled as below)::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH || exit; \
@@ -25,7 +25,9 @@ about 70 s each on one H200, compilation included; 1B: three runs, shorter)::
         --json $OUT/fp8-1b.json                         # MPT-1B, the recipe as benchmarked; target 1.15x
 
 More ``key=value`` arguments are overrides for every run (bf16 and FP8 alike), e.g.
-``fsdp.activation_checkpointing=true``. ``--variant NAME KEY=VALUE...`` adds an FP8 row with overrides of its own,
+``fsdp.activation_checkpointing=true``, or ``--steps 10 callbacks.profiler.start_batch=2
+'callbacks.profiler.folder=/tmp/tr/{run_name}'``: every row then also says where its GPU time went (the profiler
+traces batches 2-3, before the throughput window of batches 6-10; the summary lands in the row's ``profile``). ``--variant NAME KEY=VALUE...`` adds an FP8 row with overrides of its own,
 to find where FP8 time goes in the same command; e.g. on one GPU, without the float8 all-gather and its per-step
 scale precompute (one GPU gathers nothing)::
 

@@ -286,6 +286,8 @@ def report(bf16: dict, fp8: dict, out: Path, other: dict | None = None) -> dict:
     rel = summary["relative_difference"]
     title = (f"MPT-125M, {bf16.get('steps')} batches of {bf16.get('batch')} x 2048 tokens: bf16 vs FP8 "
              f"({fp8.get('recipe')}); final eval loss difference {rel:.2%}" if rel is not None else "MPT-125M")
+    if summary.get("bf16_seed_spread") is not None:
+        title += f" (two bf16 seeds: {summary['bf16_seed_spread']:.2%})"
     plot(runs, out / "fp8_quality.png", title)
     a, b = summary["final_eval_loss"]["amp_bf16"], summary["final_eval_loss"]["amp_fp8"]
     print(f"final eval loss: bf16 {a}, fp8 {b}; relative difference "

@@ -11,8 +11,9 @@ Three tiers:
 - GPU (``-m gpu``; skipped without a GPU of compute capability 8.9+ and a working torchao): real runs through
   scripts/train.py: FSDP2 + float8 all-gather + meta init + activation checkpointing + torch.compile + our Triton
   attention train close to bf16; checkpoints have bf16's keys, resume across precisions and export to HF.
-  On the GPU hosts: ``../shared/device/wheels.sh torchao==0.18.0`` here, then ``python3 -m pytest -q
-  tests/test_fp8.py`` there (see bench/bench_fp8.py's docstring for the whole command).
+  On the GPU hosts: ``../shared/device/wheels.sh torchao==0.18.0`` here, then ``python3 -m pytest -q -m gpu
+  tests/test_fp8.py`` there (see bench/bench_fp8.py's docstring for the whole command): 7 tests, 11 compiled runs,
+  about 400 s on one H100.
 """
 from __future__ import annotations
 
