@@ -33,10 +33,12 @@ the wheels from ``../shared/device/wheels.sh torchao==0.18.0``), both runs in on
 
 How far apart two bf16 runs end is the yardstick for "the same loss": ``--bf16_seed 43`` adds a bf16 run from other
 initial weights (the data order stays the same), and the report says whether FP8's difference is within that
-spread. Three runs do not fit one 600-second call: run ``--precisions '' --bf16_seed 43`` in a second one. Runs
-from separate commands compare anywhere with ``python bench/fp8_quality.py report --out DIR A/amp_bf16.json
-B/amp_fp8.json [C/amp_bf16-seed43.json]`` (``--precisions amp_bf16`` or ``amp_fp8`` runs one of them); an earlier
-report's ``fp8_quality.json`` (``docs/fp8_quality.json``: the runs in BENCHMARKS.md) stands for its two runs.
+spread; ``--fp8_seed 43`` beside it adds FP8 from those weights too, a second FP8/bf16 pair that shows whether
+FP8's difference repeats. Runs take ~200 s each on one H100, so two fit one 600-second call: run ``--precisions ''
+--bf16_seed 43 --fp8_seed 43`` in a second one. Runs from separate commands compare anywhere with ``python
+bench/fp8_quality.py report --out DIR A/amp_bf16.json B/amp_fp8.json [C/amp_bf16-seed43.json
+[C/amp_fp8-seed43.json]]`` (``--precisions amp_bf16`` or ``amp_fp8`` runs one of them); an earlier report's
+``fp8_quality.json`` (``docs/fp8_quality.json``: the runs in BENCHMARKS.md) stands for the runs it holds.
 """
 from __future__ import annotations
 
@@ -232,9 +234,11 @@ def _last(curve: dict):
 
 
 # ----------------------------------------------------------------------------------------------- the report
-def compare(bf16: dict, fp8: dict, other: dict | None = None) -> dict:
+def compare(bf16: dict, fp8: dict, other: dict | None = None, other_fp8: dict | None = None) -> dict:
     """The final evaluation losses and their relative difference, |fp8 - bf16| / bf16; with ``other`` (bf16 from
-    another seed) also the bf16-to-bf16 spread, |other - bf16| / bf16: the difference that two bf16 runs show."""
+    another seed) also the bf16-to-bf16 spread, |other - bf16| / bf16: the difference that two bf16 runs show; with
+    ``other_fp8`` (FP8 from that other seed) the second pair's difference, |other_fp8 - other| / other
+    (``other_seed_relative_difference``): whether FP8's difference repeats from other initial weights."""
     a, b = _last(bf16["eval"]), _last(fp8["eval"])
     rel = abs(b - a) / a if a and b is not None else None
     out = {"final_eval_loss": {"amp_bf16": a, "amp_fp8": b}, "relative_difference": rel,
@@ -247,6 +251,10 @@ def compare(bf16: dict, fp8: dict, other: dict | None = None) -> dict:
         out["final_eval_loss"][other.get("label", "amp_bf16, other seed")] = c
         out.update(bf16_seed_spread=spread, within_bf16_seed_spread=None if spread is None or rel is None
                    else rel <= spread)
+        if other_fp8 is not None:
+            d = _last(other_fp8["eval"])
+            out["final_eval_loss"][other_fp8.get("label", "amp_fp8, other seed")] = d
+            out["other_seed_relative_difference"] = abs(d - c) / c if c and d is not None else None
     return out
 
 
@@ -259,7 +267,7 @@ def plot(runs: list[dict], path: Path, title: str) -> bool:
         print(f"matplotlib is not installed: no {path.name} (the curves are in the JSON)")
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for run, style in zip(runs, ("-", "--", ":")):
+    for run, style in zip(runs, ("-", "--", ":", "-.")):
         label = run.get("label", run["precision"]) + (f" ({run['recipe']})" if run.get("recipe") else "")
         for ax, key in ((ax1, "train"), (ax2, "eval")):
             xs = sorted(run[key])
@@ -275,11 +283,11 @@ def plot(runs: list[dict], path: Path, title: str) -> bool:
     return True
 
 
-def report(bf16: dict, fp8: dict, out: Path, other: dict | None = None) -> dict:
-    """``fp8_quality.json`` and ``.png`` in ``out`` for the runs (``other``: bf16 from another seed, optional), and
-    the verdict printed; returns the JSON's content."""
-    summary = compare(bf16, fp8, other)
-    runs = [bf16, fp8] + ([other] if other is not None else [])
+def report(bf16: dict, fp8: dict, out: Path, other: dict | None = None, other_fp8: dict | None = None) -> dict:
+    """``fp8_quality.json`` and ``.png`` in ``out`` for the runs (``other``, ``other_fp8``: bf16 and FP8 from another
+    seed, optional), and the verdict printed; returns the JSON's content."""
+    summary = compare(bf16, fp8, other, other_fp8)
+    runs = [bf16, fp8] + [r for r in (other, other_fp8) if r is not None]
     result = {"model": "MPT-125M (yamls/mpt-125m.yaml)", **summary,
               "runs": {r.get("label", r["precision"]): r for r in runs}}
     (out / "fp8_quality.json").write_text(json.dumps(result, indent=1))
@@ -297,6 +305,9 @@ def report(bf16: dict, fp8: dict, out: Path, other: dict | None = None) -> dict:
         print(f"bf16 from seed {other.get('seed')}: final eval loss {_last(other['eval'])}, "
               f"{summary['bf16_seed_spread']:.3%} from bf16: FP8's difference is "
               f"{'within' if summary['within_bf16_seed_spread'] else 'beyond'} the spread of two bf16 runs")
+    if summary.get("other_seed_relative_difference") is not None:
+        print(f"FP8 from seed {other_fp8.get('seed')}: final eval loss {_last(other_fp8['eval'])}, "
+              f"{summary['other_seed_relative_difference']:.3%} from bf16 of that seed")
     return result
 
 
@@ -325,11 +336,15 @@ def main(argv=None) -> int:
     r.add_argument("--bf16_seed", type=int, default=None,
                    help="also train bf16 from this seed (other initial weights, the same data order): the spread of "
                         "two bf16 runs, the yardstick for FP8's difference")
+    r.add_argument("--fp8_seed", type=int, default=None,
+                   help="also train FP8 from this seed: with --bf16_seed of the same value a second FP8/bf16 pair, "
+                        "from other initial weights")
     r.add_argument("extra", nargs="*", help="more key=value overrides for both runs")
     c = sub.add_parser("report", help="compare two runs' JSON files (from separate commands)")
     c.add_argument("--out", required=True)
-    c.add_argument("runs", nargs="+", help="amp_bf16.json and amp_fp8.json (and amp_bf16-seedN.json), or an earlier "
-                                           "report's fp8_quality.json in place of the first two")
+    c.add_argument("runs", nargs="+", help="amp_bf16.json and amp_fp8.json (and amp_bf16-seedN.json, "
+                                           "amp_fp8-seedN.json), or an earlier report's fp8_quality.json in place "
+                                           "of the runs it holds")
     args = p.parse_args(argv)
 
     if args.command == "build-data":
@@ -341,11 +356,13 @@ def main(argv=None) -> int:
     if args.command == "report":
         loaded = [run for x in args.runs for run in load_runs(Path(x))]
         runs = {r["precision"]: r for r in loaded if r.get("seed") is None}
-        others = [r for r in loaded if r.get("seed") is not None]
-        if set(runs) != set(PRECISIONS) or len(runs) + len(others) != len(loaded) or len(others) > 1:
-            p.error(f"report needs one amp_bf16 and one amp_fp8 run (and at most one bf16 run from another seed), "
-                    f"got {[r.get('label', r['precision']) for r in loaded]}")
-        return 0 if report(runs["amp_bf16"], runs["amp_fp8"], out, others[0] if others else None)[
+        others = {r["precision"]: r for r in loaded if r.get("seed") is not None}
+        seeds = {r.get("seed") for r in loaded} - {None}
+        if (set(runs) != set(PRECISIONS) or len(runs) + len(others) != len(loaded) or len(seeds) > 1
+                or (others and "amp_bf16" not in others)):
+            p.error(f"report needs one amp_bf16 and one amp_fp8 run (and a bf16 run from one other seed, with or "
+                    f"without FP8 from that seed), got {[r.get('label', r['precision']) for r in loaded]}")
+        return 0 if report(runs["amp_bf16"], runs["amp_fp8"], out, others.get("amp_bf16"), others.get("amp_fp8"))[
             "within_1_percent"] else 1
     if not (Path(args.data) / "tokenizer").is_dir() or not (Path(args.data) / "mds" / "val").is_dir():
         p.error(f"--data {args.data}: no tokenizer/ and mds/val/ there; build it with: python bench/fp8_quality.py "
@@ -355,9 +372,11 @@ def main(argv=None) -> int:
         p.error(f"--precisions: use {', '.join(PRECISIONS)}")
     runs = {x: run_one(x, args) for x in precisions}
     other = run_one("amp_bf16", args, args.bf16_seed) if args.bf16_seed is not None else None
-    ok = all(r["ok"] for r in runs.values()) and (other is None or other["ok"])
+    other_fp8 = run_one("amp_fp8", args, args.fp8_seed) if args.fp8_seed is not None else None
+    ok = all(r["ok"] for r in [*runs.values(), other, other_fp8] if r is not None)
     if set(runs) == set(PRECISIONS) and ok:
-        return 0 if report(runs["amp_bf16"], runs["amp_fp8"], out, other)["within_1_percent"] else 1
+        pair = other_fp8 if other and other_fp8 and other_fp8["seed"] == other["seed"] else None
+        return 0 if report(runs["amp_bf16"], runs["amp_fp8"], out, other, pair)["within_1_percent"] else 1
     return 0 if ok else 1
 
 

@@ -524,7 +524,8 @@ def test_fp8_quality_parses_logs_and_compares_final_eval_losses(tmp_path):
 
 def test_fp8_quality_reads_fp8_against_the_spread_of_two_bf16_seeds(tmp_path):
     """--bf16_seed: a bf16 run from other initial weights in the same data order; the report compares FP8's
-    difference with the two bf16 runs' and takes the three JSON files of separate commands."""
+    difference with the two bf16 runs' and takes the JSON files of separate commands. --fp8_seed: FP8 from those
+    weights too, a second FP8/bf16 pair."""
     q = _bench("fp8_quality")
     cfg = load_config(REPO / "yamls/mpt-125m.yaml", q.run_overrides(tmp_path, "amp_bf16", 1000, 16, 16, 100,
                                                                      "tensorwise", "triton", seed=43))
@@ -554,3 +555,21 @@ def test_fp8_quality_reads_fp8_against_the_spread_of_two_bf16_seeds(tmp_path):
     assert json.loads((joined / "fp8_quality.json").read_text())["bf16_seed_spread"] == pytest.approx(0.02)
     with pytest.raises(SystemExit):  # two bf16 runs of other seeds: which is the yardstick?
         q.main(["report", "--out", str(out), str(files[0]), str(files[1]), str(files[2]), str(files[2])])
+
+    # --fp8_seed: FP8 from the other seed's weights, a second pair; it joins the report of the three runs
+    fp8_43 = {**fp8_run, "label": "amp_fp8-seed43", "seed": 43, "eval": {90: 7.0, 100: 6.12 * 0.98}}
+    files.append(tmp_path / "amp_fp8-seed43.json")
+    files[-1].write_text(json.dumps(fp8_43))
+    four = tmp_path / "four"
+    assert q.main(["report", "--out", str(four), str(joined / "fp8_quality.json"), str(files[3])]) == 1
+    written = json.loads((four / "fp8_quality.json").read_text())
+    assert written["other_seed_relative_difference"] == pytest.approx(0.02)
+    assert set(written["runs"]) == {"amp_bf16", "amp_fp8", "amp_bf16-seed43", "amp_fp8-seed43"}
+    assert written["final_eval_loss"]["amp_fp8-seed43"] == pytest.approx(6.12 * 0.98)
+    with pytest.raises(SystemExit):  # FP8 from another seed, but no bf16 from it to pair with
+        q.main(["report", "--out", str(out), str(files[0]), str(files[1]), str(files[3])])
+    fp8_44 = {**fp8_43, "label": "amp_fp8-seed44", "seed": 44}
+    files.append(tmp_path / "amp_fp8-seed44.json")
+    files[-1].write_text(json.dumps(fp8_44))
+    with pytest.raises(SystemExit):  # bf16 and FP8 from two different other seeds: no pair
+        q.main(["report", "--out", str(out), *map(str, files[:3]), str(files[4])])
