@@ -256,7 +256,8 @@ def test_checkpoint_cut_short_is_set_aside_and_the_run_resumes_from_the_newest_c
     """What a process killed while saving leaves: a 0-byte newest checkpoint (and here a truncated one too), with
     latest-rank0.pt still on the complete one before. The same command (autoresume) renames them
     ``*.incomplete``, says so and which checkpoint it continues from, and ends bit for bit as the run that never
-    stopped. A newer checkpoint that is complete is left alone, and the refusal says what to do about it."""
+    stopped. A newer checkpoint that is complete is left alone, and the refusal says what to do about it; so are
+    complete checkpoints that no latest-rank0.pt names."""
     folder = tmp_path / "ck"
     first = launch(run_args(folder, "max_duration=3ba"), tmp_path / "logs-first")
     assert first.returncode == 0, explain(first.stdout + first.stderr, tmp_path / "logs-first")
@@ -281,6 +282,18 @@ def test_checkpoint_cut_short_is_set_aside_and_the_run_resumes_from_the_newest_c
     assert r.returncode == 1 and any(
         line.startswith(f"error: save_folder {folder} holds a checkpoint newer than {good}") and
         f"ln -sfn ep0-ba8-rank0.pt {folder}/latest-rank0.pt" in line for line in last), "\n".join(last[-20:])
+
+    # no link at all (killed after the first save, before linking it): not a fresh start beside the checkpoints
+    (folder / "latest-rank0.pt").unlink()
+    r = launch(run_args(folder), tmp_path / "logs-unlinked")
+    last = (r.stdout + r.stderr).strip().splitlines()
+    assert r.returncode == 1 and any(
+        line.startswith(f"error: save_folder {folder} holds checkpoints but no latest-rank0.pt") and
+        f"ln -sfn ep0-ba8-rank0.pt {folder}/latest-rank0.pt" in line for line in last), "\n".join(last[-20:])
+    (folder / "latest-rank0.pt").symlink_to("ep0-ba8-rank0.pt")  # what the message says
+    r = launch(run_args(folder), tmp_path / "logs-linked")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and f"already complete: resumed from {folder}/latest-rank0.pt at 8ba" in out, out[-3000:]
 
 
 def test_grace_period_must_be_positive():

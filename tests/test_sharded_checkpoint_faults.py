@@ -102,6 +102,18 @@ def test_sharded_checkpoint_cut_short_is_set_aside_and_the_run_resumes_from_the_
         for line in lines), explain(r, tmp_path / "logs-4")
     assert "Traceback" not in r.stdout + r.stderr
 
+    # no link at all, complete folders (a kill after the first save, before linking it): not a fresh start
+    shutil.move(linked, f"{linked}.bad")
+    (ck / "latest-rank0.pt").unlink()
+    before = sorted(os.listdir(ck))
+    r = launch(2, [TINY, *fast(ck), *FSDP2, "max_duration=8ba"], tmp_path / "logs-5")
+    lines = (r.stdout + r.stderr).splitlines()
+    assert r.returncode == 1 and any(
+        line.startswith(f"error: save_folder {ck} holds checkpoints but no latest-rank0.pt") and
+        f"newest complete one is {good}. To continue from it: ln -sfn ep0-ba3 {ck}/latest-rank0.pt" in line
+        for line in lines), explain(r, tmp_path / "logs-5")
+    assert sorted(os.listdir(ck)) == before  # nothing written, renamed or deleted
+
 
 def _dcp_folder(folder: Path) -> None:
     """A real one-process DCP checkpoint: ``.metadata`` and ``__0_0.distcp``."""

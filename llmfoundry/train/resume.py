@@ -10,7 +10,8 @@
 - ``check_local_checkpoints``: a checkpoint cut short while written (a process killed mid-save: composer writes the
   file, or each rank's file of a sharded folder, in place, then moves ``latest-rank0.pt`` to it) is renamed
   ``<name>.incomplete`` before autoresume, which then continues from the newest complete checkpoint
-  (``latest-rank0.pt``) and says which.
+  (``latest-rank0.pt``) and says which; complete checkpoints that no link names stop the launch with the command
+  that continues from the newest.
 """
 from __future__ import annotations
 
@@ -179,6 +180,14 @@ def newer_checkpoint_message(folder: str, latest: str, newer: str) -> str:
             f"{latest}; to continue from the linked one instead, move the newer one aside: mv {newer} {newer}.bad")
 
 
+def unlinked_checkpoint_message(folder: str, latest: str, newest: str) -> str:
+    """Complete checkpoints but no ``latest-rank0.pt``: autoresume would start over beside them. Both ways on."""
+    return (f"save_folder {folder} holds checkpoints but no latest-rank0.pt, the link autoresume continues from (a "
+            f"process killed after its first save, before linking it, leaves this); the newest complete one is "
+            f"{newest}. To continue from it: ln -sfn {os.path.basename(newest)} {latest}; to start over, move the "
+            f"checkpoints aside (mv {folder} {folder}.old) or set another save_folder")
+
+
 def check_local_checkpoints(cfg: TrainConfig, sharded: bool) -> str | None:
     """Before an autoresume from a local save folder (rank 0): what would stop it, or None.
 
@@ -189,7 +198,8 @@ def check_local_checkpoints(cfg: TrainConfig, sharded: bool) -> str | None:
     checkpoint") or leave the remains beside the new save (folders). The problems returned, for the caller to
     raise on every rank: a newer checkpoint that is complete (``latest-rank0.pt`` may have been moved back on
     purpose: the user chooses; for whole files composer's own check finds it, see ``train._save_conflict_message``),
-    and a linked sharded checkpoint that is incomplete (which one to continue from instead)."""
+    a linked sharded checkpoint that is incomplete (which one to continue from instead), and complete checkpoints
+    with no link at all (composer would start over beside them; unless ``save_overwrite``)."""
     folder = save_dir(cfg)
     if not cfg.autoresume or not folder or checks.is_remote(folder) or not os.path.isdir(folder):
         return None
@@ -213,6 +223,8 @@ def check_local_checkpoints(cfg: TrainConfig, sharded: bool) -> str | None:
         moved.append(aside)
         log.warning("autoresume: %s is not a complete checkpoint (%s): renamed to %s", path, why,
                     os.path.basename(aside))
+    if not linked and newer and not cfg.save_overwrite:
+        return unlinked_checkpoint_message(folder, latest, newer[-1])
     if moved:
         log.warning("autoresume: continuing from the newest complete checkpoint, %s", os.path.realpath(latest)
                     if linked else f"none (no complete checkpoint in {folder}): starting from the beginning")
