@@ -379,6 +379,10 @@ def test_kernel_groups_tell_gelu_norm_and_attention_apart():
     assert kernel_group("triton_red_fused__unsafe_view_add_native_layer_norm_2") == "norm"  # Inductor's
     assert kernel_group("triton_red_fused_abs_amax_0") == "fp8 scaling"  # torchao's scales, compiled
     assert kernel_group("triton_poi_fused__to_copy_clamp_mul_1") == "fp8 scaling"  # its casts to float8
+    # a cast fused ahead of a float8 product is named after it, and is not a product
+    assert kernel_group("triton_poi_fused__scaled_mm__to_copy_clamp_clone_mul_reciprocal_t_view_5") == "fp8 scaling"
+    assert kernel_group("nvjet_sm90_qqtst_128x256_128x4_2x1_v_bz_coopA_TNN") == "matmul"  # cuBLAS's FP8 products
+    assert kernel_group("triton_tem_fused_mm_3") == "matmul"  # Inductor's matmul templates
 
 
 # AdamW at lr 1e12 (no clipping, no warm-up) turns batch 2's loss into NaN

@@ -42,10 +42,17 @@ _GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 TOP = 10  # kernels named in the summary, by total GPU time
 
 
+# Inductor's pointwise, reduction and persistent-reduction kernels: never a matrix product, though their names may
+# name the one they feed (``triton_poi_fused__scaled_mm__to_copy_clamp_...``: a cast to float8 for ``_scaled_mm``)
+_INDUCTOR_ELEMENTWISE = ("triton_poi_", "triton_red_", "triton_per_")
+
+
 def kernel_group(name: str) -> str:
     """The kind of a GPU kernel from its name (``other`` when none matches)."""
     low = name.lower()
     for group, keys in KERNEL_GROUPS:
+        if group == "matmul" and low.startswith(_INDUCTOR_ELEMENTWISE):
+            continue
         if any(k.lower() in low for k in keys):
             return group
     return "other"
