@@ -27,9 +27,10 @@ about 70 s each on one H200, compilation included; 1B: three runs in 327 s on on
 More ``key=value`` arguments are overrides for every run (bf16 and FP8 alike), e.g.
 ``fsdp.activation_checkpointing=true``, or ``--steps 10 callbacks.profiler.start_batch=2
 'callbacks.profiler.folder=/tmp/tr/{run_name}'``: every row then also says where its GPU time went (the profiler
-traces batches 2-3, before the throughput window of batches 6-10; the summary lands in the row's ``profile``). ``--variant NAME KEY=VALUE...`` adds an FP8 row with overrides of its own,
-to find where FP8 time goes in the same command; e.g. on one GPU, without the float8 all-gather and its per-step
-scale precompute (one GPU gathers nothing)::
+traces batches 2-3, before the throughput window of batches 6-10; the summary lands in the row's ``profile``).
+``--variant NAME KEY=VALUE...`` adds an FP8 row with overrides of its own, to find where FP8 time goes in the same
+command; e.g. on one GPU, without the float8 all-gather and its per-step scale precompute (one GPU gathers
+nothing)::
 
     python3 bench/bench_fp8.py --models 7b --mb 4 --accum 4 --steps 8 --json $OUT/fp8-7b.json \
         --variant no-fp8-gather fp8.fsdp_float8_all_gather=false --variant no-fsdp fsdp=null model.init_device=cuda
