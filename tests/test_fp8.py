@@ -566,6 +566,15 @@ def test_fp8_quality_reads_fp8_against_the_spread_of_two_bf16_seeds(tmp_path):
     assert written["other_seed_relative_difference"] == pytest.approx(0.02)
     assert set(written["runs"]) == {"amp_bf16", "amp_fp8", "amp_bf16-seed43", "amp_fp8-seed43"}
     assert written["final_eval_loss"]["amp_fp8-seed43"] == pytest.approx(6.12 * 0.98)
+    assert written["signed_relative_difference"] == pytest.approx({"seed": -0.015, "other seed": -0.02})
+    # with two pairs the verdict is on the means over the seeds: FP8 lower in both, 1.75% lower on average
+    assert written["verdict"] == "seed_mean_within_1_percent" and not written["seed_mean_within_1_percent"]
+    assert written["seed_mean_relative_difference"] == pytest.approx((6.06 - (5.91 + 6.12 * 0.98) / 2) / 6.06)
+    above = tmp_path / "amp_fp8-seed43-above.json"  # FP8 above bf16 in the second pair: the means agree
+    above.write_text(json.dumps({**fp8_43, "eval": {90: 7.0, 100: 6.12 * 1.012}}))
+    assert q.main(["report", "--out", str(tmp_path / "above"), str(joined / "fp8_quality.json"), str(above)]) == 0
+    written = json.loads((tmp_path / "above" / "fp8_quality.json").read_text())
+    assert written["seed_mean_within_1_percent"] and not written["within_1_percent"]
     with pytest.raises(SystemExit):  # FP8 from another seed, but no bf16 from it to pair with
         q.main(["report", "--out", str(out), str(files[0]), str(files[1]), str(files[3])])
     fp8_44 = {**fp8_43, "label": "amp_fp8-seed44", "seed": 44}
