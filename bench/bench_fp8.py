@@ -5,7 +5,7 @@ bench/bench_train.py (random-token MDS shards, the recipe's FSDP settings, our T
 ``compile_config={}``, tokens/s/GPU from composer's SpeedMonitor over the last 5-batch window, peak memory from its
 MemoryMonitor), once with ``precision=amp_bf16`` and once per FP8 recipe with ``precision=amp_fp8
 fp8.recipe=<recipe>`` (llmfoundry/train/fp8.py: torchao's Float8Linear in the transformer blocks; FSDP2 float8
-all-gather with tensorwise). All rows come from one command on one machine, so "vs bf16" compares like with like.
+all-gather with tensorwise on more than one GPU). All rows come from one command on one machine, so "vs bf16" compares like with like.
 
 MFU is against the dense bf16 peak (989 TFLOP/s, ``--peak_tflops``), for FP8 rows too: it measures the model's
 FLOPs per second, not the share of the FP8 peak.
@@ -14,8 +14,8 @@ GPU hosts (torch 2.11): carry torchao 0.18 as a wheel. Here, in the repository r
 
     ../shared/device/wheels.sh torchao==0.18.0          # fills .whl/ (git-ignored) with composer & co + torchao
 
-then on the device (``carry: [".whl"]``), one model per command (each command <= 10 minutes; 7B: two runs of
-about 70 s each on one H200, compilation included; 1B: three runs in 327 s on one H100, profiled as below)::
+then on the device (``carry: [".whl"]``), one model per command (each command <= 10 minutes; 7B: 90-125 s a run
+on one H200, compilation and profiling included; 1B: three runs in 326 s on one H100, profiled as below)::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH || exit; \
@@ -29,11 +29,11 @@ More ``key=value`` arguments are overrides for every run (bf16 and FP8 alike), e
 'callbacks.profiler.folder=/tmp/tr/{run_name}'``: every row then also says where its GPU time went (the profiler
 traces batches 2-3, before the throughput window of batches 6-10; the summary lands in the row's ``profile``).
 ``--variant NAME KEY=VALUE...`` adds an FP8 row with overrides of its own, to find where FP8 time goes in the same
-command; e.g. on one GPU, without the float8 all-gather and its per-step scale precompute (one GPU gathers
-nothing)::
+command; e.g. on one GPU, with the float8 all-gather and its per-step scale precompute forced on (by default it is
+on with more than one GPU only: one GPU gathers nothing), and without FSDP::
 
     python3 bench/bench_fp8.py --models 7b --mb 4 --accum 4 --steps 8 --json $OUT/fp8-7b.json \
-        --variant no-fp8-gather fp8.fsdp_float8_all_gather=false --variant no-fsdp fsdp=null model.init_device=cuda
+        --variant gather fp8.fsdp_float8_all_gather=true --variant no-fsdp fsdp=null model.init_device=cuda
 
 A variant whose overrides include ``precision=amp_bf16`` is a bf16 row, ``bf16-NAME``, and ``fp8-NAME`` is then
 compared with it instead of the plain bf16 row: ``--variant no-fsdp precision=amp_bf16 fsdp=null
@@ -60,7 +60,7 @@ COMMON = ["compile_config={}"]  # FP8 is only fast compiled (torchao's casts and
 
 def precision_variants(recipes: list[str], variants: list[list[str]] = ()) -> list[tuple[str, list[str]]]:
     """(name, overrides): bf16, then FP8 per recipe, then each ``--variant NAME KEY=VALUE...``: an FP8 row
-    ``fp8-NAME`` with those overrides too (e.g. ``fp8.fsdp_float8_all_gather=false``), or, when they include
+    ``fp8-NAME`` with those overrides too (e.g. ``fp8.fsdp_float8_all_gather=true``), or, when they include
     ``precision=amp_bf16``, a bf16 row ``bf16-NAME``: the peer of ``fp8-NAME`` (the same setting in bf16)."""
     rows = [("bf16", ["precision=amp_bf16"])] + [
         (f"fp8-{r}", ["precision=amp_fp8", f"fp8.recipe={r}"]) for r in recipes]

@@ -150,23 +150,26 @@ def test_fp8_section_defaults_and_validation():
         load_config(TINY, ["precision=amp_fp4"])
 
 
-@pytest.mark.parametrize("recipe, wanted, fsdp, expected", [
-    ("tensorwise", None, ["fsdp.version=2"], True),
-    ("tensorwise", None, ["fsdp=null"], False),
-    ("tensorwise", None, ["fsdp.version=1"], False),
-    ("rowwise", None, ["fsdp.version=2"], False),
-    ("tensorwise", False, ["fsdp.version=2"], False),
-    ("tensorwise", True, ["fsdp.version=2"], True),
-    ("tensorwise", True, ["fsdp=null"], "needs FSDP2 (fsdp.version: 2); this run has fsdp: null"),
-    ("tensorwise", True, ["fsdp.version=1"], "this run has fsdp.version: 1"),
+@pytest.mark.parametrize("recipe, wanted, fsdp, ranks, expected", [
+    ("tensorwise", None, ["fsdp.version=2"], 2, True),
+    ("tensorwise", None, ["fsdp.version=2"], 1, False),  # one GPU gathers nothing: the layer casts, compiled
+    ("tensorwise", None, ["fsdp=null"], 2, False),
+    ("tensorwise", None, ["fsdp.version=1"], 2, False),
+    ("rowwise", None, ["fsdp.version=2"], 2, False),
+    ("tensorwise", False, ["fsdp.version=2"], 2, False),
+    ("tensorwise", True, ["fsdp.version=2"], 1, True),  # asked for: on, on one GPU too
+    ("tensorwise", True, ["fsdp=null"], 2, "needs FSDP2 (fsdp.version: 2); this run has fsdp: null"),
+    ("tensorwise", True, ["fsdp.version=1"], 2, "this run has fsdp.version: 1"),
 ])
-def test_fsdp_float8_all_gather_resolution(recipe, wanted, fsdp, expected):
+def test_fsdp_float8_all_gather_resolution(recipe, wanted, fsdp, ranks, expected, monkeypatch):
     flag = "null" if wanted is None else str(wanted).lower()
     cfg = load_config(TINY, [f"fp8.recipe={recipe}", f"fp8.fsdp_float8_all_gather={flag}", *fsdp])
     if isinstance(expected, str):
         with pytest.raises(ConfigError, match=re.escape(expected)):
-            fp8.fsdp_float8_all_gather(cfg.fp8, cfg.fsdp)
+            fp8.fsdp_float8_all_gather(cfg.fp8, cfg.fsdp, ranks)
     else:
+        assert fp8.fsdp_float8_all_gather(cfg.fp8, cfg.fsdp, ranks) is expected
+        monkeypatch.setenv("WORLD_SIZE", str(ranks))  # the launcher's world size is the default
         assert fp8.fsdp_float8_all_gather(cfg.fp8, cfg.fsdp) is expected
 
 
@@ -353,12 +356,14 @@ def _ckpt(folder: Path, batch: int) -> dict:
 
 @pytest.fixture(scope="module")
 def gpu_runs(tmp_path_factory):
-    """The tiny model trained B batches in bf16 and in FP8 (tensorwise, float8 all-gather), same seed and data."""
+    """The tiny model trained B batches in bf16 and in FP8 (tensorwise, float8 all-gather, asked for: one GPU
+    would not use it by default), same seed and data."""
     root = tmp_path_factory.mktemp("fp8gpu")
     runs = {}
     for precision in ("amp_bf16", "amp_fp8"):
+        gather = ["fp8.fsdp_float8_all_gather=true"] if precision == "amp_fp8" else []
         r = run_cli([TINY, *GPU_RUN, *FSDP2, f"precision={precision}", f"save_folder={root / precision}",
-                     f"run_name={precision}"])
+                     f"run_name={precision}", *gather])
         assert r.returncode == 0, (r.stdout[-3000:] + r.stderr[-3000:])
         runs[precision] = (root / precision, r)
     return runs
@@ -425,8 +430,8 @@ def test_gpu_fp8_checkpoint_exports_to_hugging_face(gpu_runs, tmp_path):
 def test_gpu_fp8_sharded_checkpoint_resumes_in_bf16(tmp_path):
     """FSDP2 sharded (DCP) checkpoints with float8 all-gather: saved by an FP8 run, continued in bf16."""
     sharded = [a for a in FSDP2 if not a.startswith("fsdp.state_dict_type")] + ["fsdp.state_dict_type=sharded"]
-    first = run_cli([TINY, *GPU_RUN, *sharded, "precision=amp_fp8", "max_duration=4ba", "save_interval=4ba",
-                     f"save_folder={tmp_path}/ck", "run_name=sharded"])
+    first = run_cli([TINY, *GPU_RUN, *sharded, "precision=amp_fp8", "fp8.fsdp_float8_all_gather=true",
+                     "max_duration=4ba", "save_interval=4ba", f"save_folder={tmp_path}/ck", "run_name=sharded"])
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     second = run_cli([TINY, *GPU_RUN, *sharded, "precision=amp_bf16", "max_duration=6ba",
                       f"save_folder={tmp_path}/ck", "run_name=sharded", "autoresume=true"])

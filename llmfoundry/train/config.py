@@ -269,8 +269,8 @@ class Fp8Config:
       of each operand: closer to bf16, slower; torchao 0.13 or newer).
     - ``fsdp_float8_all_gather``: FSDP2 gathers the sharded weights in FP8 (half of bf16's traffic and memory of
       the gathered weights; the next step's scales are computed in one all-reduce after each optimizer step).
-      null (default): on with ``recipe: tensorwise`` under ``fsdp.version: 2``, else off; torchao does it for
-      ``tensorwise`` only.
+      null (default): on with ``recipe: tensorwise`` under ``fsdp.version: 2`` on more than one GPU, else off
+      (one GPU gathers nothing); torchao does it for ``tensorwise`` only.
     """
     recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
     fsdp_float8_all_gather: bool | None = None

@@ -11,10 +11,11 @@ the output head, the norms, attention itself and our kernels (attention, GELU, t
 and so are the master weights (fp32), the optimizer state and composer's bf16 autocast: composer runs with
 ``amp_bf16`` (``composer_precision``) and the FP8 layers cast inside it.
 
-With FSDP2 and the tensorwise recipe the sharded weights are all-gathered in FP8 (``fsdp.float8_all_gather``:
-torchao's ``enable_fsdp_float8_all_gather``; half the traffic of bf16), and ``PrecomputeFloat8Scales`` computes
-the next step's weight scales once after each optimizer step (``precompute_float8_dynamic_scale_for_fsdp``: one
-all-reduce for all layers instead of one per layer). ``torch.compile`` (``compile_config``) fuses torchao's
+With FSDP2 over more than one rank and the tensorwise recipe the sharded weights are all-gathered in FP8
+(``fp8.fsdp_float8_all_gather``: torchao's ``enable_fsdp_float8_all_gather``; half the traffic of bf16), and
+``PrecomputeFloat8Scales`` computes the next step's weight scales once after each optimizer step
+(``precompute_float8_dynamic_scale_for_fsdp``: one all-reduce for all layers instead of one per layer). On one GPU
+it is off by default: nothing is gathered there, and the FP8 layer's own cast, compiled, costs less. ``torch.compile`` (``compile_config``) fuses torchao's
 scaling and casts into few kernels: FP8 is only faster compiled.
 
 Checkpoints are ordinary: ``Float8Linear`` keeps ``weight`` (and ``bias``) as parameters of the same name and
@@ -119,14 +120,18 @@ def check_torchao(recipe: str = "tensorwise") -> str:
     return version
 
 
-def fsdp_float8_all_gather(fp8_cfg, fsdp_cfg) -> bool:
+def fsdp_float8_all_gather(fp8_cfg, fsdp_cfg, world_size: int | None = None) -> bool:
     """Whether FSDP all-gathers the FP8 layers' weights in FP8: ``fp8.fsdp_float8_all_gather`` when set, else on
-    exactly when it can be (recipe ``tensorwise`` under FSDP2). ``fp8_cfg``: ``Fp8Config``; ``fsdp_cfg``:
-    ``FSDPConfig`` or None. A ``ConfigError`` when it is asked for where torchao cannot do it."""
+    exactly when it can be and pays: recipe ``tensorwise`` under FSDP2 with more than one rank (``world_size``,
+    default the launcher's ``WORLD_SIZE``). On one rank nothing travels, and torchao's cast of each weight shard to
+    FP8 before every gather runs eagerly, outside the compiled graph, where the compiled FP8 layer would fuse it.
+    ``fp8_cfg``: ``Fp8Config``; ``fsdp_cfg``: ``FSDPConfig`` or None. A ``ConfigError`` when it is asked for where
+    torchao cannot do it."""
     fsdp2 = fsdp_cfg is not None and fsdp_cfg.version == 2
     wanted = fp8_cfg.fsdp_float8_all_gather
     if wanted is None:
-        return fp8_cfg.recipe == "tensorwise" and fsdp2
+        ranks = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+        return fp8_cfg.recipe == "tensorwise" and fsdp2 and ranks > 1
     if wanted and fp8_cfg.recipe != "tensorwise":
         raise ConfigError(f"fp8.fsdp_float8_all_gather: true needs fp8.recipe: tensorwise (torchao gathers FP8 "
                           f"weights with one scale per tensor only; this run has {fp8_cfg.recipe}). Fix: "
