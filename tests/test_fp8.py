@@ -21,6 +21,7 @@ import glob
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import subprocess
@@ -234,6 +235,22 @@ def test_apply_fp8_converts_exactly_the_block_linears(all_gather):
     block = model.transformer.blocks[1]  # MPT's init attributes are carried over (the init test checks their effect)
     assert block.attn.Wqkv._fused == block.attn.split
     assert block.attn.out_proj._is_residual and block.ffn.down_proj._is_residual
+
+
+@needs_torchao
+@pytest.mark.parametrize("ranks, callbacks, said", [
+    (2, ["PrecomputeFloat8Scales"], "FSDP float8 all-gather on)"),
+    (1, [], "FSDP float8 all-gather off: one GPU gathers nothing (fp8.fsdp_float8_all_gather: true forces it)"),
+])
+def test_prepare_gathers_in_fp8_only_with_more_than_one_rank(ranks, callbacks, said, monkeypatch, caplog):
+    """The run's FP8 setup under FSDP2 with the default ``fp8.fsdp_float8_all_gather: null``: the launcher's world
+    size decides, the callbacks follow, and the log says why it is off on one GPU."""
+    monkeypatch.setenv("WORLD_SIZE", str(ranks))
+    cfg = load_config(TINY, ["precision=amp_fp8", "fsdp.version=2"])
+    with caplog.at_level(logging.INFO, logger="llmfoundry.train.fp8"):
+        got = fp8.prepare(_model(), cfg)
+    assert [type(c).__name__ for c in got] == callbacks
+    assert said in caplog.text
 
 
 @needs_torchao

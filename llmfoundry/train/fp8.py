@@ -235,9 +235,12 @@ def prepare(network: nn.Module, cfg) -> list[Callback]:
                           "would change nothing. Fix: precision: amp_bf16, or d_model and the FFN width multiples of "
                           "16")
     n = apply_fp8(network, cfg.fp8.recipe, fsdp_float8_all_gather=all_gather)
+    gather_state = "on" if all_gather else "off"
+    if not all_gather and fsdp_float8_all_gather(cfg.fp8, cfg.fsdp, world_size=2):  # off for being on one rank
+        gather_state = "off: one GPU gathers nothing (fp8.fsdp_float8_all_gather: true forces it)"
     from importlib import metadata
     log.info("precision amp_fp8: %d linear layers of the transformer blocks train in FP8 (torchao %s, recipe %s, "
              "FSDP float8 all-gather %s); embeddings, output head and norms in bf16 (composer precision amp_bf16; "
              "MFU is against the bf16 peak)", n, metadata.version("torchao"), cfg.fp8.recipe,
-             "on" if all_gather else "off")
+             gather_state)
     return [PrecomputeFloat8Scales()] if all_gather else []
