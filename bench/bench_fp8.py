@@ -5,7 +5,8 @@ bench/bench_train.py (random-token MDS shards, the recipe's FSDP settings, our T
 ``compile_config={}``, tokens/s/GPU from composer's SpeedMonitor over the last 5-batch window, peak memory from its
 MemoryMonitor), once with ``precision=amp_bf16`` and once per FP8 recipe with ``precision=amp_fp8
 fp8.recipe=<recipe>`` (llmfoundry/train/fp8.py: torchao's Float8Linear in the transformer blocks; FSDP2 float8
-all-gather with tensorwise on more than one GPU). All rows come from one command on one machine, so "vs bf16" compares like with like.
+all-gather with tensorwise on more than one GPU). All rows come from one command on one machine, so "vs bf16"
+compares like with like.
 
 MFU is against the dense bf16 peak (989 TFLOP/s, ``--peak_tflops``), for FP8 rows too: it measures the model's
 FLOPs per second, not the share of the FP8 peak.

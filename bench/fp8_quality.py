@@ -34,9 +34,10 @@ the wheels from ``../shared/device/wheels.sh torchao==0.18.0``), both runs in on
 How far apart two bf16 runs end is the yardstick for "the same loss": ``--bf16_seed 43`` adds a bf16 run from other
 initial weights (the data order stays the same), and the report says whether FP8's difference is within that
 spread; ``--fp8_seed 43`` beside it adds FP8 from those weights too, a second FP8/bf16 pair that shows whether
-FP8's difference repeats. With two pairs the verdict (and the exit status) is on the means over the two seeds: one
-pair's difference holds one pair's run-to-run noise, which at 1000 batches is as large as the 1% asked for. Runs take ~200 s each on one H100, so two fit one 600-second call: run ``--precisions ''
---bf16_seed 43 --fp8_seed 43`` in a second one. Runs from separate commands compare anywhere with ``python
+FP8's difference repeats. With two pairs the verdict (and the exit status) is on the means over the two seeds: a
+single pair's difference is mostly run-to-run noise, as large at 1000 batches as the 1% asked for. Runs take
+~200 s each on one H100, so two fit one 600-second call: run ``--precisions '' --bf16_seed 43 --fp8_seed 43`` in a
+second one. Runs from separate commands compare anywhere with ``python
 bench/fp8_quality.py report --out DIR A/amp_bf16.json B/amp_fp8.json [C/amp_bf16-seed43.json
 [C/amp_fp8-seed43.json]]`` (``--precisions amp_bf16`` or ``amp_fp8`` runs one of them); an earlier report's
 ``fp8_quality.json`` (``docs/fp8_quality.json``: the runs in BENCHMARKS.md) stands for the runs it holds.
@@ -311,8 +312,8 @@ def report(bf16: dict, fp8: dict, out: Path, other: dict | None = None, other_fp
     if summary.get("seed_mean_relative_difference") is not None:
         title = (f"MPT-125M, {bf16.get('steps')} batches of {bf16.get('batch')} x 2048 tokens, two seeds: final "
                  f"eval loss, mean of FP8 ({fp8.get('recipe')}) vs mean of bf16 "
-                 f"{summary['seed_mean_relative_difference']:.2%}\n(each pair: {_signed(summary, 'seed')}, {_signed(summary, 'other seed')}; two bf16 seeds: "
-                 f"{summary['bf16_seed_spread']:.2%})")
+                 f"{summary['seed_mean_relative_difference']:.2%}\n(each pair: {_signed(summary, 'seed')}, "
+                 f"{_signed(summary, 'other seed')}; two bf16 seeds: {summary['bf16_seed_spread']:.2%})")
     elif summary.get("bf16_seed_spread") is not None:
         title += f" (two bf16 seeds: {summary['bf16_seed_spread']:.2%})"
     plot(runs, out / "fp8_quality.png", title)

@@ -15,8 +15,9 @@ With FSDP2 over more than one rank and the tensorwise recipe the sharded weights
 (``fp8.fsdp_float8_all_gather``: torchao's ``enable_fsdp_float8_all_gather``; half the traffic of bf16), and
 ``PrecomputeFloat8Scales`` computes the next step's weight scales once after each optimizer step
 (``precompute_float8_dynamic_scale_for_fsdp``: one all-reduce for all layers instead of one per layer). On one GPU
-it is off by default: nothing is gathered there, and the FP8 layer's own cast, compiled, costs less. ``torch.compile`` (``compile_config``) fuses torchao's
-scaling and casts into few kernels: FP8 is only faster compiled.
+it is off by default: nothing is gathered there, and the FP8 layer's own cast, compiled, costs less.
+``torch.compile`` (``compile_config``) fuses torchao's scaling and casts into few kernels: FP8 is only faster
+compiled.
 
 Checkpoints are ordinary: ``Float8Linear`` keeps ``weight`` (and ``bias``) as parameters of the same name and
 shape, and its state_dict gives plain tensors (``_plain_weight`` unwraps torchao's FSDP weight wrapper), so a
