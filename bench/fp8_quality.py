@@ -236,6 +236,17 @@ def _last(curve: dict):
 
 
 # ----------------------------------------------------------------------------------------------- the report
+def _relative(x, ref):
+    """(x - ref) / ref, or None when either is missing (or ref is 0)."""
+    return (x - ref) / ref if ref and x is not None else None
+
+
+def _apart(x, ref):
+    """|x - ref| / ref, or None."""
+    r = _relative(x, ref)
+    return None if r is None else abs(r)
+
+
 def compare(bf16: dict, fp8: dict, other: dict | None = None, other_fp8: dict | None = None) -> dict:
     """The final evaluation losses and their relative difference, |fp8 - bf16| / bf16; with ``other`` (bf16 from
     another seed) also the bf16-to-bf16 spread, |other - bf16| / bf16: the difference that two bf16 runs show; with
@@ -246,26 +257,26 @@ def compare(bf16: dict, fp8: dict, other: dict | None = None, other_fp8: dict | 
     two pairs less of it. Signed differences (``signed_relative_difference``, FP8 minus bf16 over bf16) say
     whether FP8 ends above or below."""
     a, b = _last(bf16["eval"]), _last(fp8["eval"])
-    rel = abs(b - a) / a if a and b is not None else None
+    rel = _apart(b, a)
     out = {"final_eval_loss": {"amp_bf16": a, "amp_fp8": b}, "relative_difference": rel,
            "within_1_percent": rel is not None and rel <= TOLERANCE,
-           "signed_relative_difference": {"seed": (b - a) / a if a and b is not None else None},
+           "signed_relative_difference": {"seed": _relative(b, a)},
            "final_train_loss": {"amp_bf16": _last(bf16["train"]), "amp_fp8": _last(fp8["train"])},
            "tokens_per_sec": {"amp_bf16": bf16.get("tokens_per_sec"), "amp_fp8": fp8.get("tokens_per_sec")}}
     if other is not None:
         c = _last(other["eval"])
-        spread = abs(c - a) / a if a and c is not None else None
+        spread = _apart(c, a)
         out["final_eval_loss"][other.get("label", "amp_bf16, other seed")] = c
         out.update(bf16_seed_spread=spread, within_bf16_seed_spread=None if spread is None or rel is None
                    else rel <= spread)
         if other_fp8 is not None:
             d = _last(other_fp8["eval"])
             out["final_eval_loss"][other_fp8.get("label", "amp_fp8, other seed")] = d
-            out["other_seed_relative_difference"] = abs(d - c) / c if c and d is not None else None
-            out["signed_relative_difference"]["other seed"] = (d - c) / c if c and d is not None else None
+            out["other_seed_relative_difference"] = _apart(d, c)
+            out["signed_relative_difference"]["other seed"] = _relative(d, c)
             if None not in (a, b, c, d):
                 mean_bf16, mean_fp8 = (a + c) / 2, (b + d) / 2
-                mean_rel = abs(mean_fp8 - mean_bf16) / mean_bf16
+                mean_rel = _apart(mean_fp8, mean_bf16)
                 out.update(seed_mean_final_eval_loss={"amp_bf16": mean_bf16, "amp_fp8": mean_fp8},
                            seed_mean_relative_difference=mean_rel,
                            seed_mean_within_1_percent=mean_rel <= TOLERANCE)
@@ -307,15 +318,16 @@ def report(bf16: dict, fp8: dict, out: Path, other: dict | None = None, other_fp
               "runs": {r.get("label", r["precision"]): r for r in runs}}
     (out / "fp8_quality.json").write_text(json.dumps(result, indent=1))
     rel = summary["relative_difference"]
-    title = (f"MPT-125M, {bf16.get('steps')} batches of {bf16.get('batch')} x 2048 tokens: bf16 vs FP8 "
-             f"({fp8.get('recipe')}); final eval loss difference {rel:.2%}" if rel is not None else "MPT-125M")
+    runs_of = f"MPT-125M, {bf16.get('steps')} batches of {bf16.get('batch')} x 2048 tokens"
     if summary.get("seed_mean_relative_difference") is not None:
-        title = (f"MPT-125M, {bf16.get('steps')} batches of {bf16.get('batch')} x 2048 tokens, two seeds: final "
-                 f"eval loss, mean of FP8 ({fp8.get('recipe')}) vs mean of bf16 "
+        title = (f"{runs_of}, two seeds: final eval loss, mean of FP8 ({fp8.get('recipe')}) vs mean of bf16 "
                  f"{summary['seed_mean_relative_difference']:.2%}\n(each pair: {_signed(summary, 'seed')}, "
                  f"{_signed(summary, 'other seed')}; two bf16 seeds: {summary['bf16_seed_spread']:.2%})")
-    elif summary.get("bf16_seed_spread") is not None:
-        title += f" (two bf16 seeds: {summary['bf16_seed_spread']:.2%})"
+    else:
+        title = (f"{runs_of}: bf16 vs FP8 ({fp8.get('recipe')}); final eval loss difference {rel:.2%}"
+                 if rel is not None else "MPT-125M")
+        if summary.get("bf16_seed_spread") is not None:
+            title += f" (two bf16 seeds: {summary['bf16_seed_spread']:.2%})"
     plot(runs, out / "fp8_quality.png", title)
     a, b = summary["final_eval_loss"]["amp_bf16"], summary["final_eval_loss"]["amp_fp8"]
     print(f"final eval loss: bf16 {a}, fp8 {b}; relative difference "
