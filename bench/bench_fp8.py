@@ -22,6 +22,8 @@ on one H200, compilation and profiling included; 1B: three runs in 326 s on one 
         .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH || exit; \
     python3 bench/bench_fp8.py --models 7b --mb 4 --accum 4 --steps 8 --json $OUT/fp8-7b.json
         # MPT-7B, one H200, no activation recomputation, micro-batch 4 x 4 (BENCHMARKS.md's bf16 row b); target 1.28x
+        # BENCHMARKS.md adds --variant sgo precision=amp_bf16 fsdp.sharding_strategy=SHARD_GRAD_OP
+        #                   --variant sgo fsdp.sharding_strategy=SHARD_GRAD_OP   (the faster setting on one GPU)
     python3 bench/bench_fp8.py --models 1b --mb 16 --accum 4 --steps 8 --recipes tensorwise,rowwise \
         --json $OUT/fp8-1b.json                         # MPT-1B, the recipe as benchmarked; target 1.15x
 
