@@ -34,13 +34,14 @@ the wheels from ``../shared/device/wheels.sh torchao==0.18.0``), both runs in on
 How far apart two bf16 runs end is the yardstick for "the same loss": ``--bf16_seed 43`` adds a bf16 run from other
 initial weights (the data order stays the same), and the report says whether FP8's difference is within that
 spread; ``--fp8_seed 43`` beside it adds FP8 from those weights too, a second FP8/bf16 pair that shows whether
-FP8's difference repeats. With two pairs the verdict (and the exit status) is on the means over the two seeds: a
-single pair's difference is mostly run-to-run noise, as large at 1000 batches as the 1% asked for. Runs take
+FP8's difference repeats. With two pairs or more the verdict (and the exit status) is on the means over the seeds:
+a single pair's difference is mostly run-to-run noise, as large at 1000 batches as the 1% asked for. Runs take
 ~200 s each on one H100, so two fit one 600-second call: run ``--precisions '' --bf16_seed 43 --fp8_seed 43`` in a
-second one. Runs from separate commands compare anywhere with ``python
-bench/fp8_quality.py report --out DIR A/amp_bf16.json B/amp_fp8.json [C/amp_bf16-seed43.json
-[C/amp_fp8-seed43.json]]`` (``--precisions amp_bf16`` or ``amp_fp8`` runs one of them); an earlier report's
-``fp8_quality.json`` (``docs/fp8_quality.json``: the runs in BENCHMARKS.md) stands for the runs it holds.
+second one, ``--bf16_seed 44 --fp8_seed 44`` in a third. Runs from separate commands compare anywhere with
+``python bench/fp8_quality.py report --out DIR A/amp_bf16.json B/amp_fp8.json [C/amp_bf16-seed43.json
+[C/amp_fp8-seed43.json]] [D/amp_bf16-seed44.json ...]`` (``--precisions amp_bf16`` or ``amp_fp8`` runs one of
+them); an earlier report's ``fp8_quality.json`` (``docs/fp8_quality.json``: the runs in BENCHMARKS.md) stands for
+the runs it holds.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ REPO = Path(__file__).resolve().parents[1]
 PRECISIONS = ("amp_bf16", "amp_fp8")
 VAL_EVERY = 20  # every 20th source file (sorted by path) is held out for evaluation
 TOLERANCE = 0.01  # the goal: final evaluation losses within 1%
-DATA_SEED = 17  # train_loader.shuffle_seed of every run (yamls/mpt-125m.yaml's seed): one data order for all
+YAML_SEED = 17  # yamls/mpt-125m.yaml's seed: the initial weights of the runs without --bf16_seed/--fp8_seed
+DATA_SEED = YAML_SEED  # train_loader.shuffle_seed of every run: one data order for all
 
 
 # ---------------------------------------------------------------------------------------------------- the data
@@ -247,44 +249,57 @@ def _apart(x, ref):
     return None if r is None else abs(r)
 
 
-def compare(bf16: dict, fp8: dict, other: dict | None = None, other_fp8: dict | None = None) -> dict:
-    """The final evaluation losses and their relative difference, |fp8 - bf16| / bf16; with ``other`` (bf16 from
-    another seed) also the bf16-to-bf16 spread, |other - bf16| / bf16: the difference that two bf16 runs show; with
-    ``other_fp8`` (FP8 from that other seed) the second pair's difference, |other_fp8 - other| / other
-    (``other_seed_relative_difference``): whether FP8's difference repeats from other initial weights, and the
-    difference of the two seeds' means (``seed_mean_relative_difference``). ``verdict`` is then that of the means:
-    one pair's difference carries the run-to-run noise of one pair (as large as the bf16 seed spread), the mean of
-    two pairs less of it. Signed differences (``signed_relative_difference``, FP8 minus bf16 over bf16) say
-    whether FP8 ends above or below."""
+def _pair_name(seed: int | None) -> str:
+    """A seed's name in the report, ``seed 43``; ``None``: the YAML's (``YAML_SEED``)."""
+    return f"seed {YAML_SEED if seed is None else seed}"
+
+
+def _pairs(bf16: dict, fp8: dict, others=()) -> dict:
+    """{seed name: (bf16, fp8 or None)}: the YAML seed's pair first, then each other seed's bf16 run and the FP8
+    run from that seed when there is one."""
+    fp8_of = {r["seed"]: r for r in others if r["precision"] == "amp_fp8"}
+    pairs = {_pair_name(None): (bf16, fp8)}
+    for r in others:
+        if r["precision"] == "amp_bf16":
+            pairs[_pair_name(r["seed"])] = (r, fp8_of.get(r["seed"]))
+    return pairs
+
+
+def compare(bf16: dict, fp8: dict, others=()) -> dict:
+    """The final evaluation losses and their relative difference, |fp8 - bf16| / bf16. ``others``: runs from other
+    seeds (other initial weights, the same data order), each seed's bf16 run and optionally its FP8 run. A bf16 run
+    from another seed gives the bf16-to-bf16 spread (``bf16_seed_spread``, the largest |other - bf16| / bf16): the
+    difference that two bf16 runs show. Each seed with both runs is one more FP8/bf16 pair, and
+    ``signed_relative_difference`` holds each pair's (FP8 minus bf16, over bf16: whether FP8 ends above or below).
+    With two pairs or more the difference of the means over the seeds (``seed_mean_relative_difference``) decides
+    the ``verdict``: one pair's difference carries one pair's run-to-run noise (as large as the bf16 seed spread),
+    the mean of several pairs less of it."""
     a, b = _last(bf16["eval"]), _last(fp8["eval"])
     rel = _apart(b, a)
-    out = {"final_eval_loss": {"amp_bf16": a, "amp_fp8": b}, "relative_difference": rel,
-           "within_1_percent": rel is not None and rel <= TOLERANCE,
-           "signed_relative_difference": {"seed": _relative(b, a)},
+    pairs = _pairs(bf16, fp8, others)
+    full = [(_last(x["eval"]), _last(y["eval"])) for x, y in pairs.values() if y is not None]
+    out = {"final_eval_loss": {r.get("label", r["precision"]): _last(r["eval"]) for r in (bf16, fp8, *others)},
+           "relative_difference": rel, "within_1_percent": rel is not None and rel <= TOLERANCE,
+           "signed_relative_difference": {name: _relative(_last(y["eval"]), _last(x["eval"]))
+                                          for name, (x, y) in pairs.items() if y is not None},
            "final_train_loss": {"amp_bf16": _last(bf16["train"]), "amp_fp8": _last(fp8["train"])},
            "tokens_per_sec": {"amp_bf16": bf16.get("tokens_per_sec"), "amp_fp8": fp8.get("tokens_per_sec")}}
-    if other is not None:
-        c = _last(other["eval"])
-        spread = _apart(c, a)
-        out["final_eval_loss"][other.get("label", "amp_bf16, other seed")] = c
+    spreads = [_apart(_last(x["eval"]), a) for x, _ in list(pairs.values())[1:]]
+    if spreads:
+        spread = None if None in spreads else max(spreads)
         out.update(bf16_seed_spread=spread, within_bf16_seed_spread=None if spread is None or rel is None
                    else rel <= spread)
-        if other_fp8 is not None:
-            d = _last(other_fp8["eval"])
-            out["final_eval_loss"][other_fp8.get("label", "amp_fp8, other seed")] = d
-            out["other_seed_relative_difference"] = _apart(d, c)
-            out["signed_relative_difference"]["other seed"] = _relative(d, c)
-            if None not in (a, b, c, d):
-                mean_bf16, mean_fp8 = (a + c) / 2, (b + d) / 2
-                mean_rel = _apart(mean_fp8, mean_bf16)
-                out.update(seed_mean_final_eval_loss={"amp_bf16": mean_bf16, "amp_fp8": mean_fp8},
-                           seed_mean_relative_difference=mean_rel,
-                           seed_mean_within_1_percent=mean_rel <= TOLERANCE)
+    if len(full) > 1 and all(None not in losses for losses in full):
+        mean_bf16, mean_fp8 = (sum(losses[i] for losses in full) / len(full) for i in (0, 1))
+        mean_rel = _apart(mean_fp8, mean_bf16)
+        out.update(seeds=len(full), seed_mean_final_eval_loss={"amp_bf16": mean_bf16, "amp_fp8": mean_fp8},
+                   seed_mean_relative_difference=mean_rel, seed_mean_within_1_percent=mean_rel <= TOLERANCE)
     out["verdict"] = ("seed_mean_within_1_percent" if "seed_mean_within_1_percent" in out else "within_1_percent")
     return out
 
 
 def plot(runs: list[dict], path: Path, title: str) -> bool:
+    """Training and evaluation curves of ``runs``: one colour per seed, bf16 solid and FP8 dashed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -292,12 +307,15 @@ def plot(runs: list[dict], path: Path, title: str) -> bool:
     except ImportError:
         print(f"matplotlib is not installed: no {path.name} (the curves are in the JSON)")
         return False
+    seeds = list(dict.fromkeys(run.get("seed") for run in runs))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for run, style in zip(runs, ("-", "--", ":", "-.")):
+    for run in runs:
         label = run.get("label", run["precision"]) + (f" ({run['recipe']})" if run.get("recipe") else "")
+        style = dict(color=f"C{seeds.index(run.get('seed')) % 10}",
+                     linestyle="--" if run["precision"] == "amp_fp8" else "-")
         for ax, key in ((ax1, "train"), (ax2, "eval")):
             xs = sorted(run[key])
-            ax.plot(xs, [run[key][x] for x in xs], style, marker="o" if key == "eval" else None, label=label)
+            ax.plot(xs, [run[key][x] for x in xs], marker="o" if key == "eval" else None, label=label, **style)
     ax1.set(title="training loss", xlabel="batch", ylabel="cross-entropy")
     ax2.set(title="evaluation loss (held-out files)", xlabel="batch", ylabel="cross-entropy")
     for ax in (ax1, ax2):
@@ -309,48 +327,50 @@ def plot(runs: list[dict], path: Path, title: str) -> bool:
     return True
 
 
-def report(bf16: dict, fp8: dict, out: Path, other: dict | None = None, other_fp8: dict | None = None) -> dict:
-    """``fp8_quality.json`` and ``.png`` in ``out`` for the runs (``other``, ``other_fp8``: bf16 and FP8 from another
-    seed, optional), and the verdict printed; returns the JSON's content."""
-    summary = compare(bf16, fp8, other, other_fp8)
-    runs = [bf16, fp8] + [r for r in (other, other_fp8) if r is not None]
+def report(bf16: dict, fp8: dict, out: Path, others=()) -> dict:
+    """``fp8_quality.json`` and ``.png`` in ``out`` for the runs (``others``: bf16 and FP8 runs from other seeds,
+    optional, as ``compare`` takes them), and the verdict printed; returns the JSON's content."""
+    summary = compare(bf16, fp8, others)
+    runs = [bf16, fp8, *others]
     result = {"model": "MPT-125M (yamls/mpt-125m.yaml)", **summary,
               "runs": {r.get("label", r["precision"]): r for r in runs}}
     (out / "fp8_quality.json").write_text(json.dumps(result, indent=1))
-    rel = summary["relative_difference"]
+    rel, spread = summary["relative_difference"], summary.get("bf16_seed_spread")
+    signed = summary["signed_relative_difference"]
     runs_of = f"MPT-125M, {bf16.get('steps')} batches of {bf16.get('batch')} x 2048 tokens"
     if summary.get("seed_mean_relative_difference") is not None:
-        title = (f"{runs_of}, two seeds: final eval loss, mean of FP8 ({fp8.get('recipe')}) vs mean of bf16 "
-                 f"{summary['seed_mean_relative_difference']:.2%}\n(each pair: {_signed(summary, 'seed')}, "
-                 f"{_signed(summary, 'other seed')}; two bf16 seeds: {summary['bf16_seed_spread']:.2%})")
+        title = (f"{runs_of}, {summary['seeds']} seeds: final eval loss, mean of FP8 ({fp8.get('recipe')}) vs mean "
+                 f"of bf16 {summary['seed_mean_relative_difference']:.2%}\n(each pair: "
+                 f"{', '.join(f'{name} {_signed(x)}' for name, x in signed.items())}; bf16 seeds apart: {spread:.2%})")
     else:
         title = (f"{runs_of}: bf16 vs FP8 ({fp8.get('recipe')}); final eval loss difference {rel:.2%}"
                  if rel is not None else "MPT-125M")
-        if summary.get("bf16_seed_spread") is not None:
-            title += f" (two bf16 seeds: {summary['bf16_seed_spread']:.2%})"
+        if spread is not None:
+            title += f" (bf16 seeds apart: {spread:.2%})"
     plot(runs, out / "fp8_quality.png", title)
     a, b = summary["final_eval_loss"]["amp_bf16"], summary["final_eval_loss"]["amp_fp8"]
     print(f"final eval loss: bf16 {a}, fp8 {b}; relative difference "
           f"{'n/a' if rel is None else f'{rel:.3%}'} ({'within' if summary['within_1_percent'] else 'NOT within'} "
           f"{TOLERANCE:.0%}); written to {out}/fp8_quality.json and .png")
-    if summary.get("bf16_seed_spread") is not None:
-        print(f"bf16 from seed {other.get('seed')}: final eval loss {_last(other['eval'])}, "
-              f"{summary['bf16_seed_spread']:.3%} from bf16: FP8's difference is "
-              f"{'within' if summary['within_bf16_seed_spread'] else 'beyond'} the spread of two bf16 runs")
-    if summary.get("other_seed_relative_difference") is not None:
-        print(f"FP8 from seed {other_fp8.get('seed')}: final eval loss {_last(other_fp8['eval'])}, "
-              f"{_signed(summary, 'other seed')} from bf16 of that seed (the first pair: {_signed(summary, 'seed')})")
+    for name, (x, y) in list(_pairs(bf16, fp8, others).items())[1:]:
+        apart = _apart(_last(x["eval"]), a)
+        print(f"bf16 from {name}: final eval loss {_last(x['eval'])}, "
+              f"{'n/a' if apart is None else f'{apart:.3%}'} from bf16 of {_pair_name(None)}"
+              + (f"; FP8 from {name}: {_last(y['eval'])}, {_signed(signed.get(name))} from that bf16" if y else ""))
+    if spread is not None and summary["within_bf16_seed_spread"] is not None:
+        print(f"FP8's difference is {'within' if summary['within_bf16_seed_spread'] else 'beyond'} the spread of the "
+              f"bf16 runs ({spread:.3%})")
     if summary.get("seed_mean_relative_difference") is not None:
         m = summary["seed_mean_final_eval_loss"]
         ok = summary["seed_mean_within_1_percent"]
-        print(f"means over the two seeds: bf16 {m['amp_bf16']:.4f}, fp8 {m['amp_fp8']:.4f}; relative difference "
-              f"{summary['seed_mean_relative_difference']:.3%} ({'within' if ok else 'NOT within'} {TOLERANCE:.0%})")
+        print(f"means over the {summary['seeds']} seeds: bf16 {m['amp_bf16']:.4f}, fp8 {m['amp_fp8']:.4f}; relative "
+              f"difference {summary['seed_mean_relative_difference']:.3%} ({'within' if ok else 'NOT within'} "
+              f"{TOLERANCE:.0%})")
     return result
 
 
-def _signed(summary: dict, pair: str) -> str:
+def _signed(x) -> str:
     """One pair's signed difference, e.g. "FP8 -2.47%"."""
-    x = summary["signed_relative_difference"].get(pair)
     return "n/a" if x is None else f"FP8 {x:+.2%}"
 
 
@@ -383,11 +403,11 @@ def main(argv=None) -> int:
                    help="also train FP8 from this seed: with --bf16_seed of the same value a second FP8/bf16 pair, "
                         "from other initial weights")
     r.add_argument("extra", nargs="*", help="more key=value overrides for both runs")
-    c = sub.add_parser("report", help="compare two runs' JSON files (from separate commands)")
+    c = sub.add_parser("report", help="compare runs' JSON files (from separate commands)")
     c.add_argument("--out", required=True)
-    c.add_argument("runs", nargs="+", help="amp_bf16.json and amp_fp8.json (and amp_bf16-seedN.json, "
-                                           "amp_fp8-seedN.json), or an earlier report's fp8_quality.json in place "
-                                           "of the runs it holds")
+    c.add_argument("runs", nargs="+", help="amp_bf16.json and amp_fp8.json (and per other seed N "
+                                           "amp_bf16-seedN.json, amp_fp8-seedN.json), or an earlier report's "
+                                           "fp8_quality.json in place of the runs it holds")
     args = p.parse_args(argv)
 
     if args.command == "build-data":
@@ -399,13 +419,15 @@ def main(argv=None) -> int:
     if args.command == "report":
         loaded = [run for x in args.runs for run in load_runs(Path(x))]
         runs = {r["precision"]: r for r in loaded if r.get("seed") is None}
-        others = {r["precision"]: r for r in loaded if r.get("seed") is not None}
-        seeds = {r.get("seed") for r in loaded} - {None}
-        if (set(runs) != set(PRECISIONS) or len(runs) + len(others) != len(loaded) or len(seeds) > 1
-                or (others and "amp_bf16" not in others)):
-            p.error(f"report needs one amp_bf16 and one amp_fp8 run (and a bf16 run from one other seed, with or "
-                    f"without FP8 from that seed), got {[r.get('label', r['precision']) for r in loaded]}")
-        result = report(runs["amp_bf16"], runs["amp_fp8"], out, others.get("amp_bf16"), others.get("amp_fp8"))
+        others = sorted((r for r in loaded if r.get("seed") is not None), key=lambda r: (r["seed"], r["precision"]))
+        keys = [(_pair_name(r.get("seed")), r["precision"]) for r in loaded]  # seed 17 is the YAML's
+        bf16_seeds = {r["seed"] for r in others if r["precision"] == "amp_bf16"}
+        if set(runs) != set(PRECISIONS) or len(set(keys)) != len(keys) or any(r["seed"] not in bf16_seeds
+                                                                               for r in others):
+            p.error(f"report needs one amp_bf16 and one amp_fp8 run of the YAML's seed, and from each other seed a "
+                    f"bf16 run (with or without FP8 from that seed), each run once; got "
+                    f"{[r.get('label', r['precision']) for r in loaded]}")
+        result = report(runs["amp_bf16"], runs["amp_fp8"], out, others)
         return 0 if result[result["verdict"]] else 1
     if not (Path(args.data) / "tokenizer").is_dir() or not (Path(args.data) / "mds" / "val").is_dir():
         p.error(f"--data {args.data}: no tokenizer/ and mds/val/ there; build it with: python bench/fp8_quality.py "
@@ -419,7 +441,7 @@ def main(argv=None) -> int:
     ok = all(r["ok"] for r in [*runs.values(), other, other_fp8] if r is not None)
     if set(runs) == set(PRECISIONS) and ok:
         pair = other_fp8 if other and other_fp8 and other_fp8["seed"] == other["seed"] else None
-        result = report(runs["amp_bf16"], runs["amp_fp8"], out, other, pair)
+        result = report(runs["amp_bf16"], runs["amp_fp8"], out, [r for r in (other, pair) if r is not None])
         return 0 if result[result["verdict"]] else 1
     return 0 if ok else 1
 

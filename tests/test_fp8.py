@@ -557,7 +557,7 @@ def test_fp8_quality_reads_fp8_against_the_spread_of_two_bf16_seeds(tmp_path):
     fp8_run = {**run, "precision": "amp_fp8", "label": "amp_fp8", "seed": None, "recipe": "tensorwise",
                "eval": {90: 7.0, 100: 6.0 * 0.985}}  # batch 100 is the last, though "90" > "100" as strings
     other = {**run, "precision": "amp_bf16", "label": "amp_bf16-seed43", "seed": 43, "eval": {90: 7.0, 100: 6.12}}
-    summary = q.compare(bf16, fp8_run, other)
+    summary = q.compare(bf16, fp8_run, [other])
     assert summary["relative_difference"] == pytest.approx(0.015) and not summary["within_1_percent"]
     assert summary["bf16_seed_spread"] == pytest.approx(0.02) and summary["within_bf16_seed_spread"]
     assert summary["final_eval_loss"]["amp_bf16-seed43"] == pytest.approx(6.12)
@@ -575,8 +575,12 @@ def test_fp8_quality_reads_fp8_against_the_spread_of_two_bf16_seeds(tmp_path):
     assert "bf16_seed_spread" not in json.loads((pair / "fp8_quality.json").read_text())
     assert q.main(["report", "--out", str(joined), str(pair / "fp8_quality.json"), str(files[2])]) == 1
     assert json.loads((joined / "fp8_quality.json").read_text())["bf16_seed_spread"] == pytest.approx(0.02)
-    with pytest.raises(SystemExit):  # two bf16 runs of other seeds: which is the yardstick?
+    with pytest.raises(SystemExit):  # the same run twice
         q.main(["report", "--out", str(out), str(files[0]), str(files[1]), str(files[2]), str(files[2])])
+    seed17 = tmp_path / "amp_bf16-seed17.json"  # seed 17 is the YAML's: the bf16 run's weights again
+    seed17.write_text(json.dumps({**other, "label": "amp_bf16-seed17", "seed": q.YAML_SEED}))
+    with pytest.raises(SystemExit):
+        q.main(["report", "--out", str(out), str(files[0]), str(files[1]), str(seed17)])
 
     # --fp8_seed: FP8 from the other seed's weights, a second pair; it joins the report of the three runs
     fp8_43 = {**fp8_run, "label": "amp_fp8-seed43", "seed": 43, "eval": {90: 7.0, 100: 6.12 * 0.98}}
@@ -585,10 +589,9 @@ def test_fp8_quality_reads_fp8_against_the_spread_of_two_bf16_seeds(tmp_path):
     four = tmp_path / "four"
     assert q.main(["report", "--out", str(four), str(joined / "fp8_quality.json"), str(files[3])]) == 1
     written = json.loads((four / "fp8_quality.json").read_text())
-    assert written["other_seed_relative_difference"] == pytest.approx(0.02)
     assert set(written["runs"]) == {"amp_bf16", "amp_fp8", "amp_bf16-seed43", "amp_fp8-seed43"}
     assert written["final_eval_loss"]["amp_fp8-seed43"] == pytest.approx(6.12 * 0.98)
-    assert written["signed_relative_difference"] == pytest.approx({"seed": -0.015, "other seed": -0.02})
+    assert written["signed_relative_difference"] == pytest.approx({"seed 17": -0.015, "seed 43": -0.02})
     # with two pairs the verdict is on the means over the seeds: FP8 lower in both, 1.75% lower on average
     assert written["verdict"] == "seed_mean_within_1_percent" and not written["seed_mean_within_1_percent"]
     assert written["seed_mean_relative_difference"] == pytest.approx((6.06 - (5.91 + 6.12 * 0.98) / 2) / 6.06)
@@ -604,3 +607,22 @@ def test_fp8_quality_reads_fp8_against_the_spread_of_two_bf16_seeds(tmp_path):
     files[-1].write_text(json.dumps(fp8_44))
     with pytest.raises(SystemExit):  # bf16 and FP8 from two different other seeds: no pair
         q.main(["report", "--out", str(out), *map(str, files[:3]), str(files[4])])
+
+    # a third pair (seed 44) joins the report of the four runs: the means are over three seeds, and the bf16
+    # spread is the farthest of the other seeds' bf16 runs from the first
+    bf16_44 = {**other, "label": "amp_bf16-seed44", "seed": 44, "eval": {90: 7.0, 100: 5.94}}
+    files.append(tmp_path / "amp_bf16-seed44.json")
+    files[-1].write_text(json.dumps(bf16_44))
+    six = tmp_path / "six"
+    assert q.main(["report", "--out", str(six), str(tmp_path / "above" / "fp8_quality.json"), str(files[4]),
+                   str(files[5])]) == 0
+    written = json.loads((six / "fp8_quality.json").read_text())
+    assert list(written["runs"]) == ["amp_bf16", "amp_fp8", "amp_bf16-seed43", "amp_fp8-seed43", "amp_bf16-seed44",
+                                     "amp_fp8-seed44"]
+    assert written["seeds"] == 3 and written["bf16_seed_spread"] == pytest.approx(0.02)
+    assert written["signed_relative_difference"] == pytest.approx(
+        {"seed 17": -0.015, "seed 43": 0.012, "seed 44": (6.12 * 0.98 - 5.94) / 5.94})
+    means = (6.0 + 6.12 + 5.94) / 3, (5.91 + 6.12 * 1.012 + 6.12 * 0.98) / 3
+    assert written["seed_mean_final_eval_loss"] == pytest.approx({"amp_bf16": means[0], "amp_fp8": means[1]})
+    assert written["seed_mean_relative_difference"] == pytest.approx(abs(means[1] - means[0]) / means[0])
+    assert (six / "fp8_quality.png").exists()
