@@ -43,6 +43,7 @@ import re
 import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
+from composer.utils import dist
 from torch import nn
 
 from llmfoundry.utils.config import ConfigError
@@ -131,7 +132,7 @@ def fsdp_float8_all_gather(fp8_cfg, fsdp_cfg, world_size: int | None = None) -> 
     fsdp2 = fsdp_cfg is not None and fsdp_cfg.version == 2
     wanted = fp8_cfg.fsdp_float8_all_gather
     if wanted is None:
-        ranks = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+        ranks = dist.get_world_size() if world_size is None else world_size
         return fp8_cfg.recipe == "tensorwise" and fsdp2 and ranks > 1
     if wanted and fp8_cfg.recipe != "tensorwise":
         raise ConfigError(f"fp8.fsdp_float8_all_gather: true needs fp8.recipe: tensorwise (torchao gathers FP8 "
