@@ -13,11 +13,12 @@ and these 0.33 / 0.41 ms. Here ``Phi(-|x|) = 0.5 * erfc(|x| / sqrt 2)`` comes fr
 with ``Q`` a degree-8 polynomial fitted here (least squares on Chebyshev nodes over z in [0, 10], against
 double-precision erfc; see ``_erfc_scaled_poly``). The backward needs ``exp(-z^2)`` for gelu' anyway, so each
 element costs one exponential and one reciprocal in either pass (fitting ``log Q`` instead took a second
-exponential in the backward: 0.500 ms against 0.411 on one H200, BENCHMARKS.md session 9). Evaluated in fp32, gelu and gelu' stay within 4e-6 (relative) of a
-float64 reference for |x| <= 6 and within 2e-5 beyond, where the values are below 1e-8 (tests/test_gelu.py);
-torch's own fp32 GELU, which computes ``0.5 x (1 + erf(x / sqrt 2))``, loses all relative accuracy in the
-negative tail to that cancellation. In bf16 an output differs from torch's by one unit in the last place only
-where the true value lies within that error of a rounding midpoint (the GPU test bounds the share).
+exponential in the backward: 0.500 ms against 0.411 on one H200, BENCHMARKS.md "What changed which number").
+Evaluated in fp32, gelu and gelu' stay within 4e-6 (relative) of a float64 reference for |x| <= 6 and within
+2e-5 beyond, where the values are below 1e-8 (tests/test_gelu.py); torch's own fp32 GELU, which computes
+``0.5 x (1 + erf(x / sqrt 2))``, loses all relative accuracy in the negative tail to that cancellation. In bf16 an
+output differs from torch's by one unit in the last place only where the true value lies within that error of a
+rounding midpoint (the GPU test bounds the share).
 
 The approximation (``approximate="tanh"``) is a different function and is not what this computes: MPT and
 transformers' MPT (which exported models must match) use the exact GELU.
