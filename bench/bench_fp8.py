@@ -16,7 +16,8 @@ GPU hosts (torch 2.11): carry torchao 0.18 as a wheel. Here, in the repository r
     ../shared/device/wheels.sh torchao==0.18.0          # fills .whl/ (git-ignored) with composer & co + torchao
 
 then on the device (``carry: [".whl"]``), one model per command (each command <= 10 minutes; 7B: 90-125 s a run
-on one H200, compilation and profiling included; 1B: three runs in 326 s on one H100, profiled as below)::
+on one H200, compilation and profiling included; 1B: three runs, profiled as below, in 252 s on one H200, 326 s on
+one H100)::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH || exit; \
